@@ -1,0 +1,64 @@
+"""Compose optkit's Hydra config from conf/ plus command-line style overrides.
+
+The compose API is used instead of ``@hydra.main`` so that one process can compose many points
+(the runner) and so that ``optkit`` keeps ordinary subcommands; each point still runs in its own
+subprocess. Errors name the valid choices: Hydra lists a group's options, and the structured schema
+rejects unknown keys.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, List
+
+from omegaconf import DictConfig, OmegaConf
+
+from optkit.config import register_configs
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "opt", "train", "data", "suite")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be composed; the message says what to change."""
+
+
+def group_choices(group: str) -> List[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose(overrides: Iterable[str] = ()) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    _check_group_choices(overrides)
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(f"bad config ({' '.join(overrides) or 'defaults'}): {exc}") from exc
+    finally:
+        GlobalHydra.instance().clear()
+    try:  # run the dataclasses' __post_init__ checks on the composed values
+        OmegaConf.to_object(cfg)
+    except (ValueError, OmegaConfBaseException) as exc:
+        raise ConfigError(str(exc)) from exc
+    return cfg
+
+
+def _check_group_choices(overrides: List[str]) -> None:
+    """A clear message for `model=llama9` before Hydra's longer one."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.lstrip("+~")
+        if sep and key in GROUPS and value not in group_choices(key):
+            raise ConfigError(f"{key} {value!r} unknown; choose one of: {', '.join(group_choices(key))}")
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,1 @@
+"""Token batches for the measured training step: synthetic, learnable, packed."""

@@ -1,0 +1,166 @@
+"""Result rows: one self-describing JSON object per measured point, appended to results.jsonl.
+
+A row never changes meaning silently: when what a field measures changes, bump SCHEMA_VERSION.
+Field names carry their unit. A failed point is still a row (status != "ok", with ``error``).
+
+Layout of a run: ``<results_dir>/<gpu-slug>/<suite>/<run_id>/{env.json, results.jsonl}``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List
+
+SCHEMA_VERSION = 1
+
+STATUSES = ("ok", "oom", "error", "skipped", "timeout")
+
+# Every row has these keys (values may be None when not applicable, e.g. NVML on a CPU run).
+# name -> meaning. tests/test_results.py checks rows against this list.
+ROW_FIELDS: Dict[str, str] = {
+    # identity
+    "schema_version": "SCHEMA_VERSION of the code that wrote the row",
+    "run_id": "id of the sweep (directory name)",
+    "suite": "suite name ('none' for a single point)",
+    "point_key": "stable key of the point: model/opt/method/batch/seq/... (what regress matches on)",
+    "config_hash": "sha256[:16] of the fully resolved config (excluding bench.* bookkeeping)",
+    "overrides": "the Hydra overrides that define the point",
+    "status": "ok | oom | error | skipped | timeout",
+    "error": "message (and stderr tail) when status != ok, else None",
+    "repeat": "index of the measurement window (bench.repeats)",
+    # what was run
+    "model": "zoo name", "family": "model family", "opt": "opt-set name", "train_method": "full | lora | qlora",
+    "batch_size": "rows per step", "seq_len": "tokens per row", "dtype": "model dtype",
+    "checkpointing": "train.checkpointing", "optimizer": "train.optimizer", "packing": "data.packing",
+    "enabled_optimizations": "registry names actually applied", "patch_log": "what the patcher changed",
+    "config": "the full resolved config",
+    # environment (the full capture is env.json beside results.jsonl)
+    "device": "cuda | cpu", "gpu_name": "GPU name or None", "gpu_slug": "e.g. h100, cpu",
+    "driver": "NVIDIA driver", "torch": "torch version", "triton": "triton version",
+    "transformers": "transformers version", "git_sha": "optkit commit", "git_dirty": "uncommitted changes",
+    "env_fingerprint": "hash of GPU + driver + library versions: compare only equal fingerprints",
+    "timestamp": "UTC ISO time the point finished",
+    # timing: medians over the timed steps (warm-up excluded)
+    "warmup_steps": "steps excluded", "timed_steps": "steps measured",
+    "step_ms": "median step time (forward + backward + optimizer)",
+    "step_ms_p10": "10th percentile step time", "step_ms_p90": "90th percentile step time",
+    "step_ms_iqr": "interquartile range of step time", "step_ms_noisy": "IQR/median > 10%",
+    "forward_ms": "median forward time", "backward_ms": "median backward time",
+    "optimizer_ms": "median optimizer step (+ zero_grad) time",
+    "step_times_ms": "every timed step's time (for CIs and regress)",
+    "timer": "cuda_events | host_clock",
+    "loss_in_forward": "True when a fused loss computes gradients in forward (backward work in forward_ms)",
+    "compile_s": "wall time of the first (compiling) step when torch.compile is on, else None",
+    "warmup_s": "wall time of all warm-up steps",
+    # throughput and efficiency
+    "tokens_per_step": "real (non-pad) tokens per step", "padded_tokens_per_step": "tokens incl. padding",
+    "tokens_per_s": "real tokens / median step time",
+    "flops_per_token": "model FLOPs per token (no recompute)", "hw_flops_per_token": "with recompute",
+    "flops_formula": "how flops_per_token was counted",
+    "peak_tflops": "device dense bf16 peak used for MFU (None: unknown peak)",
+    "mfu": "model FLOPs utilization (0..1) or None", "hfu": "hardware FLOPs utilization or None",
+    "total_params": "parameters", "trainable_params": "trainable parameters",
+    # memory
+    "peak_allocated_bytes": "torch.cuda.max_memory_allocated over the timed steps",
+    "peak_reserved_bytes": "torch.cuda.max_memory_reserved", "peak_active_bytes": "allocator active peak",
+    "num_alloc_retries": "allocator retries (fragmentation pressure)", "num_ooms": "allocator OOMs",
+    "peak_nvml_device_bytes": "NVML device-wide used, peak over the whole point",
+    "peak_nvml_process_bytes": "NVML this process's used, peak (None when unavailable in the container)",
+    "nvml_baseline_bytes": "NVML device used right after CUDA init (the context)",
+    "nvml_available": "NVML sampled", "peak_rss_bytes": "host peak RSS of the point's process",
+    "energy_j_per_token": "NVML energy over the timed steps / tokens, or None",
+    "throttle_reasons": "NVML clock-event reasons seen during the point",
+    "sm_clock_mhz": "SM clock sampled at the end of the timed steps",
+    "device_syncs_per_step": "device->host syncs in one step (bench.count_syncs) or None",
+    # sanity
+    "loss_last": "loss of the last timed step", "loss_curve": "loss per step (warm-up included)",
+    "duration_s": "wall time of the whole point incl. model build",
+}
+
+
+def empty_row() -> Dict[str, Any]:
+    row = {name: None for name in ROW_FIELDS}
+    row["schema_version"] = SCHEMA_VERSION
+    return row
+
+
+def config_hash(config: Dict[str, Any]) -> str:
+    """Hash of the resolved config minus bench bookkeeping (run id, resume, paths, progress)."""
+    clean = {k: v for k, v in config.items() if k != "bench"}
+    bench = dict(config.get("bench", {}))
+    for volatile in ("run_id", "resume", "results_dir", "progress", "timeout_s"):
+        bench.pop(volatile, None)
+    clean["bench"] = bench
+    blob = json.dumps(clean, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def point_key(config: Dict[str, Any]) -> str:
+    """Human-readable key that identifies a point across runs (regress matches on it)."""
+    m, t, d, o = config["model"], config["train"], config["data"], config["opt"]
+    parts = [m["name"], o["name"], t["method"], f"b{t['batch_size']}", f"s{d['seq_len']}",
+             f"ckpt-{t['checkpointing']}", t["optimizer"], m["dtype"]]
+    if m.get("num_layers"):
+        parts.append(f"L{m['num_layers']}")
+    if d.get("packing"):
+        parts.append("packed")
+    return "/".join(str(p) for p in parts)
+
+
+def append_row(path: Path, row: Dict[str, Any]) -> None:
+    """Append one row and fsync, so a killed sweep loses at most the point in flight."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(_finite(row), default=_json_default, allow_nan=False)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_rows(path: Path) -> List[Dict[str, Any]]:
+    """Rows of a results.jsonl; a torn last line (killed mid-write) is ignored."""
+    rows = []
+    if not Path(path).exists():
+        return rows
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def read_run(run_dir: Path) -> tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    run_dir = Path(run_dir)
+    env_path = run_dir / "env.json"
+    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    return env, read_rows(run_dir / "results.jsonl")
+
+
+def _finite(obj):
+    """NaN / inf become None: JSON has no NaN, and a NaN loss must not lose the row."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def iter_ok(rows: Iterable[Dict[str, Any]]):
+    return (r for r in rows if r.get("status") == "ok")
