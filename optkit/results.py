@@ -53,6 +53,7 @@ ROW_FIELDS: Dict[str, str] = {
     "timer": "cuda_events | host_clock",
     "loss_in_forward": "True when a fused loss computes gradients in forward (backward work in forward_ms)",
     "compile_s": "wall time of the first (compiling) step when torch.compile is on, else None",
+    "first_step_s": "wall time of the first warm-up step (compilation, autotuning, allocator growth)",
     "warmup_s": "wall time of all warm-up steps",
     # throughput and efficiency
     "tokens_per_step": "real (non-pad) tokens per step", "padded_tokens_per_step": "tokens incl. padding",
@@ -70,11 +71,13 @@ ROW_FIELDS: Dict[str, str] = {
     "peak_nvml_process_bytes": "NVML this process's used, peak (None when unavailable in the container)",
     "nvml_baseline_bytes": "NVML device used right after CUDA init (the context)",
     "nvml_available": "NVML sampled", "peak_rss_bytes": "host peak RSS of the point's process",
-    "energy_j_per_token": "NVML energy over the timed steps / tokens, or None",
+    "energy_mj": "NVML energy counter delta over the whole point (build + warm-up + timed), or None",
+    "nvml_series": "NVML device-used samples [[t_ms, bytes], ...] over the point, downsampled",
     "throttle_reasons": "NVML clock-event reasons seen during the point",
     "sm_clock_mhz": "SM clock sampled at the end of the timed steps",
     "device_syncs_per_step": "device->host syncs in one step (bench.count_syncs) or None",
     # sanity
+    "checkpointing_info": "what enable_checkpointing reported (e.g. extra buffer bytes)",
     "loss_last": "loss of the last timed step", "loss_curve": "loss per step (warm-up included)",
     "duration_s": "wall time of the whole point incl. model build",
 }

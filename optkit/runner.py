@@ -1,0 +1,279 @@
+"""Expand a suite into points, run each in its own subprocess, append rows, resume, summarize.
+
+Why a subprocess per point: a fresh CUDA context (an OOM or a sticky CUDA error cannot poison the
+next point, allocator peaks start clean) and patched modules can never leak between points.
+Hydra's own multirun launcher runs jobs in one process, which is exactly what we avoid.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from optkit.results import append_row, empty_row, read_rows
+
+AXIS_ABLATION = "ablation"
+PEER_OPTIMIZATIONS = ("compile", "liger")  # peers, not optkit's own: not ablated one by one
+STDERR_TAIL_CHARS = 4000
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+def split_overrides(overrides: Sequence[str]) -> tuple[Optional[str], List[str]]:
+    """(suite name or None, the other overrides)."""
+    suite, rest = None, []
+    for item in overrides:
+        if item.startswith("suite="):
+            suite = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+    return suite, rest
+
+
+def expand_points(suite_cfg, user_overrides: Sequence[str], family_of_model=None) -> List[List[str]]:
+    """The override list of every point of a suite.
+
+    Precedence, last wins: suite ``fixed`` < suite ``axes`` value < the user's own overrides. A user
+    override of an axis key replaces that axis (``model=llama3_8b`` sweeps only that model);
+    a comma list (``opt=baseline,full``) becomes the axis.
+    """
+    from omegaconf import OmegaConf
+
+    axes = {k: list(v) for k, v in OmegaConf.to_container(suite_cfg.axes, resolve=True).items()}
+    fixed = OmegaConf.to_container(suite_cfg.fixed, resolve=True)
+    user = list(user_overrides)
+    for item in list(user):
+        key, _, value = item.partition("=")
+        if key in axes:
+            axes[key] = value.split(",")
+            user.remove(item)
+    base = [f"suite={suite_cfg.name}"] + [f"{k}={_fmt(v)}" for k, v in fixed.items()]
+    keys = list(axes)
+    points: List[List[str]] = []
+    for values in itertools.product(*(axes[k] for k in keys)):
+        chosen = dict(zip(keys, values))
+        if chosen.get("opt") == AXIS_ABLATION:
+            points.extend(base + _axis_overrides(chosen, skip="opt") + opt + user
+                          for opt in ablation_opt_overrides(chosen.get("model"), family_of_model))
+            continue
+        points.append(base + _axis_overrides(chosen) + user)
+    explicit = OmegaConf.to_container(suite_cfg.points, resolve=True)
+    points.extend(base + [f"{k}={_fmt(v)}" for k, v in p.items()] + user for p in explicit)
+    return points
+
+
+def _axis_overrides(chosen: Dict[str, Any], skip: Optional[str] = None) -> List[str]:
+    return [f"{k}={_fmt(v)}" for k, v in chosen.items() if k != skip]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def ablation_opt_overrides(model_name: Optional[str], family_of_model=None) -> List[List[str]]:
+    """baseline, full, each optimization alone on (only_<name>) and alone off (full_minus_<name>)."""
+    from optkit.patch import REGISTRY
+
+    family = family_of_model(model_name) if (family_of_model and model_name) else None
+    names = [n for n, o in REGISTRY.items()
+             if n not in PEER_OPTIMIZATIONS and (family is None or o.families is None or family in o.families)
+             and _applies_to_family(o, family)]
+    sets = [["opt=baseline"], ["opt=full"]]
+    for name in names:
+        key = REGISTRY[name].config_key
+        sets.append(["opt=baseline", f"opt.name=only_{name}", f"opt.{key}=true"])
+    for name in names:
+        key = REGISTRY[name].config_key
+        sets.append(["opt=full", f"opt.name=full_minus_{name}", f"opt.{key}=false"])
+    return sets
+
+
+def _applies_to_family(opt, family: Optional[str]) -> bool:
+    """MoE-only optimizations are not ablated on dense models (their row would equal baseline)."""
+    if family is None:
+        return True
+    requires = getattr(opt, "requires", ())
+    if "moe" in requires and family != "qwen3_moe":
+        return False
+    return "packing" not in requires  # needs data.packing: ablated in its own suite
+
+
+def model_family(model_name: str) -> Optional[str]:
+    from omegaconf import OmegaConf
+
+    from optkit.compose import CONF_DIR
+
+    path = CONF_DIR / "model" / f"{model_name}.yaml"
+    return OmegaConf.load(path).get("family") if path.exists() else None
+
+
+# --------------------------------------------------------------------------- running
+
+
+def default_suite() -> str:
+    import torch
+
+    return "e2e" if torch.cuda.is_available() else "smoke"
+
+
+def run_sweep(overrides: Sequence[str]) -> Path:
+    """Run a suite (or a single point when no suite is given); returns the run directory."""
+    from optkit.compose import compose
+    from optkit.measure.env import capture_env, gpu_slug
+
+    suite_name, rest = split_overrides(overrides)
+    if suite_name is None:
+        suite_name = default_suite() if not rest else "none"
+    cfg = compose([f"suite={suite_name}", *rest])
+    env = capture_env()
+    run_id = cfg.bench.resume or cfg.bench.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = Path(cfg.bench.results_dir) / gpu_slug(env) / suite_name / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "env.json").write_text(json.dumps(env, indent=2, default=str))
+
+    if suite_name == "kernels":
+        _run_kernels_suite(rest, run_dir)
+        return run_dir
+    points = expand_points(cfg.suite, rest, model_family) if suite_name != "none" else [[f"suite=none", *rest]]
+    results = run_dir / "results.jsonl"
+    done = {(r.get("config_hash"), r.get("repeat")) for r in read_rows(results)} if cfg.bench.resume else set()
+    _log(f"optkit: {len(points)} point(s) x {cfg.bench.repeats} repeat(s) -> {run_dir}")
+    progress = Progress(len(points) * cfg.bench.repeats, enabled=cfg.bench.progress)
+    for point in points:
+        point_cfg = _compose_point(point)
+        for repeat in range(cfg.bench.repeats):
+            key = (_hash_of(point_cfg), repeat) if point_cfg is not None else None
+            if key in done:
+                progress.skip(f"{_label(point)} (done)")
+                continue
+            progress.start(_label(point))
+            row = run_isolated(point, run_id, repeat, timeout_s=cfg.bench.timeout_s, point_cfg=point_cfg)
+            append_row(results, row)
+            progress.finish(row)
+    from optkit.summary import print_summary
+
+    print_summary(read_rows(results), baseline_opt=cfg.suite.baseline_opt)
+    _log(f"results: {results}")
+    return run_dir
+
+
+def _compose_point(point: List[str]):
+    from optkit.compose import ConfigError, compose
+
+    try:
+        return compose(point)
+    except ConfigError:
+        return None  # the subprocess reports the error as a row
+
+
+def _hash_of(cfg) -> str:
+    from omegaconf import OmegaConf
+
+    from optkit.results import config_hash
+
+    return config_hash(OmegaConf.to_container(cfg, resolve=True))
+
+
+def run_isolated(point: List[str], run_id: str, repeat: int, timeout_s: float, point_cfg=None) -> Dict[str, Any]:
+    """Run one point in a fresh Python process; always returns a row."""
+    with tempfile.TemporaryDirectory(prefix="optkit-point-") as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, "-m", "optkit.point", "--out", str(out), "--run-id", run_id,
+               "--repeat", str(repeat), *point]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+        except subprocess.TimeoutExpired as exc:
+            return _failed_row(point, run_id, repeat, "timeout", f"point exceeded bench.timeout_s={timeout_s}",
+                               _as_text(exc.stderr), point_cfg)
+        if out.exists():
+            return json.loads(out.read_text())
+        stderr = proc.stderr or ""
+        status = "oom" if "out of memory" in stderr.lower() else "error"
+        return _failed_row(point, run_id, repeat, status, f"point process exited with code {proc.returncode}",
+                           stderr, point_cfg)
+
+
+def _as_text(data) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
+
+
+def _failed_row(point, run_id, repeat, status, message, stderr, point_cfg) -> Dict[str, Any]:
+    """A row for a point whose process died without writing one (crash, kill, timeout)."""
+    from omegaconf import OmegaConf
+
+    from optkit.results import config_hash, point_key
+
+    row = empty_row()
+    row.update(run_id=run_id, repeat=repeat, overrides=list(point), status=status,
+               error=f"{message}\n--- stderr tail ---\n{stderr[-STDERR_TAIL_CHARS:]}",
+               timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    if point_cfg is not None:
+        config = OmegaConf.to_container(point_cfg, resolve=True)
+        row.update(config=config, config_hash=config_hash(config), point_key=point_key(config),
+                   suite=config["suite"]["name"], model=config["model"]["name"], opt=config["opt"]["name"],
+                   train_method=config["train"]["method"], batch_size=config["train"]["batch_size"],
+                   seq_len=config["data"]["seq_len"])
+    return row
+
+
+def _run_kernels_suite(overrides: Sequence[str], run_dir: Path) -> None:
+    """The kernels suite measures ops, not training steps: its own module, in a subprocess too."""
+    cmd = [sys.executable, "-m", "optkit.kernel_suite", "--run-dir", str(run_dir), "suite=kernels", *overrides]
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        _log(f"kernels suite exited with code {proc.returncode}; rows written so far are in {run_dir}")
+
+
+def _label(point: List[str]) -> str:
+    return " ".join(p for p in point if not p.startswith(("suite=", "train.warmup_steps", "train.steps")))
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Progress:
+    """A one-line-per-point progress report with ETA (works in CI logs, unlike a redrawn bar)."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.enabled = total, enabled
+        self.done, self.started_at, self.point_started = 0, time.time(), 0.0
+        self.durations: List[float] = []
+
+    def start(self, label: str) -> None:
+        self.point_started = time.time()
+        if self.enabled:
+            _log(f"[{self.done + 1}/{self.total}] {label} ...")
+
+    def skip(self, label: str) -> None:
+        self.done += 1
+        if self.enabled:
+            _log(f"[{self.done}/{self.total}] skip {label}")
+
+    def finish(self, row: Dict[str, Any]) -> None:
+        self.done += 1
+        elapsed = time.time() - self.point_started
+        self.durations.append(elapsed)
+        if not self.enabled:
+            return
+        remaining = (self.total - self.done) * (sum(self.durations) / len(self.durations))
+        tps = row.get("tokens_per_s")
+        result = f"{tps:,.0f} tok/s" if tps else (row.get("error") or "").splitlines()[0][:120] if row.get("error") else ""
+        _log(f"    {row.get('status')}  {result}  ({elapsed:.1f}s, ETA {remaining / 60:.1f} min)")
