@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -95,6 +96,21 @@ def _is_oom(exc: BaseException) -> bool:
 # --------------------------------------------------------------------------- the measured loop
 
 
+def _inject_fault(cfg) -> None:
+    """Test hook: OPTKIT_INJECT_FAULT="oom@MODEL" | "crash@MODEL" | "hang@MODEL" makes that model's
+    point fail the way a real one can (tests of the runner's isolation use it; unset in real runs)."""
+    spec = os.environ.get("OPTKIT_INJECT_FAULT", "")
+    kind, _, model = spec.partition("@")
+    if not kind or model != cfg.model.name:
+        return
+    if kind == "oom":
+        raise torch.OutOfMemoryError("CUDA out of memory. (injected by OPTKIT_INJECT_FAULT)")
+    if kind == "crash":
+        os.abort()
+    if kind == "hang":
+        time.sleep(3600)
+
+
 def _train_and_measure(cfg, device: torch.device) -> Dict[str, Any]:
     from optkit import patch as patcher
     from optkit.data import make_batches
@@ -104,6 +120,7 @@ def _train_and_measure(cfg, device: torch.device) -> Dict[str, Any]:
     from optkit.train.checkpointing import enable_checkpointing
     from optkit.train.optim import build_optimizer
 
+    _inject_fault(cfg)
     missing = patcher.missing_requirements(cfg.opt, device=device)
     if missing:
         raise SkipPoint("; ".join(missing))

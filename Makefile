@@ -1,0 +1,55 @@
+# optkit: `make bench` and `make test` install what is missing first.
+#
+# torch is never installed unpinned: a machine that already has torch (e.g. a CUDA build on a GPU
+# machine) keeps it; one without gets $(TORCH_SPEC) (the CPU build on our CI machines). Elsewhere,
+# pass the CPU wheel index yourself, e.g.
+#   make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+EXTRAS ?= test,quant
+SUITE ?=
+ARGS ?=
+RUNS ?= $(shell ls -d results/*/*/* 2>/dev/null | grep -v '/local/')
+BASELINE ?=
+CANDIDATE ?=
+PYTEST_ARGS ?=
+STAMP := .make/installed
+
+.PHONY: install bench test test-gpu report regress list env clean-install
+
+$(STAMP): pyproject.toml
+	@mkdir -p .make
+	@$(PYTHON) -c "import torch" 2>/dev/null \
+	  && echo "keeping installed torch $$($(PYTHON) -c 'import torch; print(torch.__version__)')" \
+	  || $(PIP) install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+bench: $(STAMP)
+	$(PYTHON) -m optkit bench $(if $(SUITE),suite=$(SUITE)) $(ARGS)
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+test-gpu: $(STAMP)
+	$(PYTHON) -m pytest -q -m gpu $(PYTEST_ARGS)
+
+report: $(STAMP)
+	$(PYTHON) -m optkit report $(RUNS)
+
+regress: $(STAMP)
+	@test -n "$(BASELINE)" -a -n "$(CANDIDATE)" || { echo "usage: make regress BASELINE=results/<gpu>/<suite>/<run> CANDIDATE=<run dir>"; exit 2; }
+	$(PYTHON) -m optkit regress --baseline $(BASELINE) --candidate $(CANDIDATE)
+
+list: $(STAMP)
+	$(PYTHON) -m optkit list
+
+env: $(STAMP)
+	$(PYTHON) -m optkit env
+
+clean-install:
+	rm -rf .make
