@@ -214,7 +214,7 @@ def _timing_fields(step_records: List[Dict[str, float]], device) -> Dict[str, An
         "step_times_ms": [round(r["step_ms"], 4) for r in step_records],
     }
     for phase in ("forward", "backward", "optimizer"):
-        fields[f"{phase}_ms"] = summarize([r[phase] for r in step_records])["median"]
+        fields[f"{phase}_ms"] = summarize([r[f"{phase}_ms"] for r in step_records])["median"]
     return fields
 
 
@@ -263,16 +263,21 @@ def _start_nvml(cfg, device: torch.device):
 
 
 def _nvml_fields(report) -> Dict[str, Any]:
-    r = report if isinstance(report, dict) else vars(report)
+    r = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    series = list(zip(r.get("series_t_ms") or [], r.get("series_used_bytes") or []))
     return {
         "nvml_available": r.get("available"),
         "peak_nvml_device_bytes": r.get("peak_device_used_bytes"),
         "peak_nvml_process_bytes": r.get("peak_process_used_bytes"),
         "nvml_baseline_bytes": r.get("baseline_device_used_bytes"),
-        "throttle_reasons": r.get("throttle_reasons"),
-        "sm_clock_mhz": r.get("sm_clock_mhz_stop") or r.get("sm_clock_mhz"),
+        "nvml_process_bytes_source": r.get("process_bytes_source"),
+        "throttle_reasons": r.get("throttle_reasons_seen"),
+        "throttled": r.get("throttled"),
+        "sm_clock_mhz": r.get("sm_clock_mhz_stop"),
+        "sm_clock_mhz_min": r.get("sm_clock_mhz_min"),
         "energy_mj": r.get("energy_mj"),
-        "nvml_series": r.get("series"),
+        "other_gpu_processes": r.get("other_processes_at_start"),
+        "nvml_series": [[round(t, 1), b] for t, b in series] or None,
     }
 
 
@@ -286,9 +291,9 @@ def _env_fields() -> Dict[str, Any]:
         _ENV_CACHE.update(capture_env())
     env = _ENV_CACHE
     return {
-        "gpu_name": env.get("gpu_name"), "gpu_slug": gpu_slug(env), "driver": env.get("driver"),
-        "torch": env.get("torch"), "triton": env.get("triton"), "transformers": env.get("transformers"),
-        "git_sha": env.get("git_sha"), "git_dirty": env.get("git_dirty"), "env_fingerprint": env_fingerprint(env),
+        "gpu_name": env.get("gpu_name"), "gpu_slug": gpu_slug(env), "driver": env.get("driver_version"),
+        "torch": env.get("torch_version"), "triton": env.get("triton_version"),
+        "transformers": env.get("transformers_version"), "git_sha": env.get("git_sha"), "git_dirty": env.get("git_dirty"), "env_fingerprint": env_fingerprint(env),
     }
 
 
