@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One batched call on a lent GPU machine: install the carried wheels, then run each named step with its
+# own time limit, logging to $OUT/logs/<step>.log; results/ and reports/ come back as one tarball.
+# A failing step never stops the others.   usage: scripts/gpu_run.sh STEP:TIMEOUT_S:COMMAND ...
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT/logs"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >"$OUT/logs/pip.log" 2>&1 || echo "wheel install failed (see pip.log)"
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv >"$OUT/logs/nvidia-smi.txt" 2>&1
+for spec in "$@"; do
+  name=${spec%%:*}; rest=${spec#*:}; limit=${rest%%:*}; cmd=${rest#*:}
+  start=$(date +%s)
+  timeout "$limit" bash -c "$cmd" >"$OUT/logs/$name.log" 2>&1
+  rc=$?
+  echo "== $name rc=$rc $(( $(date +%s) - start ))s"
+  tail -n 8 "$OUT/logs/$name.log" | cut -c1-300
+done
+tar czf "$OUT/results.tgz" results reports 2>/dev/null
+(cd "$OUT" && tar czf logs.tgz logs && rm -rf logs)
