@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from optkit.results import config_hash, empty_row, point_key
+from optkit.results import config_hash, empty_row, point_key, setting_key
 
 N_DISTINCT_BATCHES = 4  # cycled, so no step re-reads the exact tensors of the previous one
 
@@ -71,6 +71,7 @@ def _identity(config: Dict[str, Any], overrides: List[str], run_id: str, repeat:
     m, t, d, o = config["model"], config["train"], config["data"], config["opt"]
     return {
         "run_id": run_id, "suite": config["suite"]["name"], "point_key": point_key(config),
+        "setting_key": setting_key(config),
         "config_hash": config_hash(config), "overrides": list(overrides), "repeat": repeat,
         "model": m["name"], "family": m["family"], "opt": o["name"], "train_method": t["method"],
         "batch_size": t["batch_size"], "seq_len": d["seq_len"], "dtype": m["dtype"],

@@ -24,7 +24,8 @@ ROW_FIELDS: Dict[str, str] = {
     "schema_version": "SCHEMA_VERSION of the code that wrote the row",
     "run_id": "id of the sweep (directory name)",
     "suite": "suite name ('none' for a single point)",
-    "point_key": "stable key of the point: model/opt/method/batch/seq/... (what regress matches on)",
+    "point_key": "setting_key + '/' + opt name~hash of its switches (what regress matches on)",
+    "setting_key": "the point minus its opt-set: model/method/batch/seq/ckpt/optimizer/dtype (speedups compare within it)",
     "config_hash": "sha256[:16] of the fully resolved config (excluding bench.* bookkeeping)",
     "overrides": "the Hydra overrides that define the point",
     "status": "ok | oom | error | skipped | timeout",
@@ -104,16 +105,32 @@ def config_hash(config: Dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def point_key(config: Dict[str, Any]) -> str:
-    """Human-readable key that identifies a point across runs (regress matches on it)."""
-    m, t, d, o = config["model"], config["train"], config["data"], config["opt"]
-    parts = [m["name"], o["name"], t["method"], f"b{t['batch_size']}", f"s{d['seq_len']}",
+def setting_key(config: Dict[str, Any]) -> str:
+    """Everything that defines a point except the opt-set: rows with equal setting keys compare
+    opt-sets like for like (speedup vs baseline)."""
+    m, t, d = config["model"], config["train"], config["data"]
+    parts = [m["name"], t["method"], f"b{t['batch_size']}", f"s{d['seq_len']}",
              f"ckpt-{t['checkpointing']}", t["optimizer"], m["dtype"]]
     if m.get("num_layers"):
         parts.append(f"L{m['num_layers']}")
     if d.get("packing"):
-        parts.append("packed")
+        parts.append(f"packed-{d.get('length_dist')}")
+    if d.get("source", "synthetic") != "synthetic":
+        parts.append(d["source"])
     return "/".join(str(p) for p in parts)
+
+
+def opt_key(config: Dict[str, Any]) -> str:
+    """The opt-set's name plus a short hash of its switches: a preset with one switch overridden on
+    the command line never shares a key with the unmodified preset."""
+    switches = {k: v for k, v in config["opt"].items() if k != "name"}
+    digest = hashlib.sha256(json.dumps(switches, sort_keys=True).encode()).hexdigest()[:6]
+    return f"{config['opt']['name']}~{digest}"
+
+
+def point_key(config: Dict[str, Any]) -> str:
+    """Stable, readable key of a point across runs (regress matches on it)."""
+    return f"{setting_key(config)}/{opt_key(config)}"
 
 
 def append_row(path: Path, row: Dict[str, Any]) -> None:

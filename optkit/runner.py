@@ -218,7 +218,7 @@ def _failed_row(point, run_id, repeat, status, message, stderr, point_cfg) -> Di
     """A row for a point whose process died without writing one (crash, kill, timeout)."""
     from omegaconf import OmegaConf
 
-    from optkit.results import config_hash, point_key
+    from optkit.results import config_hash, point_key, setting_key
 
     row = empty_row()
     row.update(run_id=run_id, repeat=repeat, overrides=list(point), status=status,
@@ -226,7 +226,7 @@ def _failed_row(point, run_id, repeat, status, message, stderr, point_cfg) -> Di
                timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     if point_cfg is not None:
         config = OmegaConf.to_container(point_cfg, resolve=True)
-        row.update(config=config, config_hash=config_hash(config), point_key=point_key(config),
+        row.update(config=config, config_hash=config_hash(config), point_key=point_key(config), setting_key=setting_key(config),
                    suite=config["suite"]["name"], model=config["model"]["name"], opt=config["opt"]["name"],
                    train_method=config["train"]["method"], batch_size=config["train"]["batch_size"],
                    seq_len=config["data"]["seq_len"])

@@ -7,22 +7,13 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict, Iterable, List, Optional
 
-from optkit.results import point_key
 
 GIB = 1024 ** 3
 
 
-def _baseline_key(row: Dict[str, Any], baseline_opt: str) -> Optional[str]:
-    config = row.get("config")
-    if not config:
-        return None
-    swapped = {**config, "opt": {**config["opt"], "name": baseline_opt}}
-    return point_key(swapped)
-
-
 def summary_lines(rows: Iterable[Dict[str, Any]], baseline_opt: str = "baseline") -> List[str]:
     rows = list(rows)
-    baseline_tps = {r["point_key"]: r["tokens_per_s"] for r in rows
+    baseline_tps = {r["setting_key"]: r["tokens_per_s"] for r in rows
                     if r.get("status") == "ok" and r.get("opt") == baseline_opt and r.get("tokens_per_s")}
     header = f"{'model':<18} {'opt':<26} {'b x seq':>10} {'status':<8} {'tok/s':>11} {'speedup':>8} " \
              f"{'fwd/bwd/opt ms':>22} {'peak GiB':>9} {'MFU':>6}"
@@ -33,7 +24,7 @@ def summary_lines(rows: Iterable[Dict[str, Any]], baseline_opt: str = "baseline"
             reason = (r.get("error") or "").splitlines()[0][:60] if r.get("error") else ""
             lines.append(f"{str(r.get('model')):<18} {str(r.get('opt')):<26} {shape:>10} {r.get('status'):<8} {reason}")
             continue
-        base = baseline_tps.get(_baseline_key(r, baseline_opt))
+        base = baseline_tps.get(r.get("setting_key"))
         speedup = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         split = "/".join(f"{r.get(k) or 0:.1f}" for k in ("forward_ms", "backward_ms", "optimizer_ms"))
         peak = r.get("peak_nvml_device_bytes") or r.get("peak_reserved_bytes") or r.get("peak_rss_bytes")
