@@ -1,7 +1,6 @@
 """The `optkit` command: bench, report, regress, env, list."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import List, Optional

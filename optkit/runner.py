@@ -148,7 +148,7 @@ def run_sweep(overrides: Sequence[str]) -> Path:
     if suite_name == "kernels":
         _run_kernels_suite(rest, run_dir)
         return run_dir
-    points = expand_points(cfg.suite, rest, model_family) if suite_name != "none" else [[f"suite=none", *rest]]
+    points = expand_points(cfg.suite, rest, model_family) if suite_name != "none" else [["suite=none", *rest]]
     results = run_dir / "results.jsonl"
     done = {(r.get("config_hash"), r.get("repeat")) for r in read_rows(results)} if cfg.bench.resume else set()
     _log(f"optkit: {len(points)} point(s) x {cfg.bench.repeats} repeat(s) -> {run_dir}")

@@ -5,7 +5,7 @@ The publication tables are report.py's job; this one is for the terminal, right 
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List
 
 
 GIB = 1024 ** 3
