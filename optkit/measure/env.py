@@ -88,37 +88,27 @@ def _cuda_version_str(version_int: Optional[int]) -> Optional[str]:
     return None if version_int is None else f"{version_int // 1000}.{version_int % 1000 // 10}"
 
 
-def _nvml_gpu_facts(device_index: int) -> Optional[dict]:
-    pynvml, _ = nvml.load_nvml()
-    if pynvml is None:
-        return None
-    try:
-        handle = nvml.handle_for_cuda_index(pynvml, device_index)
-        ask = nvml.try_call
-        ecc = ask(pynvml.nvmlDeviceGetEccMode, handle)
-        mig = ask(pynvml.nvmlDeviceGetMigMode, handle)
-        cc = ask(pynvml.nvmlDeviceGetCudaComputeCapability, handle)
-        power_mw = ask(pynvml.nvmlDeviceGetEnforcedPowerLimit, handle)
-        memory = ask(nvml.read_memory, pynvml, handle)
-        driver = ask(pynvml.nvmlSystemGetDriverVersion)
-        return {
-            "gpu_name": nvml.as_str(pynvml.nvmlDeviceGetName(handle)),
-            "gpu_total_memory_bytes": None if memory is None else memory[2],
-            "compute_capability": None if cc is None else f"{cc[0]}.{cc[1]}",
-            "driver_version": None if driver is None else nvml.as_str(driver),
-            "cuda_driver_version": _cuda_version_str(ask(pynvml.nvmlSystemGetCudaDriverVersion)),
-            "sm_clock_max_mhz": ask(pynvml.nvmlDeviceGetMaxClockInfo, handle, 1),
-            "sm_clock_mhz": ask(pynvml.nvmlDeviceGetClockInfo, handle, 1),
-            "mem_clock_max_mhz": ask(pynvml.nvmlDeviceGetMaxClockInfo, handle, 2),
-            "power_limit_w": None if power_mw is None else power_mw / 1000.0,
-            "ecc_enabled": None if ecc is None else bool(ecc[0]),
-            "mig_enabled": None if mig is None else bool(mig[0]),
-            "nvml_device_count": ask(pynvml.nvmlDeviceGetCount),
-        }
-    except Exception:
-        return None
-    finally:
-        pynvml.nvmlShutdown()
+def _nvml_gpu_facts(pynvml, handle) -> dict:
+    ask = nvml.try_call
+    ecc = ask(pynvml.nvmlDeviceGetEccMode, handle)
+    mig = ask(pynvml.nvmlDeviceGetMigMode, handle)
+    cc = ask(pynvml.nvmlDeviceGetCudaComputeCapability, handle)
+    power_mw = ask(pynvml.nvmlDeviceGetEnforcedPowerLimit, handle)
+    memory = ask(nvml.read_memory, pynvml, handle)
+    driver = ask(pynvml.nvmlSystemGetDriverVersion)
+    return {
+        "gpu_name": nvml.as_str(pynvml.nvmlDeviceGetName(handle)),
+        "gpu_total_memory_bytes": None if memory is None else memory[2],
+        "compute_capability": None if cc is None else f"{cc[0]}.{cc[1]}",
+        "driver_version": None if driver is None else nvml.as_str(driver),
+        "cuda_driver_version": _cuda_version_str(ask(pynvml.nvmlSystemGetCudaDriverVersion)),
+        "sm_clock_max_mhz": ask(pynvml.nvmlDeviceGetMaxClockInfo, handle, 1),
+        "sm_clock_mhz": ask(pynvml.nvmlDeviceGetClockInfo, handle, 1),
+        "mem_clock_max_mhz": ask(pynvml.nvmlDeviceGetMaxClockInfo, handle, 2),
+        "power_limit_w": None if power_mw is None else power_mw / 1000.0,
+        "ecc_enabled": None if ecc is None else bool(ecc[0]),
+        "mig_enabled": None if mig is None else bool(mig[0]),
+    }
 
 
 def _torch_gpu_facts(device_index: int) -> dict:
@@ -147,9 +137,9 @@ def gpu_facts(device_index: int = 0) -> dict:
         cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception:
         cuda_count = 0
-    from_nvml = _nvml_gpu_facts(device_index) if cuda_count else None
+    from_nvml = nvml.query_once(device_index, _nvml_gpu_facts) if cuda_count else None
     if from_nvml is not None:
-        facts.update({k: v for k, v in from_nvml.items() if k in facts})
+        facts.update(from_nvml)
     elif cuda_count:
         facts.update(_torch_gpu_facts(device_index))
     facts["gpu_count"] = cuda_count

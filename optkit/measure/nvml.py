@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 # NVML clock-event ("throttle") reason bits, stable across driver versions (nvml.h).
 _THROTTLE_BITS = (
@@ -38,6 +38,7 @@ _THROTTLE_BITS = (
 PERF_LIMITING_REASONS = frozenset(
     {"sw_power_cap", "hw_slowdown", "sw_thermal_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown"}
 )
+_KNOWN_BITS = sum(bit for bit, _ in _THROTTLE_BITS)
 _NVML_CLOCK_SM = 1
 _NVML_CLOCK_MEM = 2
 MAX_SERIES_POINTS = 2000
@@ -46,10 +47,7 @@ MAX_SERIES_POINTS = 2000
 def decode_throttle_reasons(mask: int) -> list[str]:
     """Names of the bits set in an NVML clocks-event-reasons mask (unknown bits as hex)."""
     names = [name for bit, name in _THROTTLE_BITS if mask & bit]
-    known = 0
-    for bit, _ in _THROTTLE_BITS:
-        known |= bit
-    unknown = mask & ~known
+    unknown = mask & ~_KNOWN_BITS
     if unknown:
         names.append(f"unknown_{unknown:#x}")
     return names
@@ -147,30 +145,27 @@ def read_throttle_mask(pynvml, handle) -> Optional[int]:
     return None
 
 
-def gpu_processes(device_index: int = 0) -> Optional[list[dict]]:
-    """One-shot: processes on ``cuda:<device_index>`` now (call before a point starts), or None."""
+def query_once(device_index: int, read: Callable[[Any, Any], Any]):
+    """``read(pynvml, handle)`` inside its own nvmlInit / nvmlShutdown; None if NVML can't answer."""
     pynvml, _ = load_nvml()
     if pynvml is None:
         return None
     try:
-        return list_processes(pynvml, handle_for_cuda_index(pynvml, device_index))
+        return read(pynvml, handle_for_cuda_index(pynvml, device_index))
     except Exception:
         return None
     finally:
         pynvml.nvmlShutdown()
+
+
+def gpu_processes(device_index: int = 0) -> Optional[list[dict]]:
+    """Processes on ``cuda:<device_index>`` now (call before a point starts), or None."""
+    return query_once(device_index, list_processes)
 
 
 def device_used_bytes(device_index: int = 0) -> Optional[int]:
-    """One-shot NVML "used" of the device, e.g. right after CUDA init (the context baseline)."""
-    pynvml, _ = load_nvml()
-    if pynvml is None:
-        return None
-    try:
-        return read_memory(pynvml, handle_for_cuda_index(pynvml, device_index))[0]
-    except Exception:
-        return None
-    finally:
-        pynvml.nvmlShutdown()
+    """NVML "used" of the device now, e.g. right after CUDA init (the context baseline)."""
+    return query_once(device_index, lambda nv, handle: read_memory(nv, handle)[0])
 
 
 @dataclass

@@ -74,17 +74,13 @@ def summarize(samples_ms: Sequence[float]) -> dict:
     return out
 
 
-def _median(values: Sequence[float]) -> float:
-    return statistics.median(values)
-
-
 def bootstrap_ratio_ci(
     a_samples: Sequence[float],
     b_samples: Sequence[float],
     n_resamples: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
-    statistic: Callable[[Sequence[float]], float] = _median,
+    statistic: Callable[[Sequence[float]], float] = statistics.median,
 ) -> dict:
     """statistic(a) / statistic(b) and its percentile-bootstrap CI.
 
