@@ -285,7 +285,8 @@ class NvmlSampler:
     # ----------------------------------------------------------------- reading
     def _read_start_state(self) -> None:
         nv, h, r = self._nvml, self._handle, self._report
-        r.device_name = as_str(try_call(nv.nvmlDeviceGetName, h))
+        name = try_call(nv.nvmlDeviceGetName, h)
+        r.device_name = None if name is None else as_str(name)
         used, reserved, total, version = read_memory(nv, h)
         r.baseline_device_used_bytes, r.device_reserved_bytes = used, reserved
         r.device_total_bytes, r.memory_info_version = total, version
