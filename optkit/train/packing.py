@@ -1,0 +1,264 @@
+"""Packed (padding-free) attention for HF models, and the per-batch boundary-metadata cache.
+
+Packed rows hold several examples back to back (optkit.data.packing); position_ids restart at 0 at each example, and
+attention must stay inside each example. The kernel is PyTorch's own: ``torch.nn.attention.varlen.varlen_attn`` (the
+flash-attention varlen kernel shipped in torch >= 2.10; CUDA, fp16/bf16) takes the boundaries as ``cu_seqlens`` (a
+device tensor) plus ``max_seqlen`` (a host int). Where it cannot run (CPU, fp32, older torch) a loop of causal SDPA
+calls, one per example, computes exactly the same thing from the boundaries as host ints.
+
+Baseline, ``install_packed_attention`` (what the seeds call "HF rebuilds the metadata in every layer"):
+HF's flash-attention path given only position_ids (transformers 5.17 and 5.24,
+``modeling_flash_attention_utils._flash_attention_forward``, padding-free branch) re-derives the boundaries inside
+EVERY attention layer with these HF functions, which we call as they are:
+  1. ``_is_packed_sequence(position_ids, 1)`` tested in an ``if``        -> 1 device->host sync
+  2. ``prepare_fa_kwargs_from_position_ids``: ``(pos == min).nonzero()``  -> 1 sync (nonzero sizes its output on host)
+  3. its 0-d ``max_length`` turned into the int the kernel takes          -> 1 sync (flash_attn and varlen_attn take ints)
+= 3 syncs per layer per forward; the CPU loop kernel reads the boundaries to host as well (a 4th). flash-attn is not
+installed here, so the baseline runs this exact metadata work with torch's varlen kernel instead of flash_attn's.
+(HF's sdpa path builds one dense (B, 1, T, T) mask per forward instead: another kernel, not this comparison.)
+HF needs packed inputs as one (1, total) row; we flatten (B, T) rows to that, which is what HF's collator produces.
+
+Cache, ``apply_packed_metadata_cache`` (``opt.packed_metadata_cache``): a forward pre-hook on the decoder stack builds
+the metadata once per forward from position_ids - one device->host copy of position_ids, boundaries computed on the
+host, cu_seqlens copied back - and hands it to every layer as a keyword argument, which HF threads through the decoder
+layers into the attention function untouched. No layer syncs.
+
+Everything is per model instance: a new name in HF's attention registry (no HF class is patched), the model's
+``config._attn_implementation`` switched to it, hooks kept so ``remove_*`` restores the model exactly.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ATTN_NAME = "optkit_packed"
+METADATA_KWARG = "optkit_packed_metadata"  # the kwarg the decoder layers carry to the attention function
+
+
+@dataclass(frozen=True)
+class PackedMetadata:
+    """Example boundaries of a flattened packed batch."""
+
+    cu_seqlens: torch.Tensor  # (N + 1,) int32 on the activations' device: cumulative example starts, then total
+    max_seqlen: int  # longest example
+    boundaries: Tuple[int, ...]  # cu_seqlens as host ints (the per-example loop kernel slices with them)
+
+
+@dataclass
+class PackingStats:
+    """How often metadata was built, per model; tests and the GPU script read it (cheap: two integer adds)."""
+
+    per_layer_rebuilds: int = 0
+    per_batch_builds: int = 0
+
+
+def build_packed_metadata(position_ids: torch.Tensor) -> PackedMetadata:
+    """Once per batch: one device->host copy of position_ids; cu_seqlens computed on the host and sent back."""
+    flat = position_ids.reshape(-1).to("cpu", copy=True).numpy()  # the one sync
+    starts = np.flatnonzero(flat == 0)
+    if starts.size == 0 or starts[0] != 0:
+        raise ValueError("packed position_ids must start every row at 0 (optkit.data.packing.packed_batch does)")
+    boundaries = tuple(int(s) for s in starts) + (int(flat.size),)
+    max_seqlen = int(np.diff(np.asarray(boundaries)).max())
+    cu_seqlens = torch.tensor(boundaries, dtype=torch.int32).to(position_ids.device, non_blocking=True)
+    return PackedMetadata(cu_seqlens, max_seqlen, boundaries)
+
+
+def rebuild_metadata_like_hf(position_ids: torch.Tensor, need_host_boundaries: bool) -> PackedMetadata:
+    """The per-layer baseline: HF's own flash-attention helpers, with the host syncs they imply (module doc)."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
+
+    flat = position_ids.reshape(1, -1)  # HF's padding-free layout: one (1, total) row
+    if not _is_packed_sequence(flat, 1):  # sync 1 (a tensor in an `if`)
+        total = flat.shape[1]
+        return PackedMetadata(torch.tensor([0, total], dtype=torch.int32, device=flat.device), total, (0, total))
+    (cu_seqlens, _), (max_length, _) = prepare_fa_kwargs_from_position_ids(flat)  # sync 2: nonzero inside
+    max_seqlen = int(max_length)  # sync 3: the kernel takes an int
+    boundaries = tuple(cu_seqlens.to("cpu", copy=True).tolist()) if need_host_boundaries else ()  # loop kernel only
+    return PackedMetadata(cu_seqlens.to(torch.int32), max_seqlen, boundaries)
+
+
+# --- the attention function registered with HF -------------------------------------------------------------------
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             sliding_window=None, **kwargs):
+    """HF attention-interface function. query (B, Hq, T, D), key/value (B, Hkv, T, D) -> ((B, T, Hq, D), None)."""
+    if dropout:
+        raise NotImplementedError("packed attention has no attention dropout; set the model's attention_dropout to 0")
+    batch, _, seq_len, head_dim = query.shape
+    scale = head_dim ** -0.5 if scaling is None else scaling
+    metadata = kwargs.get(METADATA_KWARG)
+    if metadata is None:
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:  # not a packed batch: each row is one causal sequence
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
+                                                 enable_gqa=key.shape[1] != query.shape[1])
+            return out.transpose(1, 2), None
+        metadata = rebuild_metadata_like_hf(position_ids, need_host_boundaries=not _varlen_usable(query))
+        stats = getattr(module, "_optkit_packing_stats", None)
+        if stats is not None:
+            stats.per_layer_rebuilds += 1
+    if sliding_window is not None and metadata.max_seqlen > sliding_window:
+        raise NotImplementedError(f"packed attention has no sliding window ({sliding_window} < an example of "
+                                  f"{metadata.max_seqlen} tokens); use a full-attention model or shorter examples")
+    q, k, v = (t.transpose(1, 2).reshape(batch * seq_len, t.shape[1], head_dim) for t in (query, key, value))
+    if _varlen_usable(query):
+        out = _varlen_flash(q, k, v, metadata, scale)
+    else:
+        out = _varlen_by_example(q, k, v, metadata, scale)
+    return out.view(batch, seq_len, query.shape[1], head_dim), None
+
+
+def _varlen_usable(query: torch.Tensor) -> bool:
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _varlen_attn_fn() is not None
+
+
+def _varlen_attn_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return varlen_attn
+
+
+def _varlen_flash(q, k, v, metadata: PackedMetadata, scale: float) -> torch.Tensor:
+    """torch's varlen flash kernel on (total, H, D) tensors. Its keyword API moved between torch 2.10 and 2.12."""
+    varlen_attn = _varlen_attn_fn()
+    params = inspect.signature(varlen_attn).parameters
+    kwargs: Dict[str, Any] = {}
+    if "window_size" in params:  # torch >= 2.11: causal is window (-1, 0)
+        kwargs["window_size"] = (-1, 0)
+    else:  # torch 2.10
+        kwargs["is_causal"] = True
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:  # kernel's default scale is 1/sqrt(D): fold ours into q
+        q = q * (scale * q.shape[-1] ** 0.5)
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:  # the kernel wants as many kv heads as q heads before torch 2.12
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    cu = metadata.cu_seqlens
+    return varlen_attn(q, k, v, cu, cu, metadata.max_seqlen, metadata.max_seqlen, **kwargs)
+
+
+def _varlen_by_example(q, k, v, metadata: PackedMetadata, scale: float) -> torch.Tensor:
+    """Reference-exact fallback: causal SDPA on each example's (1, H, L, D) slice."""
+    out = torch.empty_like(q)
+    enable_gqa = k.shape[1] != q.shape[1]
+    for start, end in zip(metadata.boundaries[:-1], metadata.boundaries[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, L, D)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+        out[start:end] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+# --- install / cache / remove ------------------------------------------------------------------------------------
+
+
+def install_packed_attention(model) -> List[str]:
+    """Switch ``model`` to packed attention, metadata rebuilt per layer (the baseline). Idempotent."""
+    base = _decoder_stack(model)
+    state = _state(model)
+    if "previous_attn" in state:
+        return []
+    _register_attention()
+    config = base.config
+    state["previous_attn"] = config._attn_implementation
+    state["validate_hook"] = base.register_forward_pre_hook(_reject_padding_mask, with_kwargs=True)
+    for attention in _attention_modules(base):  # a plain attribute (not a submodule): the counter they share
+        attention._optkit_packing_stats = state["stats"]
+    config._attn_implementation = ATTN_NAME
+    return [f"packing: attention {state['previous_attn']} -> {ATTN_NAME} (varlen; boundary metadata rebuilt per layer)"]
+
+
+def apply_packed_metadata_cache(model, opt_cfg) -> List[str]:
+    """opt.packed_metadata_cache: packed attention whose metadata is built once per batch and shared by all layers."""
+    if not getattr(opt_cfg, "packed_metadata_cache", True):
+        return []
+    log = install_packed_attention(model)
+    state = _state(model)
+    if "cache_hook" not in state:
+        base = _decoder_stack(model)
+        state["cache_hook"] = base.register_forward_pre_hook(_attach_metadata, with_kwargs=True)
+        log.append(f"packing: {type(base).__name__} builds packed metadata once per forward; its "
+                   f"{len(base.layers)} layers reuse it (no per-layer host sync)")
+    return log
+
+
+def remove_packed_metadata_cache(model) -> None:
+    """Undo ``apply_packed_metadata_cache`` (back to the per-layer baseline)."""
+    handle = _state(model).pop("cache_hook", None)
+    if handle is not None:
+        handle.remove()
+
+
+def remove_packed_attention(model) -> None:
+    """Undo ``install_packed_attention`` and the cache: the model's original attention implementation is back."""
+    remove_packed_metadata_cache(model)
+    state = _state(model)
+    if "previous_attn" not in state:
+        return
+    state.pop("validate_hook").remove()
+    base = _decoder_stack(model)
+    for attention in _attention_modules(base):
+        del attention._optkit_packing_stats
+    base.config._attn_implementation = state.pop("previous_attn")
+
+
+def packing_stats(model) -> PackingStats:
+    """Metadata builds counted on this model since packed attention was installed (reset it by assigning zeros)."""
+    return _state(model)["stats"]
+
+
+def _attach_metadata(module, args, kwargs):
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or kwargs.get(METADATA_KWARG) is not None:
+        return None
+    kwargs[METADATA_KWARG] = build_packed_metadata(position_ids)
+    module._optkit_packing_state["stats"].per_batch_builds += 1
+    return args, kwargs
+
+
+def _reject_padding_mask(module, args, kwargs):
+    # With a registered name HF's mask factory does not know, HF drops the 2D padding mask: refuse padded batches
+    # rather than attend to padding silently.
+    if kwargs.get("attention_mask") is not None:
+        raise ValueError("packed attention takes padding-free batches (position_ids, no attention_mask); "
+                         "use data.packing=true, or do not install packed attention for padded batches")
+    return None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    if ATTN_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTN_NAME, packed_attention_forward)
+
+
+def _decoder_stack(model) -> torch.nn.Module:
+    """The module holding the decoder layers (e.g. Qwen3Model), found through peft / CausalLM wrappers."""
+    for module in model.modules():
+        if isinstance(getattr(module, "layers", None), torch.nn.ModuleList) and hasattr(module, "embed_tokens"):
+            return module
+    raise ValueError(f"{type(model).__name__} has no decoder stack (a module with .layers and .embed_tokens); "
+                     "packed attention supports HF decoder-only causal LMs")
+
+
+def _attention_modules(base) -> List[torch.nn.Module]:
+    return [layer.self_attn for layer in base.layers if hasattr(layer, "self_attn")]
+
+
+def _state(model) -> Dict[str, Any]:
+    base = _decoder_stack(model)
+    if not hasattr(base, "_optkit_packing_state"):
+        base._optkit_packing_state = {"stats": PackingStats()}
+    return base._optkit_packing_state
