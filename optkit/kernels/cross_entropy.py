@@ -1,0 +1,452 @@
+"""Cross-entropy over large vocabularies, forward and backward, as one Triton kernel per row.
+
+What is fused: eager PyTorch runs CE on bf16 logits as log_softmax (read V, write V) and nll in
+forward, then nll_backward (write V) and log_softmax_backward (read 2V, write V) in backward; callers
+that upcast first add an fp32 copy of the logits. Here one program per row reads its logits in
+chunks of BLOCK for an online (max, sum of exp) in fp32, then reads them again -- in reverse chunk
+order, so the chunks read last are the likeliest to still be in L2 -- and writes the gradient of the
+loss right away: ``softmax - (1 - eps) * onehot - eps / V``, times softcap's chain rule, times
+1 / n_valid for "mean". Forward + backward move ~1 read + 1 write of the logits through HBM, with no
+fp32 copy and no host sync (the count of non-ignored tokens stays on the device).
+
+Where the gradient goes, and what that costs in memory:
+- default: a fresh buffer in the logits' dtype, written in forward and held until backward, so the
+  logits and their gradient coexist (2x the logits). Always safe.
+- ``overwrite_logits=True``: into the logits' own buffer (Liger's trick), 1x the logits. Only for
+  callers that never read the logits afterwards (a training loss whose logits are not returned). The
+  logits' version counter is bumped, so when another op saved them for its backward autograd raises
+  instead of silently using gradients as logits. A leaf tensor, and any call under torch.compile (a
+  custom op may not mutate its differentiable input), gets the fresh buffer instead.
+Backward multiplies that gradient by grad_output in place, with a kernel that reads grad_output on the
+device and returns at once where it is 1 (``loss.backward()``): one tiny launch and no sync. Because
+the gradient is computed in forward, timers see the gradient work as forward time: compare this op on
+forward + backward. Backward through one graph twice raises (the gradient was scaled in place).
+
+Semantics are torch.nn.functional.cross_entropy's with the class dim last, except: the loss is fp32
+for every logits dtype (a bf16 loss would round 11.76 to 11.75); "mean" over zero non-ignored tokens
+is 0 with a zero gradient (torch gives NaN). Targets must lie in [0, V) or equal ignore_index (checked
+only in Triton debug mode). Logits are fp32/fp16/bf16 of shape (..., V); any leading strides are read
+in place (slices such as ``logits[:, :-1]`` are not copied), a last dim that is not unit-stride is
+copied once.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor, nn
+
+from optkit.kernels._launch import check_float_dtype
+
+REDUCTIONS = ("mean", "sum", "none")
+
+# Logits per chunk a program holds at once. 32768 fp32 over 32 warps is 32 registers per thread; a
+# program of 1024 threads then fills an SM, so ~132 rows are in flight on an H100 (~34 MB of bf16 at
+# V=128256) and the second read of each row is served from the 50 MB L2. Liger-Kernel measured the
+# same ceiling (MAX_FUSED_SIZE = 32768 with 32 warps). Tests lower it to exercise many chunks.
+_MAX_BLOCK = 32768
+# Elements per program of the in-place scaling kernel: few programs, so the common grad_output == 1
+# case (each program reads one scalar and returns) is a launch of a few thousand programs.
+_SCALE_BLOCK = 16384
+
+
+def reference_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: Optional[float] = None,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Plain PyTorch in the logits' dtype (what the tests trust in float64); the loss comes back in
+    ``promote_types(logits.dtype, float32)``, like the kernel's, and is 0 when every token is ignored."""
+    x = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    logp = torch.log_softmax(x, dim=-1)
+    valid = target != ignore_index
+    nll = -logp.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
+    per_token = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(dim=-1)
+    per_token = torch.where(valid, per_token, 0.0).to(torch.promote_types(logits.dtype, torch.float32))
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    return per_token.sum() / valid.sum().clamp(min=1)
+
+
+@triton.jit
+def _tanh(x):
+    # Through exp so one code path serves every Triton version and the interpreter; saturates to +-1.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+# Reads the row twice (the second time mostly from L2) and its target; writes 4 bytes of loss and, with
+# COMPUTE_GRAD, the row's gradient (V elements, may be the logits' own memory). Ignored rows read
+# nothing and write zeros.
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    logits_ptr, target_ptr, loss_ptr, grad_ptr, n_valid_ptr, row_scale_ptr,
+    n_cols, rows_per_batch,
+    stride_logits_b, stride_logits_t, stride_grad_b, stride_grad_t, stride_row_scale,
+    ignore_index, softcap, label_smoothing,
+    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, MEAN: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # row * stride passes 2**31 elements on large batches
+    batch, pos = row // rows_per_batch, row % rows_per_batch
+    logits_row = logits_ptr + batch * stride_logits_b + pos * stride_logits_t
+    grad_row = grad_ptr + batch * stride_grad_b + pos * stride_grad_t
+    offsets = tl.arange(0, BLOCK)
+    n_blocks = (n_cols + BLOCK - 1) // BLOCK  # not tl.cdiv: a jit call costs ~10 ms under the interpreter
+    target = tl.load(target_ptr + row).to(tl.int64)
+
+    if target == ignore_index:
+        tl.store(loss_ptr + row, 0.0)
+        if COMPUTE_GRAD:
+            for block in range(0, n_blocks):
+                cols = block * BLOCK + offsets
+                tl.store(grad_row + cols, tl.zeros([BLOCK], grad_ptr.dtype.element_ty), mask=cols < n_cols)
+        return
+    tl.device_assert((target >= 0) & (target < n_cols), "cross_entropy: target outside [0, V)")
+
+    # Pass 1: running max m and sum d of exp(x - m) over chunks, in fp32.
+    m = float("-inf")
+    d = 0.0
+    x_sum = 0.0
+    for block in range(0, n_blocks):
+        cols = block * BLOCK + offsets
+        mask = cols < n_cols
+        x = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            x = softcap * _tanh(x / softcap)
+        if HAS_SMOOTHING:
+            x_sum += tl.sum(x, axis=0)  # masked lanes hold softcap(0) = 0
+        x = tl.where(mask, x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all -inf prefix must not make NaN
+        d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(x - m_shift), axis=0)
+        m = m_new
+    lse = m + tl.log(d)
+
+    x_target = tl.load(logits_row + target).to(tl.float32)
+    if HAS_SOFTCAP:
+        x_target = softcap * _tanh(x_target / softcap)
+    loss = lse - (1.0 - label_smoothing) * x_target
+    if HAS_SMOOTHING:
+        loss -= label_smoothing * x_sum / n_cols
+    scale = 1.0
+    if MEAN:
+        scale = 1.0 / tl.maximum(tl.load(n_valid_ptr).to(tl.float32), 1.0)
+    tl.store(loss_ptr + row, loss * scale)
+
+    # Pass 2, last chunk first: d loss / d logits, written over the chunk just read when in place.
+    if COMPUTE_GRAD:
+        if HAS_ROW_SCALE:
+            scale *= tl.load(row_scale_ptr + row * stride_row_scale).to(tl.float32)
+        for i in range(0, n_blocks):
+            cols = (n_blocks - 1 - i) * BLOCK + offsets
+            mask = cols < n_cols
+            x = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                capped = _tanh(x / softcap)
+                x = softcap * capped
+            grad = tl.exp(x - lse)
+            if HAS_SMOOTHING:
+                grad -= label_smoothing / n_cols
+            grad = tl.where(cols == target, grad - (1.0 - label_smoothing), grad)
+            if HAS_SOFTCAP:
+                grad *= 1.0 - capped * capped
+            tl.store(grad_row + cols, (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# Reads one scale per program and, unless it is exactly 1, BLOCK elements of its row; writes them
+# scaled in place.
+@triton.jit
+def _scale_rows_kernel(
+    x_ptr, scale_ptr, n_cols, rows_per_batch, n_col_blocks,
+    stride_x_b, stride_x_t, stride_scale,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row, col_block = pid // n_col_blocks, pid % n_col_blocks
+    scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
+    if scale == 1.0:
+        return
+    batch, pos = row // rows_per_batch, row % rows_per_batch
+    cols = col_block * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    ptrs = x_ptr + batch * stride_x_b + pos * stride_x_t + cols
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, (x * scale).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_can_launch(x: Tensor) -> None:
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "optkit's cross-entropy kernels are Triton kernels: on CPU set TRITON_INTERPRET=1 before "
+            "triton is imported (tests/conftest.py does), or use reference_cross_entropy"
+        )
+
+
+def _batched_rows(x: Tensor, allow_copy: bool = True) -> Tuple[Tensor, int, int, int]:
+    """``(x, rows_per_batch, stride_b, stride_t)``: row r of x's last dim starts at
+    ``(r // rows_per_batch) * stride_b + (r % rows_per_batch) * stride_t``. Two levels of strides read
+    (B, T, V) slices in place; deeper leading dims are merged into B (a copy only if they can't be)."""
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        if not allow_copy:
+            raise RuntimeError("internal: in-place kernel on a tensor without a unit last stride")
+        x = x.contiguous()
+    if x.dim() == 1:
+        return x, 1, 0, 0
+    if x.dim() == 2:
+        return x, max(x.shape[0], 1), 0, x.stride(0)
+    x3 = x.flatten(0, -3)
+    if x3.data_ptr() != x.data_ptr() and not allow_copy:
+        raise RuntimeError("internal: in-place kernel on leading dims that do not merge into a view")
+    return x3, max(x3.shape[1], 1), x3.stride(0), x3.stride(1)
+
+
+def _block_and_warps(n_cols: int, max_block: int) -> Tuple[int, int]:
+    block = min(max_block, triton.next_power_of_2(max(n_cols, 1)))
+    return block, max(4, min(32, block // 1024))  # up to 32 fp32 per thread, 4..32 warps
+
+
+def launch_cross_entropy_kernel(
+    logits: Tensor,
+    target: Tensor,
+    loss_rows: Tensor,
+    grad: Optional[Tensor],
+    ignore_index: int,
+    softcap: Optional[float],
+    label_smoothing: float,
+    n_valid: Optional[Tensor] = None,
+    row_scale: Optional[Tensor] = None,
+) -> None:
+    """One row per program over ``logits`` (..., V): the loss of each row into ``loss_rows`` (fp32,
+    one per row, divided by ``n_valid`` when given), and the gradient into ``grad`` (logits' shape,
+    unit last stride; may be ``logits`` itself), times ``n_valid``'s and ``row_scale[row]``'s factors.
+    ``grad=None`` computes the loss only (one read of the logits)."""
+    _check_can_launch(logits)
+    n_rows, n_cols = loss_rows.numel(), logits.shape[-1]
+    if n_rows == 0:
+        return
+    logits_rows, rows_per_batch, stride_lb, stride_lt = _batched_rows(logits, allow_copy=False)
+    grad_rows, _, stride_gb, stride_gt = (
+        _batched_rows(grad, allow_copy=False) if grad is not None else (logits_rows, 0, 0, 0)
+    )
+    block, num_warps = _block_and_warps(n_cols, _MAX_BLOCK)
+    _cross_entropy_fwd_kernel[(n_rows,)](
+        logits_rows, target, loss_rows, grad_rows,
+        n_valid if n_valid is not None else target,
+        row_scale if row_scale is not None else loss_rows,
+        n_cols, rows_per_batch, stride_lb, stride_lt, stride_gb, stride_gt,
+        row_scale.stride(0) if row_scale is not None else 0,
+        ignore_index, 0.0 if softcap is None else softcap, label_smoothing,
+        HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0, MEAN=n_valid is not None,
+        HAS_ROW_SCALE=row_scale is not None, COMPUTE_GRAD=grad is not None,
+        BLOCK=block, num_warps=num_warps,
+    )
+
+
+def scale_grad_in_place(grad: Tensor, grad_output: Tensor) -> None:
+    """``grad *= grad_output`` in place, skipped on the device where the factor is 1. ``grad_output`` is
+    one number, or one per row of ``grad``'s last dim (shape ``grad.shape[:-1]``)."""
+    if grad.numel() == 0:
+        return
+    _check_can_launch(grad)
+    rows, rows_per_batch, stride_b, stride_t = _batched_rows(grad, allow_copy=False)
+    n_cols = grad.shape[-1]
+    n_rows = grad.numel() // n_cols
+    factors = grad_output.reshape(-1)
+    if factors.numel() not in (1, n_rows):
+        raise ValueError(f"grad_output of shape {tuple(grad_output.shape)} does not scale a gradient of shape {tuple(grad.shape)}")
+    block, num_warps = _block_and_warps(n_cols, _SCALE_BLOCK)
+    n_col_blocks = triton.cdiv(n_cols, block)
+    _scale_rows_kernel[(n_rows * n_col_blocks,)](
+        rows, factors, n_cols, rows_per_batch, n_col_blocks, stride_b, stride_t,
+        factors.stride(0) if factors.numel() > 1 else 0,
+        BLOCK=block, num_warps=num_warps,
+    )
+
+
+def _cross_entropy_fwd(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    reduction: str,
+    softcap: Optional[float],
+    label_smoothing: float,
+    grad_into: str,
+) -> Tuple[Tensor, Tensor]:
+    """``(loss, grad)``. ``grad_into``: "none" (loss only; grad is empty), "new" (a fresh buffer) or
+    "logits" (the logits' own memory; a copy of them if their layout needed one)."""
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+        logits = logits.contiguous()
+    target_rows = target.reshape(-1)
+    loss_rows = torch.empty(target_rows.shape, dtype=torch.float32, device=logits.device)
+    if grad_into == "none":
+        grad = logits.new_empty(0)
+    elif grad_into == "new":
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    else:
+        grad = logits if _batched_rows(logits)[0].data_ptr() == logits.data_ptr() else logits.contiguous()
+        logits = grad
+    n_valid = (target_rows != ignore_index).sum() if reduction == "mean" else None
+    launch_cross_entropy_kernel(
+        logits, target_rows, loss_rows, None if grad_into == "none" else grad,
+        ignore_index, softcap, label_smoothing, n_valid,
+    )
+    loss = loss_rows.view(target.shape) if reduction == "none" else loss_rows.sum()
+    return loss, grad
+
+
+@torch.library.custom_op("optkit::cross_entropy", mutates_args=())
+def _cross_entropy_op(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    reduction: str,
+    softcap: Optional[float],
+    label_smoothing: float,
+    compute_grad: bool,
+) -> Tuple[Tensor, Tensor]:
+    return _cross_entropy_fwd(
+        logits, target, ignore_index, reduction, softcap, label_smoothing, "new" if compute_grad else "none"
+    )
+
+
+@_cross_entropy_op.register_fake
+def _(logits, target, ignore_index, reduction, softcap, label_smoothing, compute_grad):
+    loss = logits.new_empty(target.shape if reduction == "none" else (), dtype=torch.float32)
+    return loss, logits.new_empty(logits.shape if compute_grad else (0,))
+
+
+@torch.library.custom_op("optkit::cross_entropy_scale_grad_", mutates_args=("grad",))
+def _scale_grad_op(grad: Tensor, grad_output: Tensor) -> None:
+    scale_grad_in_place(grad, grad_output)
+
+
+@_scale_grad_op.register_fake
+def _(grad, grad_output):
+    return None
+
+
+def _check_grad_was_computed(grad: Tensor) -> None:
+    if grad.numel() == 0:  # only reachable by calling the raw op with compute_grad=False
+        raise RuntimeError("optkit::cross_entropy ran with compute_grad=False; call it with True to backpropagate")
+
+
+def _cross_entropy_op_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])
+
+
+def _cross_entropy_op_backward(ctx, grad_loss: Tensor, _grad_of_grad: Optional[Tensor]):
+    (grad,) = ctx.saved_tensors
+    _check_grad_was_computed(grad)
+    torch.ops.optkit.cross_entropy_scale_grad_(grad, grad_loss)
+    return grad, None, None, None, None, None, None
+
+
+_cross_entropy_op.register_autograd(_cross_entropy_op_backward, setup_context=_cross_entropy_op_setup_context)
+
+
+class _CrossEntropyFunction(torch.autograd.Function):
+    """The eager path: the same launchers without a custom op's dispatch cost, plus ``overwrite_logits``."""
+
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index, reduction, softcap, label_smoothing, overwrite_logits):
+        loss, grad = _cross_entropy_fwd(
+            logits, target, ignore_index, reduction, softcap, label_smoothing,
+            "logits" if overwrite_logits else "new",
+        )
+        if grad is logits:  # whoever saved these logits for backward must now fail loudly
+            torch.autograd.graph.increment_version(logits)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors  # raises on a second backward: the version bump below
+        scale_grad_in_place(grad, grad_loss)
+        torch.autograd.graph.increment_version(grad)
+        return grad, None, None, None, None, None, None
+
+
+def check_loss_options(reduction: str, softcap: Optional[float], label_smoothing: float) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not valid; choose one of: {', '.join(REDUCTIONS)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap={softcap} must be a positive number (Gemma-2 uses 30.0) or None")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 1]")
+
+
+def _check_args(logits: Tensor, target: Tensor, reduction: str, softcap: Optional[float], label_smoothing: float) -> None:
+    check_float_dtype("cross_entropy", logits=logits)
+    check_loss_options(reduction, softcap, label_smoothing)
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"cross_entropy: logits of shape {tuple(logits.shape)} have no classes; expected (..., V)")
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"cross_entropy: target shape {tuple(target.shape)} must be logits' shape without the class dim, "
+            f"{tuple(logits.shape[:-1])}"
+        )
+    if target.dtype not in (torch.int64, torch.int32) or target.device != logits.device:
+        raise TypeError(f"cross_entropy: target must be int64/int32 on {logits.device}, got {target.dtype} on {target.device}")
+
+
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: Optional[float] = None,
+    label_smoothing: float = 0.0,
+    *,
+    overwrite_logits: bool = False,
+) -> Tensor:
+    """Cross-entropy of ``logits`` (..., V) against class indices ``target`` (...); see the module doc.
+
+    ``softcap``: Gemma-2's ``cap * tanh(logits / cap)`` before the softmax, differentiated through.
+    ``overwrite_logits``: write the gradient into the logits' memory (saves one logits-sized buffer);
+    only when nothing reads the logits after this call.
+    """
+    _check_args(logits, target, reduction, softcap, label_smoothing)
+    args = (logits, target, int(ignore_index), reduction, None if softcap is None else float(softcap), float(label_smoothing))
+    needs_grad = logits.requires_grad and torch.is_grad_enabled()
+    if torch.compiler.is_compiling():  # the custom op is opaque to the graph: no break, our kernels run
+        return _cross_entropy_op(*args, needs_grad)[0]
+    if not needs_grad:
+        return _cross_entropy_fwd(*args, "none")[0]
+    return _CrossEntropyFunction.apply(*args, overwrite_logits and logits.grad_fn is not None)
+
+
+class CrossEntropyLoss(nn.Module):
+    """Drop-in for ``torch.nn.CrossEntropyLoss`` (class dim last, no class weights) on the fused kernel."""
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        softcap: Optional[float] = None,
+        label_smoothing: float = 0.0,
+        overwrite_logits: bool = False,
+    ):
+        super().__init__()
+        check_loss_options(reduction, softcap, label_smoothing)
+        self.ignore_index, self.reduction, self.softcap = ignore_index, reduction, softcap
+        self.label_smoothing, self.overwrite_logits = label_smoothing, overwrite_logits
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return cross_entropy(
+            logits, target, self.ignore_index, self.reduction, self.softcap, self.label_smoothing,
+            overwrite_logits=self.overwrite_logits,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction}, softcap={self.softcap}, "
+            f"label_smoothing={self.label_smoothing}, overwrite_logits={self.overwrite_logits}"
+        )
