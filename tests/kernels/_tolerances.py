@@ -17,12 +17,18 @@ Usage (tests/kernels/test_*.py):
     assert_close_to_reference(fused_out, ref64, torch_out, x.dtype)
 
 Without a same-dtype PyTorch result (``torch_same_dtype_out=None``) the fixed ``rtol``/``atol`` of
-the table apply instead.
+the table apply instead. ``check_forward_backward(fused, reference, inputs, dtype)`` applies the rule to
+an op's outputs and to the gradients of every input that requires grad.
+
+Why the slack is one ulp: the CPU interpreter (Triton 3.x) converts fp32 -> bf16 by truncation, not
+round-to-nearest as the GPU does, so under the interpreter a bf16 store can be off by up to one ulp
+where eager PyTorch is off by half of one. One ulp of slack at the reference's scale absorbs exactly
+that; fp16 conversions round to nearest in both places.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -78,3 +84,58 @@ def assert_close_to_reference(
         f"{name} ({dtype}): fused max error {fused_err:.3e} > {ERROR_RATIO} x PyTorch's {torch_err:.3e}"
         f" + {tol.atol:g} x scale {scale:.3g} = {bound:.3e}"
     )
+
+
+def _as_tuple(value):
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _leaves(inputs: Sequence[torch.Tensor], dtype: Optional[torch.dtype]) -> List[torch.Tensor]:
+    """Fresh leaves with the inputs' values, strides (clone keeps them) and requires_grad."""
+    out = []
+    for t in inputs:
+        copy = t.detach().clone() if dtype is None else t.detach().to(dtype)
+        out.append(copy.requires_grad_(t.requires_grad))
+    return out
+
+
+def check_forward_backward(
+    fused: Callable,
+    reference: Callable,
+    inputs: Sequence[torch.Tensor],
+    dtype: torch.dtype,
+    seed: int = 0,
+) -> None:
+    """Hold ``fused(*inputs)`` and the gradients of every input that requires grad to the rule above.
+
+    ``reference`` runs twice: on float64 upcasts of the inputs (the truth) and on copies in their own
+    dtypes (plain PyTorch's error, which sets the bar). All three backward passes get the same upstream
+    gradients: random, rounded to the output dtype. ``dtype`` picks the tolerance row (the coarsest
+    dtype involved).
+    """
+    fused_in, ref64_in, same_in = _leaves(inputs, None), _leaves(inputs, torch.float64), _leaves(inputs, None)
+    fused_out, ref64_out, same_out = _as_tuple(fused(*fused_in)), _as_tuple(reference(*ref64_in)), _as_tuple(reference(*same_in))
+    assert len(fused_out) == len(ref64_out), "fused and reference return different numbers of outputs"
+    gen = torch.Generator().manual_seed(seed)
+    upstream = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(device=o.device, dtype=o.dtype) for o in fused_out]
+    for i, (f, r, s) in enumerate(zip(fused_out, ref64_out, same_out)):
+        assert f.dtype == s.dtype, f"output {i}: dtype {f.dtype} but plain PyTorch gives {s.dtype}"
+        assert_close_to_reference(f, r, s, dtype, name=f"output {i}")
+    wrt = [i for i, t in enumerate(inputs) if t.requires_grad]
+    if not wrt:
+        return
+
+    def grads(outs, leaves, cast):
+        return torch.autograd.grad(outs, [leaves[i] for i in wrt], [cast(g, o) for g, o in zip(upstream, outs)])
+
+    fused_g = grads(fused_out, fused_in, lambda g, o: g)
+    ref64_g = grads(ref64_out, ref64_in, lambda g, o: g.double())
+    same_g = grads(same_out, same_in, lambda g, o: g.to(o.dtype))
+    for i, f, r, s in zip(wrt, fused_g, ref64_g, same_g):
+        assert f.dtype == inputs[i].dtype, f"grad of input {i}: dtype {f.dtype}, input is {inputs[i].dtype}"
+        assert_close_to_reference(f, r, s, dtype, name=f"grad of input {i}")
+
+
+# torch.library.opcheck's checks minus "test_aot_dispatch_dynamic" (seconds per op under the interpreter;
+# the compile tests run the ops through AOTAutograd anyway).
+OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
