@@ -22,6 +22,7 @@ from optkit.results import append_row, empty_row, read_rows
 AXIS_ABLATION = "ablation"
 PEER_OPTIMIZATIONS = ("compile", "liger")  # peers, not optkit's own: not ablated one by one
 STDERR_TAIL_CHARS = 4000
+POINT_GROUPS = ("model", "opt", "train", "data")
 
 
 # --------------------------------------------------------------------------- expansion
@@ -136,9 +137,13 @@ def run_sweep(overrides: Sequence[str]) -> Path:
     from optkit.measure.env import capture_env, gpu_slug
 
     suite_name, rest = split_overrides(overrides)
-    if suite_name is None:
-        suite_name = default_suite() if not rest else "none"
-    cfg = compose([f"suite={suite_name}", *rest])
+    if suite_name is None:  # point overrides alone mean one point; otherwise the default suite
+        defines_point = any(o.split("=", 1)[0].split(".")[0].lstrip("+~") in POINT_GROUPS for o in rest)
+        suite_name = "none" if defines_point else default_suite()
+    # The sweep-level config: the suite and bench settings (axis values may be comma lists here).
+    cfg = compose([f"suite={suite_name}", *(o for o in rest if o.startswith("bench."))])
+    points = expand_points(cfg.suite, rest, model_family) if suite_name != "none" else [["suite=none", *rest]]
+    point_cfgs = [compose(p) for p in points]  # fail fast, before any work, on a bad name or value
     env = capture_env()
     run_id = cfg.bench.resume or cfg.bench.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run_dir = Path(cfg.bench.results_dir) / gpu_slug(env) / suite_name / run_id
@@ -148,15 +153,13 @@ def run_sweep(overrides: Sequence[str]) -> Path:
     if suite_name == "kernels":
         _run_kernels_suite(rest, run_dir)
         return run_dir
-    points = expand_points(cfg.suite, rest, model_family) if suite_name != "none" else [["suite=none", *rest]]
     results = run_dir / "results.jsonl"
     done = {(r.get("config_hash"), r.get("repeat")) for r in read_rows(results)} if cfg.bench.resume else set()
     _log(f"optkit: {len(points)} point(s) x {cfg.bench.repeats} repeat(s) -> {run_dir}")
     progress = Progress(len(points) * cfg.bench.repeats, enabled=cfg.bench.progress)
-    for point in points:
-        point_cfg = _compose_point(point)
+    for point, point_cfg in zip(points, point_cfgs):
         for repeat in range(cfg.bench.repeats):
-            key = (_hash_of(point_cfg), repeat) if point_cfg is not None else None
+            key = (_hash_of(point_cfg), repeat)
             if key in done:
                 progress.skip(f"{_label(point)} (done)")
                 continue
@@ -169,15 +172,6 @@ def run_sweep(overrides: Sequence[str]) -> Path:
     print_summary(read_rows(results), baseline_opt=cfg.suite.baseline_opt)
     _log(f"results: {results}")
     return run_dir
-
-
-def _compose_point(point: List[str]):
-    from optkit.compose import ConfigError, compose
-
-    try:
-        return compose(point)
-    except ConfigError:
-        return None  # the subprocess reports the error as a row
 
 
 def _hash_of(cfg) -> str:

@@ -99,7 +99,7 @@ def test_killed_sweep_resumes_without_redoing_points(tmp_path, monkeypatch):
 def test_row_schema(tmp_path, monkeypatch):
     run_dir = _sweep(tmp_path, ["suite=smoke", "model=tiny_llama", "opt=baseline"], monkeypatch)
     env = json.loads((run_dir / "env.json").read_text())
-    assert "torch" in env and "git_sha" in env
+    assert "torch_version" in env and "git_sha" in env
     (row,) = read_rows(run_dir / "results.jsonl")
     assert set(ROW_FIELDS) <= set(row), f"missing: {set(ROW_FIELDS) - set(row)}"
     assert row["schema_version"] == SCHEMA_VERSION and row["status"] in STATUSES
