@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Per-op kernel benchmark, standalone: optkit vs eager vs torch.compile vs Liger-Kernel.
+
+    python scripts/bench_kernels.py --out DIR [--quick] [--ops rms_norm,rope] [--impls optkit,eager]
+                                    [--fp32] [--cpu-smoke]
+
+Writes DIR/env.json and DIR/results.jsonl (one row per op x shape x dtype x impl; see
+optkit/kernel_suite.py for the fields and the byte model) and prints a table. The same
+measurement runs under ``optkit bench suite=kernels``. A full run takes < 5 min on an H100,
+``--quick`` (one shape per op) < 90 s. ``--cpu-smoke`` times tiny shapes on the CPU with the host
+clock and the Triton interpreter: a plumbing check, not a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+
+def _csv(text: str) -> list:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path, help="run directory (env.json, results.jsonl)")
+    parser.add_argument("--quick", action="store_true", help="one shape per op")
+    parser.add_argument("--ops", type=_csv, default=None, help="comma list of ops (default: all)")
+    parser.add_argument("--impls", type=_csv, default=None, help="comma list of optkit,eager,compile,liger")
+    parser.add_argument("--fp32", action="store_true", help="also measure float32 inputs")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU, host clock")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.cpu_smoke:  # before triton is first imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from optkit import kernel_suite as ks
+
+    if (args.out / "results.jsonl").exists():
+        print(f"{args.out / 'results.jsonl'} exists; pass a new --out directory so runs are not mixed",
+              file=sys.stderr)
+        return 2
+    rows = ks.run_suite(args.out, quick=args.quick, ops=args.ops or ks.OPS, impls=args.impls or ks.IMPLS,
+                        dtypes=("bfloat16", "float32") if args.fp32 else ("bfloat16",), cpu_smoke=args.cpu_smoke)
+    print()
+    print(ks.format_table(rows))
+    statuses = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "oom", "error")}
+    print(f"\n{len(rows)} rows ({', '.join(f'{n} {s}' for s, n in statuses.items() if n)}) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
