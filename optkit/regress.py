@@ -1,0 +1,280 @@
+"""Regression gate: compare a candidate run with a baseline run of the same GPU kind.
+
+``optkit regress --baseline DIR --candidate DIR [--threshold 0.05] [--mem-threshold 0.05]
+[--markdown out.md]`` matches points by point key (kernel rows: op/impl/dtype/shape) and judges
+each metric in its own direction: tokens/s higher is better; step and kernel times, peak memory
+lower is better. A change is a *regression* only when both hold:
+- the ratio is beyond the threshold (worse by more than ``threshold``), and
+- the evidence says it is not noise: Mann-Whitney U p < alpha on the per-step samples AND the 95%
+  bootstrap CI of the ratio of medians excludes 1 (asv gates on a factor plus Mann-Whitney).
+  Memory peaks are single counters per window: the allocator's is exact for the same program, so
+  the ratio alone decides; with several windows on both sides their ranges must not overlap.
+With fewer than ``min_samples`` per side a change beyond the threshold is "insufficient data",
+never a guess. A point that was ok and now fails (oom, error...) is a regression.
+
+Exit codes: 1 a regression, 0 none, 2 unusable input (missing files, different GPU kinds, no
+common points). A different software stack (driver, torch, ...) is a warning, or an error with
+``--strict-env``: the gate then measures the stack change too.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from optkit.report import DASH, GIB, Point, ReportInputError, Run, group_points, load_run, sig
+from optkit.stats_ci import mann_whitney_p, pooled_median, ratio_ci
+
+MIN_SAMPLES = 6  # smallest n per side at which Mann-Whitney can reach p < 0.01 (normal approximation)
+ALPHA = 0.01
+STACK_FIELDS = (("GPU", ("gpu_name",)), ("driver", ("driver_version", "driver")), ("CUDA", ("cuda_version", "cuda")),
+                ("torch", ("torch_version", "torch")), ("triton", ("triton_version", "triton")),
+                ("transformers", ("transformers_version", "transformers")))
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    kind: str  # "train" | "kernel": which rows carry it
+    better: str  # "high" | "low"
+    memory: bool  # judged against --mem-threshold, as an exact counter
+    groups: Callable[[Point], List[List[float]]]  # samples per measurement window
+    fmt: Callable[[float], str]
+
+
+def _field_groups(field: str) -> Callable[[Point], List[List[float]]]:
+    return lambda p: p.samples(field)
+
+
+def _tokens_per_s_groups(point: Point) -> List[List[float]]:
+    tokens = point.median("tokens_per_step")
+    if not tokens:
+        return [[r["tokens_per_s"]] for r in point.ok if r.get("tokens_per_s")]
+    return [[tokens * 1e3 / t for t in r["step_times_ms"] if t] for r in point.ok if r.get("step_times_ms")]
+
+
+def _counter_groups(*fields: str) -> Callable[[Point], List[List[float]]]:
+    """One value per window: the first of ``fields`` the row has (NVML: process, else device)."""
+    def groups(point: Point) -> List[List[float]]:
+        out = []
+        for row in point.ok:
+            value = next((row[f] for f in fields if row.get(f) is not None), None)
+            if value is not None:
+                out.append([float(value)])
+        return out
+    return groups
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:.2f} GiB"
+
+
+METRICS = (
+    Metric("tokens_per_s", "train", "high", False, _tokens_per_s_groups, lambda v: f"{v:,.0f}"),
+    Metric("step_ms", "train", "low", False, _field_groups("step_times_ms"), sig),
+    Metric("peak_allocated_bytes", "train", "low", True, _counter_groups("peak_allocated_bytes"), _gib),
+    Metric("peak_nvml_bytes", "train", "low", True,
+           _counter_groups("peak_nvml_process_bytes", "peak_nvml_device_bytes"), _gib),
+    Metric("full_ms", "kernel", "low", False, _field_groups("full_times_ms"), sig),
+    Metric("peak_delta_bytes", "kernel", "low", True, _counter_groups("peak_delta_bytes"), _gib),
+)
+
+
+@dataclass
+class Comparison:
+    point: str
+    metric: str
+    verdict: str  # regression | improvement | unchanged | noise | insufficient data
+    baseline: str = DASH
+    candidate: str = DASH
+    change: Optional[float] = None  # candidate / baseline - 1
+    ci: Optional[tuple] = None  # 95% CI of candidate / baseline
+    p_value: Optional[float] = None
+    evidence: str = ""
+
+
+@dataclass
+class Thresholds:
+    time: float = 0.05
+    memory: float = 0.05
+    alpha: float = ALPHA
+    min_samples: int = MIN_SAMPLES
+
+
+def _worse_factor(base: float, cand: float, better: str) -> float:
+    """> 1: the candidate is worse by that factor, in the metric's own direction."""
+    lower, higher = (cand, base) if better == "low" else (base, cand)
+    if higher == 0:
+        return 1.0 if lower == 0 else float("inf")
+    return lower / higher
+
+
+def judge(base_groups: Sequence[Sequence[float]], cand_groups: Sequence[Sequence[float]], better: str,
+          threshold: float, memory: bool, limits: Thresholds) -> Optional[dict]:
+    """Verdict of one metric at one point; None when either side has no value."""
+    base, cand = pooled_median(base_groups), pooled_median(cand_groups)
+    if base is None or cand is None:
+        return None
+    out = {"base": base, "cand": cand, "change": cand / base - 1.0 if base else None, "ci": None, "p": None}
+    worse = _worse_factor(base, cand, better)
+    direction = "regression" if worse > 1.0 + threshold else "improvement" if worse < 1.0 / (1.0 + threshold) else None
+    if direction is None:
+        return {**out, "verdict": "unchanged", "evidence": f"within {threshold:.0%}"}
+    if memory:
+        return {**out, **_judge_counter(base_groups, cand_groups, direction, better)}
+    n_base, n_cand = sum(len(g) for g in base_groups), sum(len(g) for g in cand_groups)
+    if min(n_base, n_cand) < limits.min_samples:
+        return {**out, "verdict": "insufficient data",
+                "evidence": f"{n_base} vs {n_cand} samples (< {limits.min_samples} per side)"}
+    ratio, low, high = ratio_ci(cand_groups, base_groups)
+    p = mann_whitney_p([v for g in base_groups for v in g], [v for g in cand_groups for v in g])
+    out.update(ci=(low, high), p=p)
+    significant = p is not None and p < limits.alpha and (low > 1.0 or high < 1.0)
+    if not significant:
+        return {**out, "verdict": "noise", "evidence": f"not significant (p={_p(p)}, CI includes 1 or p >= {limits.alpha})"}
+    return {**out, "verdict": direction, "evidence": f"Mann-Whitney p={_p(p)}, CI excludes 1"}
+
+
+def _judge_counter(base_groups, cand_groups, direction: str, better: str) -> dict:
+    if len(base_groups) < 2 or len(cand_groups) < 2:
+        return {"verdict": direction, "evidence": "exact counter"}
+    base_vals, cand_vals = [g[0] for g in base_groups], [g[0] for g in cand_groups]
+    cand_higher = min(cand_vals) > max(base_vals)
+    separated = cand_higher or max(cand_vals) < min(base_vals)
+    if not separated:
+        return {"verdict": "noise", "evidence": "ranges over windows overlap"}
+    return {"verdict": direction, "evidence": f"ranges over {len(base_vals)}+{len(cand_vals)} windows apart"}
+
+
+def _p(p: Optional[float]) -> str:
+    return DASH if p is None else f"{p:.1e}" if p < 1e-3 else f"{p:.3f}"
+
+
+def compare_points(base: Point, cand: Point, limits: Thresholds) -> List[Comparison]:
+    if base.ok and not cand.ok:
+        return [Comparison(base.key, "status", "regression", "ok", cand.status, evidence=cand.errors()[0])]
+    if cand.ok and not base.ok:
+        return [Comparison(base.key, "status", "improvement", base.status, "ok")]
+    if not base.ok:
+        return [Comparison(base.key, "status", "unchanged", base.status, cand.status, evidence="failed in both")]
+    out = []
+    for metric in (m for m in METRICS if m.kind == base.kind):
+        threshold = limits.memory if metric.memory else limits.time
+        result = judge(metric.groups(base), metric.groups(cand), metric.better, threshold, metric.memory, limits)
+        if result is None:
+            continue
+        out.append(Comparison(base.key, metric.name, result["verdict"], metric.fmt(result["base"]),
+                              metric.fmt(result["cand"]), result["change"], result["ci"], result["p"],
+                              result["evidence"]))
+    return out
+
+
+def stack_differences(baseline: Run, candidate: Run) -> List[str]:
+    diffs = []
+    for label, keys in STACK_FIELDS:
+        a, b = baseline.value(*keys), candidate.value(*keys)
+        if a != b:
+            diffs.append(f"{label} {a} -> {b}")
+    return diffs
+
+
+def check_inputs(baseline: Run, candidate: Run, strict_env: bool) -> List[str]:
+    """Warnings; raises ReportInputError when the runs cannot be compared."""
+    if baseline.gpu_slug != candidate.gpu_slug:
+        raise ReportInputError(
+            f"baseline ran on '{baseline.gpu_slug}', candidate on '{candidate.gpu_slug}': compare runs of one GPU "
+            f"kind (results/{candidate.gpu_slug}/<suite>/...), or use `optkit report` for a cross-GPU table")
+    diffs = stack_differences(baseline, candidate)
+    if diffs and strict_env:
+        raise ReportInputError("software stack differs (--strict-env): " + "; ".join(diffs))
+    return [f"software stack differs, the verdict includes its effect: {'; '.join(diffs)}"] if diffs else []
+
+
+SECTIONS = (("regression", "Regressions"), ("improvement", "Improvements"),
+            ("insufficient data", "Insufficient data (beyond the threshold, too few samples to tell)"),
+            ("noise", "Beyond the threshold but within noise"), ("unchanged", "Unchanged"))
+
+
+def _row(c: Comparison) -> str:
+    change = DASH if c.change is None else f"{100 * c.change:+.1f}%"
+    ci = DASH if not c.ci or c.ci[0] is None else f"[{c.ci[0]:.3f}, {c.ci[1]:.3f}]"
+    return f"| `{c.point}` | {c.metric} | {c.baseline} | {c.candidate} | {change} | {ci} | {_p(c.p_value)} | " \
+           f"{c.evidence.replace('|', '/')} |"
+
+
+def render(baseline: Run, candidate: Run, comparisons: List[Comparison], missing: List[str], new: List[str],
+           warnings: List[str], limits: Thresholds) -> str:
+    regressions = [c for c in comparisons if c.verdict == "regression"]
+    head = "REGRESSION" if regressions else "OK"
+    lines = [f"# optkit regress: {head}", "",
+             f"- GPU: `{candidate.gpu_slug}` ({candidate.value('gpu_name') or 'CPU'})",
+             f"- baseline: `{baseline.run_id}` (git `{baseline.value('git_sha')}`), {baseline.path}",
+             f"- candidate: `{candidate.run_id}` (git `{candidate.value('git_sha')}`), {candidate.path}",
+             f"- thresholds: time {limits.time:.0%}, memory {limits.memory:.0%}; evidence: Mann-Whitney "
+             f"p < {limits.alpha} and 95% CI of the ratio excluding 1; at least {limits.min_samples} samples per side"]
+    lines += [f"- warning: {w}" for w in warnings] + [""]
+    header = ["| point | metric | baseline | candidate | change | 95% CI cand/base | p | evidence |",
+              "|:---|:---|---:|---:|---:|---:|---:|:---|"]
+    for verdict, title in SECTIONS:
+        chosen = [c for c in comparisons if c.verdict == verdict]
+        if not chosen:
+            continue
+        table = [f"## {title} ({len(chosen)})", ""] + header + [_row(c) for c in chosen] + [""]
+        if verdict == "unchanged":
+            table = ["<details><summary>" + table[0][3:] + "</summary>", ""] + table[2:] + ["</details>", ""]
+        lines += table
+    if missing or new:
+        lines += [f"## Points not in both runs ({len(missing) + len(new)})", ""]
+        lines += [f"- missing in candidate: `{k}`" for k in missing] + [f"- only in candidate: `{k}`" for k in new]
+        lines.append("")
+    counts = {v: sum(c.verdict == v for c in comparisons) for v, _ in SECTIONS}
+    lines.append("Summary: " + ", ".join(f"{n} {v}" for v, n in counts.items()) +
+                 f", {len(missing)} missing in candidate, {len(new)} only in candidate.")
+    return "\n".join(lines) + "\n"
+
+
+def regress(baseline_dir, candidate_dir, limits: Thresholds, strict_env: bool = False) -> tuple:
+    """(exit code, markdown). Raises ReportInputError on unusable input."""
+    baseline, candidate = load_run(baseline_dir), load_run(candidate_dir)
+    warnings = check_inputs(baseline, candidate, strict_env)
+    base_points = {p.key: p for p in group_points(baseline.rows)}
+    cand_points = {p.key: p for p in group_points(candidate.rows)}
+    common = [k for k in base_points if k in cand_points]
+    if not common:
+        raise ReportInputError(f"no point of {candidate.path} matches one of {baseline.path} (e.g. baseline "
+                               f"'{next(iter(base_points))}'): compare runs of the same suite")
+    comparisons = [c for k in common for c in compare_points(base_points[k], cand_points[k], limits)]
+    missing = [k for k in base_points if k not in cand_points]
+    new = [k for k in cand_points if k not in base_points]
+    markdown = render(baseline, candidate, comparisons, missing, new, warnings, limits)
+    return (1 if any(c.verdict == "regression" for c in comparisons) else 0), markdown
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="optkit regress", description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", required=True, help="run directory results/<gpu>/<suite>/<run_id>")
+    parser.add_argument("--candidate", required=True, help="run directory to judge")
+    parser.add_argument("--threshold", type=float, default=0.05, help="time/throughput: worse by more than this")
+    parser.add_argument("--mem-threshold", type=float, default=0.05, help="peak memory: worse by more than this")
+    parser.add_argument("--alpha", type=float, default=ALPHA, help="Mann-Whitney significance level")
+    parser.add_argument("--min-samples", type=int, default=MIN_SAMPLES, help="fewer per side: insufficient data")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the report here (CI summary)")
+    parser.add_argument("--strict-env", action="store_true", help="a different software stack is an error (exit 2)")
+    args = parser.parse_args(argv)
+    limits = Thresholds(args.threshold, args.mem_threshold, args.alpha, args.min_samples)
+    try:
+        code, markdown = regress(args.baseline, args.candidate, limits, args.strict_env)
+    except ReportInputError as exc:
+        print(f"optkit regress: {exc}", file=sys.stderr)
+        return 2
+    print(markdown)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
