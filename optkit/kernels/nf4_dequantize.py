@@ -1,0 +1,176 @@
+"""NF4 dequantization of a bitsandbytes 4-bit weight in one Triton kernel.
+
+What is fused: bitsandbytes stores a QLoRA weight as packed 4-bit codes plus one scale ("absmax") per
+block of ``blocksize`` weights; with double quantization (QLoRA's default) those scales are themselves
+8-bit codes with one fp32 scale per ``nested_blocksize`` (256) of them and a global offset. bitsandbytes
+dequantizes that in two kernels plus an add (8-bit absmax -> fp32 buffer, += offset, then 4-bit ->
+weight). Here one kernel reads the packed codes and the 8-bit absmax codes and writes the weight; the
+fp32 absmax buffer is never materialized.
+
+Layout (bitsandbytes 0.4x-0.50, ``functional.quantize_4bit`` and its CUDA/CPU kernels):
+- the weight of shape ``quant_state.shape`` is flattened row-major; element ``2i`` is the HIGH nibble
+  of packed byte ``i`` and element ``2i+1`` the LOW nibble (an odd count pads the last low nibble);
+- block ``b = element // blocksize`` has scale ``absmax[b]`` (fp32), or with double quantization
+  ``nested_code[absmax_u8[b]] * nested_absmax[b // nested_blocksize] + offset`` (fp32, multiply then
+  add, not fused);
+- weight = ``code[nibble] * scale`` in fp32, rounded once to the output dtype (round to nearest even).
+
+Bit-exactness: the kernel performs the same fp32 operations in the same order as bitsandbytes, so the
+result equals ``bitsandbytes.functional.dequantize_4bit`` bit for bit. FMA contraction would fuse the
+nested scale's multiply-add into one rounding (a last-bit difference from bitsandbytes), so the kernel
+is compiled with ``enable_fp_fusion=False``; nothing else in it could contract.
+
+Limits: NF4 only (FP4 raises), quant_storage of any dtype (viewed as bytes), blocksizes that are even
+powers of two (bitsandbytes allows 32..4096). There is no backward: the quantized weight is frozen.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from optkit.kernels._launch import flat_tile_config
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
+def _check_nf4(quant_state) -> None:
+    if quant_state.quant_type != "nf4":
+        raise ValueError(
+            f"nf4_dequantize handles NF4 only, got quant_type={quant_state.quant_type!r}; "
+            "use bitsandbytes.functional.dequantize_4bit for other 4-bit types"
+        )
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        raise ValueError(
+            "this weight was repacked by bitsandbytes' CPU inference path (Linear4bit forward in eval mode "
+            "without grad); run the model in train mode, or re-quantize it, before dequantizing with optkit"
+        )
+
+
+def _as_bytes(weight_packed: torch.Tensor) -> torch.Tensor:
+    """The packed codes as a flat uint8 buffer (bitsandbytes may store them in another dtype)."""
+    flat = weight_packed.contiguous().reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def reference_nf4_dequantize(weight_packed: torch.Tensor, quant_state) -> torch.Tensor:
+    """Plain PyTorch NF4 dequantization, operation for operation what bitsandbytes computes."""
+    _check_nf4(quant_state)
+    packed = _as_bytes(weight_packed).to(torch.int64)
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)  # high nibble first
+    n = int(torch.Size(quant_state.shape).numel())
+    values = quant_state.code.to(packed.device, torch.float32)[codes[:n]]
+    block = torch.arange(n, device=packed.device) // quant_state.blocksize
+    if quant_state.nested:
+        nested = quant_state.state2
+        scale = nested.code.float()[quant_state.absmax.to(torch.int64)]
+        scale = scale * nested.absmax.float()[torch.arange(scale.numel(), device=scale.device) // nested.blocksize]
+        scale = scale + quant_state.offset.float()
+    else:
+        scale = quant_state.absmax.float()
+    return (values * scale[block]).to(quant_state.dtype).reshape(quant_state.shape)
+
+
+# Reads n/2 packed bytes, one absmax (u8 code, or fp32 without nesting) per `BLOCKSIZE` weights and one
+# fp32 nested scale per NESTED_BLOCKSIZE blocks; writes n weights: ~n * (0.5 + out_bytes) bytes moved.
+# A program owns BLOCK_ROWS whole quantization blocks: each scale is loaded once and broadcast.
+@triton.jit
+def _nf4_dequantize_kernel(
+    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
+    n_bytes, n_out,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCK_ROWS: tl.constexpr, HAS_NESTED: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+):
+    HALF: tl.constexpr = BLOCKSIZE // 2  # bytes per quantization block
+    row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # quantization block ids
+    byte = row[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (BLOCK_ROWS, HALF)
+    packed = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0).to(tl.int32)
+    row_mask = row * HALF < n_bytes
+    if HAS_NESTED:
+        absmax_code = tl.load(absmax_ptr + row, mask=row_mask, other=0).to(tl.int32)
+        nested_scale = tl.load(nested_absmax_ptr + row // NESTED_BLOCKSIZE, mask=row_mask, other=0.0)
+        scale = tl.load(nested_code_ptr + absmax_code) * nested_scale
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + row, mask=row_mask, other=0.0)
+    high = tl.load(code_ptr + (packed >> 4)) * scale[:, None]
+    low = tl.load(code_ptr + (packed & 0xF)) * scale[:, None]
+    values = tl.interleave(high, low)  # (BLOCK_ROWS, BLOCKSIZE): element 2i <- high nibble of byte i
+    out = row[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    if OUT_BF16:
+        # Round to nearest even on the bits (out_ptr is the bf16 output viewed as int16): the GPU's
+        # cvt.rn does the same, but Triton's CPU interpreter truncates, and tests run there.
+        bits = values.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(out_ptr + out, bits.to(tl.int16), mask=out < n_out)
+    else:
+        tl.store(out_ptr + out, values.to(out_ptr.dtype.element_ty), mask=out < n_out)
+
+
+def _use_triton(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _launch(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+            nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], code: torch.Tensor,
+            blocksize: int, nested_blocksize: int, n_out: int, out: torch.Tensor) -> None:
+    if blocksize < 2 or blocksize & (blocksize - 1):
+        raise ValueError(f"nf4_dequantize needs a power-of-two blocksize >= 2, got {blocksize}")
+    # ~4K output elements per program (the elementwise tile of _launch), in whole quantization blocks.
+    tile_elements, num_warps = flat_tile_config(n_out)
+    block_rows = max(1, tile_elements // blocksize)
+    grid = (triton.cdiv(triton.cdiv(n_out, blocksize), block_rows),)
+    has_nested = nested_absmax is not None
+    out_bf16 = out.dtype == torch.bfloat16
+    _nf4_dequantize_kernel[grid](
+        packed, absmax, nested_absmax if has_nested else absmax, nested_code if has_nested else code,
+        offset if has_nested else absmax, code, out.view(torch.int16) if out_bf16 else out, packed.numel(), n_out,
+        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize if has_nested else 1, BLOCK_ROWS=block_rows,
+        HAS_NESTED=has_nested, OUT_BF16=out_bf16, num_warps=num_warps, enable_fp_fusion=False,
+    )
+
+
+@torch.library.custom_op("optkit::nf4_dequantize", mutates_args=())
+def _nf4_dequantize_op(
+    packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], code: torch.Tensor,
+    blocksize: int, nested_blocksize: int, shape: Sequence[int], dtype_code: int,
+) -> torch.Tensor:
+    out = torch.empty(shape, dtype=_CODE_DTYPES[dtype_code], device=packed.device)
+    _launch(packed, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize,
+            out.numel(), out)
+    return out
+
+
+@_nf4_dequantize_op.register_fake
+def _(packed, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize, shape, dtype_code):
+    return packed.new_empty(shape, dtype=_CODE_DTYPES[dtype_code])
+
+
+def nf4_dequantize(weight_packed: torch.Tensor, quant_state, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Dequantize a bitsandbytes NF4 weight (``Params4bit`` data + its ``QuantState``) in one kernel.
+
+    Returns a tensor of ``quant_state.shape`` in ``dtype`` (default ``quant_state.dtype``), equal bit for
+    bit to ``bitsandbytes.functional.dequantize_4bit(weight_packed, quant_state)``. On a CPU tensor without
+    the Triton interpreter it runs the PyTorch reference instead.
+    """
+    _check_nf4(quant_state)
+    dtype = dtype or quant_state.dtype
+    if dtype not in _DTYPE_CODES:
+        raise TypeError(f"nf4_dequantize writes float32, float16 or bfloat16, not {dtype}")
+    packed = _as_bytes(weight_packed)
+    if not _use_triton(packed.device):
+        return reference_nf4_dequantize(weight_packed, quant_state).to(dtype)
+    nested = quant_state.state2 if quant_state.nested else None
+    return _nf4_dequantize_op(
+        packed, quant_state.absmax,
+        nested.absmax if nested is not None else None,
+        nested.code if nested is not None else None,
+        quant_state.offset.reshape(1).float() if nested is not None else None,
+        quant_state.code, int(quant_state.blocksize), int(nested.blocksize) if nested is not None else 1,
+        list(quant_state.shape), _DTYPE_CODES[dtype],
+    )

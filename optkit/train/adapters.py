@@ -1,0 +1,80 @@
+"""train.method: which parameters train (full), LoRA adapters through peft (lora), or NF4 + LoRA (qlora).
+
+``apply_training_method(model, train_cfg)`` returns the model to train: the same HF model for
+``full``, a ``peft.PeftModel`` for ``lora`` and ``qlora``. peft's defaults are kept as a user gets
+them (adapter weights upcast to float32, ``bias="none"``), because that is the baseline the
+optimizations are measured against.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+
+from optkit.train.qlora import quantize_linears
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of an HF causal LM, also through peft wrappers (the first list of *DecoderLayer)."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and all(
+            type(layer).__name__.endswith("DecoderLayer") for layer in module
+        ):
+            return module
+    raise ValueError(
+        f"found no decoder layers in {type(model).__name__}: expected an HF causal LM whose layers are "
+        "*DecoderLayer modules in one nn.ModuleList (llama, mistral, qwen2, qwen3, qwen3_moe, gemma2)"
+    )
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    raise ValueError("the model has no floating-point parameters to take a compute dtype from")
+
+
+def quantize_for_qlora(model: nn.Module, train_cfg) -> List[str]:
+    """Quantize the decoder-block linears in place (compute dtype = model dtype); returns their names."""
+    compute_dtype = model_dtype(model)
+    replaced = quantize_linears(
+        decoder_layers(model), quant_type=train_cfg.qlora_quant_type,
+        double_quant=train_cfg.qlora_double_quant, compute_dtype=compute_dtype,
+    )
+    if not replaced:
+        raise ValueError("train.method=qlora found no nn.Linear inside the decoder layers to quantize")
+    # peft wraps a bnb Linear4bit with its 4-bit LoRA layer only when the model says it is loaded in
+    # 4 bit (what from_pretrained(quantization_config=...) would have set).
+    model.is_loaded_in_4bit = True
+    return replaced
+
+
+def add_lora(model: nn.Module, train_cfg) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=train_cfg.lora_r, lora_alpha=train_cfg.lora_alpha, lora_dropout=train_cfg.lora_dropout,
+        target_modules=list(train_cfg.lora_targets), bias="none", task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise ValueError(
+            f"peft could not add LoRA to {type(model).__name__} with train.lora_targets="
+            f"{list(train_cfg.lora_targets)}: {exc}. Set train.lora_targets to module names of this model"
+        ) from exc
+
+
+def apply_training_method(model: nn.Module, train_cfg) -> nn.Module:
+    """Prepare ``model`` for ``train_cfg.method`` (full | lora | qlora) and return the model to train."""
+    method = train_cfg.method
+    if method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    if method == "qlora":
+        quantize_for_qlora(model, train_cfg)
+    elif method != "lora":
+        raise ValueError(f"train.method={method!r} is not valid; choose one of: full, lora, qlora")
+    return add_lora(model, train_cfg)

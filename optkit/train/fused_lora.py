@@ -1,0 +1,371 @@
+"""Fused LoRA (opt.fused_lora): one autograd Function per attention input (Q, K, V together), per O
+projection and per gated MLP, computing ``y = x W^T + b + s (x A^T) B^T`` for every projection.
+
+Why it is faster and leaner than peft's per-module path (same parameters, same math):
+- peft runs, per projection, the base linear, a clone, a dtype cast of x to the adapter dtype, two
+  LoRA GEMMs, a scale multiply and an add, each an autograd node that saves its inputs; here x is read
+  once for Q, K and V, the three A projections are one GEMM (A stacked to (3r, in)), the scale is
+  folded into the GEMM epilogue, and dx is one accumulation.
+- what backward needs is saved and nothing else: x and x A^T (N x r) per input, plus gate and up for
+  the MLP. The MLP's activation output h is recomputed in backward instead of saved, and the base
+  weight is never kept: for QLoRA it is dequantized once per use (optkit's one-kernel NF4 dequantize)
+  in forward and again in backward, so no (out x in) tensor lives between the two.
+- gradients flow to x, A and B only (the base weight and bias are frozen; a trainable base weight
+  means the projection is left to peft).
+
+LoRA math is done in the activation dtype (bf16 on GPU); peft upcasts x to its float32 adapters, so
+results differ by bf16 rounding (tests bound it). Parameter gradients are returned in the adapters' dtype.
+
+How it is applied: per decoder layer, an instance-level ``forward`` is installed on the MLP module and
+on q/k/v/o_proj (the class and the parameters are untouched, so the state dict is unchanged);
+``remove_fused_lora`` deletes them. Q, K and V share one Function: whichever of the three is called
+first computes all three for that input, the others take their output (HF's attention code, including
+Qwen3's q_norm/k_norm applied after the projections, runs unchanged). The fast path needs one active
+adapter with lora_dropout == 0, no DoRA/variants and no merged weights; anything else stays peft's and
+is named in the log.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from optkit.train.adapters import decoder_layers
+
+QKV_NAMES = ("q_proj", "k_proj", "v_proj")
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+# ----------------------------------------------------------------------------- projections
+@dataclass
+class LoRAProjection:
+    """One frozen linear (nn.Linear or bitsandbytes Linear4bit) with an optional LoRA adapter."""
+
+    base: nn.Module
+    lora_A: Optional[nn.Parameter]  # (r, in)
+    lora_B: Optional[nn.Parameter]  # (out, r)
+    scale: float
+
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_A is not None
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0] if self.has_lora else 0
+
+    def weight(self, dtype: torch.dtype) -> Tensor:
+        """The base weight (out, in) in ``dtype``; a 4-bit weight is dequantized afresh on every call."""
+        weight = self.base.weight
+        if getattr(weight, "bnb_quantized", False):
+            quant_state = getattr(weight, "quant_state", None) or self.base.quant_state
+            if quant_state.quant_type == "nf4":
+                from optkit.kernels.nf4_dequantize import nf4_dequantize
+
+                return nf4_dequantize(weight, quant_state, dtype)
+            from bitsandbytes.functional import dequantize_4bit
+
+            return dequantize_4bit(weight, quant_state).to(dtype)
+        return weight if weight.dtype == dtype else weight.to(dtype)
+
+    def bias(self, dtype: torch.dtype) -> Optional[Tensor]:
+        bias = self.base.bias
+        return bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+
+
+def projection_of(module: nn.Module):
+    """A LoRAProjection for ``module``, or a string saying why the fused path cannot take it."""
+    from peft.tuners.lora import LoraLayer
+
+    lora_A = lora_B = None
+    scale = 0.0
+    base = module
+    if isinstance(module, LoraLayer):
+        if module.merged:
+            return "LoRA weights are merged into the base weight"
+        if module.disable_adapters:
+            return "adapters are disabled"
+        active = [name for name in module.active_adapters if name in module.lora_A]
+        if len(active) != 1:
+            return f"{len(active)} active adapters (the fused path takes exactly one)"
+        name = active[0]
+        if name in getattr(module, "lora_variant", {}) or module.use_dora.get(name, False):
+            return "a LoRA variant (DoRA, ...) is active"
+        dropout = module.lora_dropout[name]
+        if not isinstance(dropout, nn.Identity):
+            return f"lora_dropout={getattr(dropout, 'p', '?')} > 0 (the fused path is dropout-free)"
+        base = module.get_base_layer()
+        lora_A, lora_B, scale = module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name])
+    if not isinstance(getattr(base, "weight", None), Tensor) or getattr(base, "in_features", None) is None:
+        return f"{type(base).__name__} is not a linear layer"
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return "the base weight trains (train.method=full): fused LoRA only applies to frozen base weights"
+    return LoRAProjection(base, lora_A, lora_B, scale)
+
+
+def _lora_parameters(projections: Sequence[LoRAProjection]) -> List[Tensor]:
+    return [t for p in projections if p.has_lora for t in (p.lora_A, p.lora_B)]
+
+
+def _stacked_A(projections: Sequence[LoRAProjection], dtype: torch.dtype) -> Optional[Tensor]:
+    stack = [p.lora_A for p in projections if p.has_lora]
+    return torch.cat(stack).to(dtype) if stack else None  # (sum r, in)
+
+
+def _project(x: Tensor, projections: Sequence[LoRAProjection]) -> Tuple[List[Tensor], Optional[Tensor]]:
+    """Forward of projections sharing the input ``x`` (N, in): outputs and x A^T (N, sum r) for backward."""
+    A = _stacked_A(projections, x.dtype)
+    xa = x @ A.t() if A is not None else None
+    outputs, col = [], 0
+    for p in projections:
+        y = F.linear(x, p.weight(x.dtype), p.bias(x.dtype))
+        if p.has_lora:
+            y.addmm_(xa[:, col:col + p.rank], p.lora_B.to(x.dtype).t(), alpha=p.scale)
+            col += p.rank
+        outputs.append(y)
+    return outputs, xa
+
+
+def _project_backward(x: Tensor, xa: Optional[Tensor], grads: Sequence[Tensor],
+                      projections: Sequence[LoRAProjection], need_dx: bool):
+    """(dx or None, [dA, dB, ...] in the order of ``_lora_parameters``) for ``_project``."""
+    dx, d_lora, dyB_scaled, col = None, [], [], 0
+    for p, dy in zip(projections, grads):
+        if need_dx:
+            weight = p.weight(dy.dtype)
+            dx = dy @ weight if dx is None else dx.addmm_(dy, weight)
+            del weight  # a dequantized weight is freed before the next one is made
+        if p.has_lora:
+            dB = (dy.t() @ xa[:, col:col + p.rank]).mul_(p.scale)  # (out, r)
+            d_lora.append(dB)
+            dyB_scaled.append((dy @ p.lora_B.to(dy.dtype)).mul_(p.scale))  # (N, r)
+            col += p.rank
+    if dyB_scaled:
+        dyB = torch.cat(dyB_scaled, dim=1)  # (N, sum r)
+        dA = dyB.t() @ x  # (sum r, in): all projections' dA in one GEMM
+        if need_dx:
+            dx.addmm_(dyB, _stacked_A(projections, dy.dtype))
+        dAs = dA.split([p.rank for p in projections if p.has_lora])
+        d_lora = [g for dA_i, dB_i in zip(dAs, d_lora) for g in (dA_i, dB_i)]
+    params = _lora_parameters(projections)
+    return dx, [g.to(param.dtype) for g, param in zip(d_lora, params)]
+
+
+class ProjectionGroup:
+    """Projections that read the same input (Q, K, V; or O alone), with their output names."""
+
+    def __init__(self, names: Sequence[str], projections: Sequence[LoRAProjection]):
+        self.names = tuple(names)
+        self.projections = tuple(projections)
+
+
+class _FusedProjectionsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: ProjectionGroup, *lora_params: Tensor):
+        x2d = x.reshape(-1, x.shape[-1])
+        outputs, xa = _project(x2d, group.projections)
+        ctx.group = group
+        ctx.save_for_backward(x, xa)
+        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        x, xa = ctx.saved_tensors
+        x2d = x.reshape(-1, x.shape[-1])
+        dys = [g.reshape(-1, g.shape[-1]) for g in grads]
+        dx, d_lora = _project_backward(x2d, xa, dys, ctx.group.projections, ctx.needs_input_grad[0])
+        return (dx.view_as(x) if dx is not None else None, None, *d_lora)
+
+
+# ----------------------------------------------------------------------------- gated MLP
+GatedActivation = Callable[[Tensor, Tensor], Tensor]
+
+
+def gated_activation(name: Optional[str]) -> Tuple[Optional[GatedActivation], str]:
+    """``act(gate) * up`` for an HF activation name, preferring optkit's kernels; (None, why) if unknown."""
+    if name in ("silu", "swish"):
+        try:
+            from optkit.kernels.swiglu import swiglu
+
+            return swiglu, "optkit swiglu kernel"
+        except ImportError:
+            return (lambda g, u: F.silu(g) * u), "torch silu(gate) * up (optkit.kernels.swiglu missing)"
+    if name in ("gelu_pytorch_tanh", "gelu"):
+        approximate = "tanh" if name == "gelu_pytorch_tanh" else "none"
+        try:
+            from optkit.kernels.geglu import geglu
+
+            return (lambda g, u: geglu(g, u, approximate)), f"optkit geglu kernel ({approximate})"
+        except ImportError:
+            return (lambda g, u: F.gelu(g, approximate=approximate) * u), \
+                f"torch gelu(gate, {approximate}) * up (optkit.kernels.geglu missing)"
+    return None, f"activation {name!r} is not gated SiLU/GELU"
+
+
+class MLPGroup:
+    def __init__(self, gate: LoRAProjection, up: LoRAProjection, down: LoRAProjection, act: GatedActivation):
+        self.gate_up = (gate, up)
+        self.down = (down,)
+        self.act = act
+
+    def lora_parameters(self) -> List[Tensor]:
+        return _lora_parameters(self.gate_up) + _lora_parameters(self.down)
+
+
+class _FusedMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: MLPGroup, *lora_params: Tensor):
+        x2d = x.reshape(-1, x.shape[-1])
+        (gate, up), xa_gate_up = _project(x2d, group.gate_up)
+        h = group.act(gate, up)  # (N, I), not saved: recomputed in backward from gate and up
+        (y,), xa_down = _project(h, group.down)
+        ctx.group = group
+        ctx.save_for_backward(x, gate, up, xa_gate_up, xa_down)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, gate, up, xa_gate_up, xa_down = ctx.saved_tensors
+        group = ctx.group
+        with torch.enable_grad():
+            gate_, up_ = gate.detach().requires_grad_(), up.detach().requires_grad_()
+            h = group.act(gate_, up_)
+        dh, d_down = _project_backward(h.detach(), xa_down, [dy.reshape(-1, dy.shape[-1])], group.down, True)
+        d_gate, d_up = torch.autograd.grad(h, (gate_, up_), dh)
+        del h, dh
+        x2d = x.reshape(-1, x.shape[-1])
+        dx, d_gate_up = _project_backward(x2d, xa_gate_up, [d_gate, d_up], group.gate_up, ctx.needs_input_grad[0])
+        return (dx.view_as(x) if dx is not None else None, None, *d_gate_up, *d_down)
+
+
+# ----------------------------------------------------------------------------- installing
+class _FusedForward:
+    """An instance-level ``forward`` installed by apply_fused_lora (recognized and removed by type)."""
+
+
+class FusedProjectionForward(_FusedForward):
+    """forward of q/k/v/o_proj: the group's Function computes every output of the group for one input."""
+
+    def __init__(self, module: nn.Module, name: str, shared: "_SharedOutputs"):
+        self.module, self.name, self.shared = module, name, shared
+
+    def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if args or kwargs:  # peft options such as adapter_names: leave them to peft
+            return type(self.module).forward(self.module, x, *args, **kwargs)
+        return self.shared.output(self.name, x)
+
+
+class _SharedOutputs:
+    """Hands each projection its output; recomputes the group when the input or the call pattern changes."""
+
+    def __init__(self, group: ProjectionGroup):
+        self.group = group
+        self._input: Optional[Tensor] = None
+        self._pending: Dict[str, Tensor] = {}
+
+    def output(self, name: str, x: Tensor) -> Tensor:
+        if x is not self._input or name not in self._pending:
+            params = _lora_parameters(self.group.projections)
+            self._pending = dict(zip(self.group.names, _FusedProjectionsFunction.apply(x, self.group, *params)))
+            self._input = x
+        out = self._pending.pop(name)
+        if not self._pending:  # all consumed: drop the references so nothing outlives the layer call
+            self._input = None
+        return out
+
+
+class FusedMLPForward(_FusedForward):
+    def __init__(self, group: MLPGroup):
+        self.group = group
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _FusedMLPFunction.apply(x, self.group, *self.group.lora_parameters())
+
+
+def _projections(module: nn.Module, names: Sequence[str]):
+    """{name: LoRAProjection} or the first reason one of them cannot be fused."""
+    found = {}
+    for name in names:
+        sub = getattr(module, name, None)
+        if sub is None:
+            return f"no {name}"
+        projection = projection_of(sub)
+        if isinstance(projection, str):
+            return f"{name}: {projection}"
+        found[name] = projection
+    return found
+
+
+def _install_attention(attn: nn.Module) -> Optional[str]:
+    for names in (QKV_NAMES, ("o_proj",)):
+        projections = _projections(attn, names)
+        if isinstance(projections, str):
+            return projections
+        shared = _SharedOutputs(ProjectionGroup(names, [projections[n] for n in names]))
+        for name in names:
+            module = getattr(attn, name)
+            module.forward = FusedProjectionForward(module, name, shared)
+    return None
+
+
+def _install_mlp(mlp: nn.Module, act: GatedActivation) -> Optional[str]:
+    projections = _projections(mlp, MLP_NAMES)
+    if isinstance(projections, str):
+        return projections
+    mlp.forward = FusedMLPForward(MLPGroup(*(projections[n] for n in MLP_NAMES), act))
+    return None
+
+
+def _activation_name(model: nn.Module) -> Optional[str]:
+    config = getattr(model, "config", None)
+    for key in ("hidden_activation", "hidden_act"):  # Gemma names it hidden_activation
+        name = getattr(config, key, None)
+        if isinstance(name, str):
+            return name
+    return None
+
+
+def apply_fused_lora(model: nn.Module, opt_cfg) -> List[str]:
+    """Install the fused LoRA forwards on every decoder layer of ``model`` (peft-wrapped); returns a log."""
+    if not getattr(opt_cfg, "fused_lora", False):
+        return []
+    if any(isinstance(m.__dict__.get("forward"), _FusedForward) for m in model.modules()):
+        raise RuntimeError("fused LoRA is already applied to this model; call remove_fused_lora(model) first")
+    act, act_label = gated_activation(_activation_name(model))
+    layers = decoder_layers(model)
+    skipped: Dict[str, List[int]] = {}
+    n_attn = n_mlp = 0
+    for index, layer in enumerate(layers):
+        reason = _install_attention(layer.self_attn) if hasattr(layer, "self_attn") else "no self_attn"
+        if reason:
+            skipped.setdefault(f"attention left to peft: {reason}", []).append(index)
+        else:
+            n_attn += 1
+        mlp = getattr(layer, "mlp", None)
+        reason = _install_mlp(mlp, act) if act is not None and mlp is not None else (act_label if act is None else "no mlp")
+        if reason:
+            skipped.setdefault(f"MLP left to peft: {reason}", []).append(index)
+        else:
+            n_mlp += 1
+    log = [f"fused_lora: QKV+O fused in {n_attn}/{len(layers)} layers, MLP in {n_mlp}/{len(layers)} ({act_label})"]
+    log += [f"fused_lora: {why} (layers {_ranges(indices)})" for why, indices in skipped.items()]
+    return log
+
+
+def remove_fused_lora(model: nn.Module) -> int:
+    """Undo apply_fused_lora: the modules' class forwards come back. Returns how many were restored."""
+    restored = 0
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), _FusedForward):
+            del module.forward
+            restored += 1
+    return restored
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    if list(indices) == list(range(indices[0], indices[-1] + 1)):
+        return f"{indices[0]}-{indices[-1]}" if len(indices) > 1 else str(indices[0])
+    return ",".join(map(str, indices))
