@@ -916,7 +916,7 @@ def _fmt_ms(value: Optional[float]) -> str:
 
 
 def format_table(rows: Iterable[Dict[str, Any]]) -> str:
-    """One block per op/shape/dtype; speedup is eager's full_ms over the row's full_ms."""
+    """One line per row (rows come grouped by case); "x eager" is eager's full_ms over the row's."""
     rows = list(rows)
     eager_full = {(r["op"], r["shape"], r["dtype"]): r["full_ms"] for r in rows
                   if r["impl"] == "eager" and r["status"] == "ok"}
@@ -937,10 +937,12 @@ def format_table(rows: Iterable[Dict[str, Any]]) -> str:
         peak = "-" if r["peak_delta_bytes"] is None else f"{r['peak_delta_bytes'] / 2**20:.1f}"
         flags = "".join(f" {flag}" for flag, on in (("noisy", r.get("full_ms_noisy")),
                                                      ("THROTTLED", r.get("throttled"))) if on)
+        if r.get("tflops_full"):  # compute-bound op: GB/s is not its measure
+            flags += f" {r['tflops_full']:.0f} TFLOP/s"
         lines.append(f"{r['op']:<27} {r['shape']:<34} {r['dtype']:<8} {r['impl']:<8} {_fmt_ms(r['fwd_ms']):>8}{star} "
                      f"{_fmt_ms(r['bwd_ms']):>8}{star} {_fmt_ms(r['full_ms']):>9} {spread:>17} {speedup:>7} "
                      f"{gbps:>7} {frac:>6} {peak:>10}  ok{flags}")
-    if any(r.get("loss_in_forward") for r in rows):
+    if any(r.get("loss_in_forward") and r["status"] == "ok" for r in rows):
         lines.append("* gradient computed in forward (fused loss): compare these rows on full ms only")
     return "\n".join(lines)
 

@@ -244,6 +244,15 @@ def test_fused_loss_rows_are_flagged_and_get_no_split_bandwidth(monkeypatch):
     assert eager_row["loss_in_forward"] is False
 
 
+def test_flce_rows_carry_tflops():
+    case = _case("fused_linear_cross_entropy")
+    master = ks.SPECS[case.op].make_inputs(case, torch.float32, CPU)
+    row = ks.run_impl(case, "eager", "float32", master, _context())
+    flops = 6 * case.tokens * case.dims["H"] * case.dims["V"]
+    assert row["flops_full"] == flops and row["tflops_full"] == pytest.approx(flops / 2e-3 / 1e12)
+    assert "TFLOP/s" in ks.format_table([row])
+
+
 @pytest.mark.parametrize("exc, status", [
     (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB"), "oom"),
     (RuntimeError("triton: out of resource: shared memory"), "error"),
@@ -366,6 +375,7 @@ def test_run_without_cuda_gives_skipped_rows_for_the_whole_sweep(tmp_path, monke
     assert len(rows) == len(ks.sweep_cases()) * len(ks.IMPLS)
     assert {r["status"] for r in rows} == {"skipped"} and rows[0]["error"] == ks.NO_CUDA_REASON
     assert {r["run_id"] for r in rows} == {"run7"}
+    assert "gradient computed in forward" not in ks.format_table(rows)  # the note is about ok rows
 
 
 def test_cpu_smoke_times_optkit_kernels_with_the_host_clock(tmp_path):
