@@ -256,7 +256,7 @@ def _start_nvml(cfg, device: torch.device):
         return None
     from optkit.measure.nvml import NvmlSampler
 
-    torch.cuda.init()  # context first, so the sampler's baseline includes it
+    torch.empty(1, device=device)  # create the CUDA context first: the sampler's baseline includes it
     index = device.index if device.index is not None else torch.cuda.current_device()
     sampler = NvmlSampler(device_index=index, interval_ms=cfg.bench.nvml_interval_ms)
     sampler.start()

@@ -78,7 +78,10 @@ def git_state() -> dict:
     """SHA of HEAD and whether tracked files differ from it (untracked files don't count)."""
     sha = _git("rev-parse", "HEAD")
     if sha is None:
-        return {"git_sha": None, "git_dirty": None}
+        # A copy of the tree without .git (e.g. shipped to a GPU machine): the caller says which commit.
+        dirty = os.environ.get("OPTKIT_GIT_DIRTY")
+        return {"git_sha": os.environ.get("OPTKIT_GIT_SHA"),
+                "git_dirty": None if dirty is None else dirty.lower() in ("1", "true", "yes")}
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {"git_sha": sha, "git_dirty": None if status is None else bool(status)}
 
