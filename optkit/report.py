@@ -214,7 +214,7 @@ def kernel_table(points: Sequence[Point], baseline_impl: str = KERNEL_BASELINE_I
     entries = []
     for p in points:
         head, base = p.head, bases.get(group(p))
-        entry = {k: head.get(k) for k in ("op", "impl", "dtype", "shape", "tokens", "hidden")}
+        entry = {k: head.get(k) for k in ("op", "impl", "dtype", "shape", "tokens", "hidden", "loss_in_forward")}
         entry.update(point_key=p.key, group=group(p), status=p.status, error="; ".join(p.errors()) or None)
         if p.ok:
             full_ms = pooled_median(p.samples("full_times_ms")) or p.median("full_ms")
@@ -222,7 +222,9 @@ def kernel_table(points: Sequence[Point], baseline_impl: str = KERNEL_BASELINE_I
             entry.update(full_ms=full_ms, full_ms_p10=p.median("full_ms_p10"), full_ms_p90=p.median("full_ms_p90"),
                          fwd_ms=p.median("fwd_ms"), bwd_ms=p.median("bwd_ms"), bytes_full=nbytes,
                          gbps_full=nbytes / (full_ms * 1e-3) / 1e9 if nbytes and full_ms else p.median("gbps_full"),
-                         copy_gbps=p.median("copy_gbps"), peak_delta_bytes=p.median("peak_delta_bytes"))
+                         copy_gbps=p.median("copy_gbps"), peak_delta_bytes=p.median("peak_delta_bytes"),
+                         tflops_full=p.median("tflops_full"), noisy=any(r.get("full_ms_noisy") for r in p.ok),
+                         throttled=any(r.get("throttled") for r in p.ok))
             if entry["gbps_full"] and entry["copy_gbps"]:
                 entry["frac_of_copy"] = entry["gbps_full"] / entry["copy_gbps"]
         if base is p and p.ok:
@@ -303,27 +305,32 @@ TRAIN_COLUMNS = [
     Column("peak_allocated_bytes", "peak alloc GiB", _num("peak_allocated_bytes", lambda v: f"{v / GIB:.2f}"), "low"),
     Column("mem_saving", "mem saving", _num("mem_saving", lambda v: f"{100 * v:.1f}%"), "high"),
 ]
-TRAIN_NOTES = {  # marker -> (entry test, meaning); only the notes whose marker appears are printed
-    "†": (lambda e: e.get("loss_in_forward") and e.get("forward_ms") is not None,
-          "fused loss: its gradients are computed in forward, so backward work shows in fwd ms; compare steps"),
-    "~": (lambda e: e.get("noisy"), "noisy: IQR/median of step times > 10%"),
+NOTES = {  # marker -> (entry test, meaning); only the notes whose marker appears in a table are printed
+    "†": (lambda e: e.get("loss_in_forward") and (e.get("forward_ms") or e.get("fwd_ms")) is not None,
+          "fused loss: its gradients are computed in forward, so backward work shows in fwd ms; compare fwd+bwd"),
+    "~": (lambda e: e.get("noisy"), "noisy: IQR/median of the timed samples > 10%"),
+    "!": (lambda e: e.get("throttled"), "NVML saw the clocks throttled while this point was measured"),
     "*": (lambda e: e.get("peak_nvml_source") == "device" and e.get("peak_nvml_bytes") is not None,
           "NVML device-wide (this process's figure was unavailable)"),
 }
 
 
-def train_notes(entries: Sequence[Dict[str, Any]]) -> str:
-    return " ".join(f"{mark} {text}." for mark, (test, text) in TRAIN_NOTES.items() if any(test(e) for e in entries))
+def table_notes(entries: Sequence[Dict[str, Any]]) -> str:
+    return " ".join(f"{mark} {text}." for mark, (test, text) in NOTES.items() if any(test(e) for e in entries))
+
+
 KERNEL_COLUMNS = [
     text_col("op", "op"), text_col("dtype", "dtype"), text_col("shape", "shape"), text_col("impl", "impl"),
     text_col("status", "status"),
-    Column("full_ms", "fwd+bwd ms", _num("full_ms", lambda v: sig(v, 3)), "low"),
+    Column("full_ms", "fwd+bwd ms", lambda e: _marked("full_ms", "noisy", "~")(e) + ("!" if e.get("throttled") else ""),
+           "low"),
     Column("full_ms_p10", "p10-p90 ms", lambda e: DASH if e.get("full_ms_p10") is None else
            f"{sig(e['full_ms_p10'])}-{sig(e['full_ms_p90'])}", numeric=True),
-    Column("fwd_ms", "fwd ms", _num("fwd_ms", sig), "low"),
+    Column("fwd_ms", "fwd ms", _marked("fwd_ms", "loss_in_forward", "†"), "low"),
     Column("bwd_ms", "bwd ms", _num("bwd_ms", sig), "low"),
     Column("gbps_full", "GB/s", _num("gbps_full", lambda v: f"{v:,.0f}"), "high"),
     Column("frac_of_copy", "of copy", _num("frac_of_copy", lambda v: f"{100 * v:.0f}%"), "high"),
+    Column("tflops_full", "TFLOP/s", _num("tflops_full", sig), "high"),
     Column("speedup", f"vs {KERNEL_BASELINE_IMPL} [95% CI]", _ratio_cell, "high"),
     Column("peak_delta_bytes", "peak delta MiB", _num("peak_delta_bytes", lambda v: f"{v / MIB:,.0f}"), "low"),
 ]
@@ -471,7 +478,7 @@ def train_section(model: str, points: List[Point], baseline_opt: str, figure: Fi
     labels = {e["point_key"]: entry_label(e) for e in entries}
     md = [f"## {model}", "", f"All points: `{common}`" + ("; the setting column gives the rest." if any(short.values())
                                                           else ""), "",
-          write_tables(out_dir, model, TRAIN_COLUMNS, entries, "setting"), "", train_notes(entries), ""]
+          write_tables(out_dir, model, TRAIN_COLUMNS, entries, "setting"), "", table_notes(entries), ""]
     failed = [e for e in entries if e["error"]]
     if failed:
         md += ["Points that did not finish (kept above with their status):", ""]
@@ -538,7 +545,7 @@ def kernel_section(points: List[Point], figure: FigureWriter) -> List[str]:
     md = ["## Kernels (forward + backward)", "",
           f"Copy ceiling measured in the same run: {f'{ceiling:,.0f} GB/s' if ceiling else 'not measured'}. "
           "GB/s = bytes the op must move / median fwd+bwd time.", "",
-          write_tables(out_dir, "kernels", KERNEL_COLUMNS, entries, "group"), ""]
+          write_tables(out_dir, "kernels", KERNEL_COLUMNS, entries, "group"), "", table_notes(entries), ""]
     failed = [e for e in entries if e["error"]]
     md += [f"- `{e['point_key']}`: {e['error']}" for e in failed] + ([""] if failed else [])
     md += figure(plots.kernel_bandwidth, entries, ceiling, "Kernels: achieved bandwidth (fwd+bwd)",

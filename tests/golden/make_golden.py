@@ -137,7 +137,9 @@ def kernel_row(gpu: dict, run_id: str, op: str, impl: str, tokens: int, hidden: 
     row = {"schema_version": SCHEMA_VERSION, "run_id": run_id, "suite": "kernels", "kind": "kernel",
            "status": status, "error": error, "op": op, "impl": impl, "dtype": "bfloat16", "shape": shape,
            "tokens": tokens, "hidden": hidden, "gpu_name": gpu["gpu_name"], "gpu_slug": gpu["gpu_slug"],
-           "point_key": f"{op}/{impl}/bfloat16/{shape}", "timestamp": TIMESTAMP, **VERSIONS}
+           "point_key": f"{op}/{impl}/bfloat16/{shape}", "timestamp": TIMESTAMP, "model": "llama3_8b",
+           "loss_in_forward": op == "cross_entropy" and impl in ("optkit", "liger"), "throttled": False,
+           "full_ms_noisy": False, **VERSIONS}
     for name in ("fwd_ms", "bwd_ms", "full_ms", "full_ms_p10", "full_ms_p90", "full_times_ms", "bytes_full",
                  "gbps_full", "copy_gbps", "frac_of_copy", "peak_bytes", "peak_delta_bytes"):
         row[name] = None

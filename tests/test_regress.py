@@ -1,0 +1,243 @@
+"""optkit regress on golden runs and synthetic candidates; the statistics helpers against scipy/numpy."""
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from optkit import regress
+from optkit.stats_ci import mann_whitney_p, median_ci, ratio_ci
+
+GOLDEN = Path(__file__).parent / "golden"
+E2E_H100 = GOLDEN / "h100/e2e/golden-e2e-h100"
+E2E_H200 = GOLDEN / "h200/e2e/golden-e2e-h200"
+KERNELS = GOLDEN / "h100/kernels/golden-kernels"
+SMOKE = GOLDEN / "cpu/smoke/golden-smoke"
+FULL = "llama3_8b/full/lora/b2/s2048/ckpt-standard/adamw/bfloat16"
+LIGER = "llama3_8b/liger/lora/b2/s2048/ckpt-standard/adamw/bfloat16"
+
+
+def load_make_golden():
+    spec = importlib.util.spec_from_file_location("make_golden", GOLDEN / "make_golden.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def candidate(tmp_path: Path, source: Path, edit, name: str = "candidate") -> Path:
+    """A copy of ``source`` (same GPU / suite folders) with ``edit(row)`` applied to every row."""
+    target = tmp_path / source.parent.parent.name / source.parent.name / name
+    target.mkdir(parents=True)
+    shutil.copy(source / "env.json", target / "env.json")
+    rows = [json.loads(line) for line in (source / "results.jsonl").read_text().splitlines() if line.strip()]
+    for row in rows:
+        edit(row)
+    (target / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return target
+
+
+def slower(factor: float, point_key=None):
+    """Every timed step of the point(s) takes ``factor`` times as long (tokens/s follows)."""
+    def edit(row):
+        if row["status"] != "ok" or (point_key and row["point_key"] != point_key):
+            return
+        for key in ("step_times_ms", "full_times_ms"):
+            if row.get(key):
+                row[key] = [t * factor for t in row[key]]
+        for key in ("step_ms", "forward_ms", "backward_ms", "full_ms"):
+            if row.get(key) is not None:
+                row[key] *= factor
+        if row.get("tokens_per_s"):
+            row["tokens_per_s"] /= factor
+    return edit
+
+
+def run(tmp_path, baseline, cand, *extra):
+    md = tmp_path / "summary.md"
+    code = regress.main(["--baseline", str(baseline), "--candidate", str(cand), "--markdown", str(md), *extra])
+    return code, md.read_text() if md.exists() else ""
+
+
+def verdicts(baseline, cand, **limits):
+    _, text = regress.regress(baseline, cand, regress.Thresholds(**limits))
+    out = {}
+    section = None
+    for line in text.splitlines():
+        if line.startswith("## ") or line.startswith("<details><summary>"):
+            section = line
+        elif line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            out[(cells[0].strip("`"), cells[1])] = section
+    return out
+
+
+def test_identical_runs_pass(tmp_path):
+    code, md = run(tmp_path, E2E_H100, candidate(tmp_path, E2E_H100, lambda r: None))
+    assert code == 0
+    assert md.startswith("# optkit regress: OK") and "20 unchanged" in md
+
+
+def test_a_20_percent_slowdown_is_a_regression(tmp_path, capsys):
+    code, md = run(tmp_path, E2E_H100, candidate(tmp_path, E2E_H100, slower(1.2, FULL)))
+    assert code == 1
+    assert md.startswith("# optkit regress: REGRESSION")
+    found = verdicts(E2E_H100, tmp_path / "h100/e2e/candidate")
+    assert found[(FULL, "step_ms")].startswith("## Regressions")
+    assert found[(FULL, "tokens_per_s")].startswith("## Regressions")
+    assert found[(LIGER, "step_ms")].startswith("<details><summary>Unchanged")
+    assert "+20.0%" in md
+    assert "REGRESSION" in capsys.readouterr().out  # printed for the CI log too
+
+
+def test_a_1_percent_change_passes(tmp_path):
+    code, md = run(tmp_path, E2E_H100, candidate(tmp_path, E2E_H100, slower(1.01)))
+    assert code == 0 and "0 regression" in md
+
+
+def test_faster_is_an_improvement_in_both_directions(tmp_path):
+    """tokens/s going up (higher is better) and step time going down (lower is better) are both improvements."""
+    cand = candidate(tmp_path, E2E_H100, slower(1 / 1.25, FULL))
+    code, _ = run(tmp_path, E2E_H100, cand)
+    assert code == 0
+    found = verdicts(E2E_H100, cand)
+    assert found[(FULL, "tokens_per_s")].startswith("## Improvements")
+    assert found[(FULL, "step_ms")].startswith("## Improvements")
+
+
+def test_memory_regression_is_detected(tmp_path):
+    def more_memory(row):
+        if row["point_key"] == LIGER:
+            row["peak_allocated_bytes"] = int(row["peak_allocated_bytes"] * 1.2)
+    cand = candidate(tmp_path, E2E_H100, more_memory)
+    code, md = run(tmp_path, E2E_H100, cand)
+    assert code == 1
+    found = verdicts(E2E_H100, cand)
+    assert found[(LIGER, "peak_allocated_bytes")].startswith("## Regressions")
+    assert found[(LIGER, "step_ms")].startswith("<details><summary>Unchanged")
+
+
+def test_memory_threshold_is_its_own(tmp_path):
+    def more_memory(row):
+        row["peak_allocated_bytes"] = int(row["peak_allocated_bytes"] * 1.08)
+    cand = candidate(tmp_path, E2E_H100, more_memory)
+    assert run(tmp_path, E2E_H100, cand, "--mem-threshold", "0.10")[0] == 0
+    assert run(tmp_path, E2E_H100, cand, "--mem-threshold", "0.05")[0] == 1
+
+
+def _noisy_run(root: Path, run_id: str, step_ms: float, rel_sd: float) -> Path:
+    golden = load_make_golden()
+    rows = [golden.train_row(golden.H100, "e2e", run_id, "llama3_8b", "full", step_ms=step_ms, rel_sd=rel_sd)]
+    return golden.write_run(root, golden.H100, "e2e", run_id, rows)
+
+
+def test_a_change_beyond_the_threshold_but_within_noise_is_not_a_regression(tmp_path):
+    base = _noisy_run(tmp_path / "a", "noisy-base", 900.0, rel_sd=0.35)
+    cand = _noisy_run(tmp_path / "b", "noisy-cand", 900.0 * 1.08, rel_sd=0.35)
+    code, md = run(tmp_path, base, cand)
+    assert code == 0
+    assert "## Beyond the threshold but within noise" in md
+    # the same shift with quiet steps is a regression: the noise is what saved it
+    quiet_base = _noisy_run(tmp_path / "c", "quiet-base", 900.0, rel_sd=0.01)
+    quiet_cand = _noisy_run(tmp_path / "d", "quiet-cand", 900.0 * 1.08, rel_sd=0.01)
+    assert run(tmp_path, quiet_base, quiet_cand)[0] == 1
+
+
+def test_too_few_samples_is_insufficient_data(tmp_path):
+    cand = candidate(tmp_path, SMOKE, slower(1.5))  # smoke rows have 3 timed steps
+    code, md = run(tmp_path, SMOKE, cand)
+    assert code == 0
+    assert "## Insufficient data" in md and "3 vs 3 samples" in md
+
+
+def test_a_point_that_now_fails_is_a_regression(tmp_path):
+    def oom(row):
+        if row["point_key"] == FULL:
+            row.update(status="oom", error="torch.OutOfMemoryError: CUDA out of memory", step_times_ms=None)
+    code, md = run(tmp_path, E2E_H100, candidate(tmp_path, E2E_H100, oom))
+    assert code == 1 and "| status | ok | oom |" in md
+
+
+def test_kernel_rows_match_by_op_and_impl(tmp_path):
+    key = "swiglu/optkit/bfloat16/8192x14336"
+    cand = candidate(tmp_path, KERNELS, slower(1.2, key))
+    code, _ = run(tmp_path, KERNELS, cand)
+    assert code == 1
+    found = verdicts(KERNELS, cand)
+    assert found[(key, "full_ms")].startswith("## Regressions")
+    assert found[("swiglu/eager/bfloat16/8192x14336", "full_ms")].startswith("<details><summary>Unchanged")
+    assert [k for k, v in found.items() if v.startswith("## Regressions")] == [(key, "full_ms")]
+
+
+def test_missing_points_are_listed_not_failed(tmp_path):
+    source = tmp_path / "src"
+    partial = candidate(source, E2E_H100, lambda r: None)
+    lines = (partial / "results.jsonl").read_text().splitlines()
+    (partial / "results.jsonl").write_text("\n".join(line for line in lines if FULL not in line) + "\n")
+    code, md = run(tmp_path, E2E_H100, partial)
+    assert code == 0 and f"- missing in candidate: `{FULL}`" in md
+
+
+def test_different_gpus_exit_2(tmp_path, capsys):
+    assert run(tmp_path, E2E_H100, E2E_H200)[0] == 2
+    assert "'h100'" in capsys.readouterr().err
+
+
+def test_no_common_points_exit_2(tmp_path, capsys):
+    assert run(tmp_path, E2E_H100, KERNELS)[0] == 2
+    assert "no point" in capsys.readouterr().err
+
+
+def test_missing_files_exit_2(tmp_path, capsys):
+    assert run(tmp_path, E2E_H100, tmp_path / "nothing-here")[0] == 2
+    assert "no results.jsonl" in capsys.readouterr().err
+
+
+def test_a_different_software_stack_warns_or_fails_when_strict(tmp_path, capsys):
+    cand = candidate(tmp_path, E2E_H100, lambda r: r.update(torch="2.12.0+cu130"))
+    env = json.loads((cand / "env.json").read_text())
+    (cand / "env.json").write_text(json.dumps({**env, "torch_version": "2.12.0+cu130"}))
+    code, md = run(tmp_path, E2E_H100, cand)
+    assert code == 0 and "torch 2.11.0+cu130 -> 2.12.0+cu130" in md
+    assert run(tmp_path, E2E_H100, cand, "--strict-env")[0] == 2
+
+
+def test_judge_is_direction_aware():
+    rng = np.random.default_rng(0)
+    low = [list(100 + rng.standard_normal(30))]
+    high = [list(130 + rng.standard_normal(30))]
+    limits = regress.Thresholds()
+    assert regress.judge(low, high, "high", 0.05, False, limits)["verdict"] == "improvement"
+    assert regress.judge(low, high, "low", 0.05, False, limits)["verdict"] == "regression"
+    assert regress.judge(high, low, "high", 0.05, False, limits)["verdict"] == "regression"
+    assert regress.judge([[10.0]], [[12.0]], "low", 0.05, True, limits)["verdict"] == "regression"  # exact counter
+    overlapping = regress.judge([[10.0], [13.0]], [[12.0], [12.5]], "low", 0.05, True, limits)
+    assert overlapping["verdict"] == "noise"
+
+
+# --------------------------------------------------------------------------- optkit.stats_ci
+
+
+def test_mann_whitney_matches_scipy_with_ties():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(3)
+    for n1, n2, shift in ((6, 6, 0.0), (11, 17, 0.7), (40, 33, 0.3)):
+        a = np.round(rng.normal(10, 1, n1), 1)  # rounding makes ties
+        b = np.round(rng.normal(10 + shift, 1, n2), 1)
+        expected = stats.mannwhitneyu(a, b, alternative="two-sided", method="asymptotic").pvalue
+        assert mann_whitney_p(a, b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_bootstrap_ci_covers_and_accounts_for_windows():
+    rng = np.random.default_rng(5)
+    samples = rng.normal(50.0, 2.0, 40)
+    med, low, high = median_ci([samples])
+    assert med == pytest.approx(np.median(samples)) and low < med < high
+    ratio, low, high = ratio_ci([samples * 1.1], [samples])
+    assert ratio == pytest.approx(1.1) and low < 1.1 < high
+    # windows that disagree (clocks, neighbours): the CI must be wider than for their steps pooled as one window
+    windows = [rng.normal(mean, 0.3, 30) for mean in (50.0, 51.0, 52.0, 53.0)]
+    _, lo_w, hi_w = median_ci(windows)
+    _, lo_p, hi_p = median_ci([np.concatenate(windows)])
+    assert hi_w - lo_w > 2 * (hi_p - lo_p)
