@@ -63,10 +63,11 @@ def enable_checkpointing(model: nn.Module, mode: str) -> Dict[str, Any]:
 
 def disable_checkpointing(model: nn.Module) -> None:
     """Undo enable_checkpointing (any mode)."""
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    for layer in layers:
         if isinstance(layer.__dict__.get("forward"), OffloadedLayerForward):
             del layer.forward
-    if getattr(model, "is_gradient_checkpointing", False):
+    if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
         model.gradient_checkpointing_disable()
 
 

@@ -1,0 +1,120 @@
+"""Checkpointing modes give the gradients of no checkpointing (CPU: exact recomputation; gpu-marked at 8B shapes).
+
+On CPU the recomputation runs the same float32 kernels on the same inputs, so gradients agree to
+rounding of the accumulation order (bound: 1e-6 of each tensor's largest entry). Every check takes
+the second of two steps with different batches, so a stale buffer from the previous step would show.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from optkit.train.checkpointing import OffloadedLayerForward, disable_checkpointing, enable_checkpointing
+from optkit.train.fused_lora import apply_fused_lora
+from tests.train._tiny import BATCH, SEQ_LEN, loss_and_grads, max_relative_error, one_thread, tiny_model, token_batch  # noqa: F401
+
+MODES = ("standard", "offload", "offload_double_buffer")
+RTOL = 1e-6
+
+
+def _second_step_grads(net, mode, seed=0):
+    info = enable_checkpointing(net, mode)
+    try:
+        loss_and_grads(net, token_batch(seed + 100))
+        torch.manual_seed(seed)
+        loss, grads = loss_and_grads(net, token_batch(seed))
+    finally:
+        disable_checkpointing(net)
+    return loss, grads, info
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen3"])
+def test_gradients_equal_no_checkpointing(model, method):
+    net, _ = tiny_model(model, method)
+    torch.manual_seed(0)
+    ref_loss, ref_grads = loss_and_grads(net, token_batch(0))
+    for mode in MODES:
+        loss, grads, _ = _second_step_grads(net, mode)
+        torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6, msg=f"{mode}: loss")
+        assert max_relative_error(grads, ref_grads) < RTOL, mode
+
+
+def test_double_buffer_reports_its_buffers_and_prefetches():
+    net, cfg = tiny_model("tiny_llama", "lora", "model.num_layers=3")
+    _, _, info = _second_step_grads(net, "offload_double_buffer")
+    layer_input_bytes = BATCH * SEQ_LEN * cfg.model.hf_config.hidden_size * 4  # float32
+    assert info["checkpointing"] == "offload_double_buffer"
+    assert info["offload_device_buffer_bytes"] == 2 * layer_input_bytes
+    assert info["offload_pinned_host_bytes"] == 3 * layer_input_bytes
+    # per step the last layer's input loads on demand; the two before it were prefetched
+    assert (info["offload_blocking_reloads"], info["offload_prefetch_hits"]) == (2, 4)
+    _, _, plain = _second_step_grads(net, "offload")
+    assert plain["offload_device_buffer_bytes"] == 0 and plain["offload_blocking_reloads"] == 6
+
+
+def test_dropout_masks_are_replayed_in_the_recomputation():
+    net, _ = tiny_model("tiny_llama", "lora", "train.lora_dropout=0.3")
+    torch.manual_seed(0)
+    ref_loss, ref_grads = loss_and_grads(net, token_batch(0))
+    torch.manual_seed(1)
+    assert max_relative_error(loss_and_grads(net, token_batch(0))[1], ref_grads) > 1e-3  # dropout is live
+    for mode in ("offload", "offload_double_buffer"):
+        _, grads, _ = _second_step_grads(net, mode)
+        assert max_relative_error(grads, ref_grads) < RTOL, mode
+
+
+@pytest.mark.parametrize("mode", ["standard", "offload_double_buffer"])
+def test_composes_with_fused_qlora(mode):
+    net, _ = tiny_model("tiny_qwen3", "qlora")
+    apply_fused_lora(net, OmegaConf.create({"fused_lora": True}))
+    torch.manual_seed(0)
+    _, ref_grads = loss_and_grads(net, token_batch(0))
+    _, grads, _ = _second_step_grads(net, mode)
+    assert max_relative_error(grads, ref_grads) < RTOL
+
+
+def test_cache_requests_are_dropped_and_disable_restores():
+    net, _ = tiny_model("tiny_llama", "lora")
+    ids = token_batch(0)
+    _, ref_grads = loss_and_grads(net, ids)
+    enable_checkpointing(net, "offload")
+    with pytest.raises(RuntimeError, match="already enabled"):
+        enable_checkpointing(net, "offload_double_buffer")
+    net.zero_grad(set_to_none=True)
+    net(input_ids=ids, labels=ids, use_cache=True).loss.backward()  # a cache would be filled twice
+    grads = {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
+    assert max_relative_error(grads, ref_grads) < RTOL
+    with torch.no_grad():  # eval-style calls bypass the offloader
+        net(input_ids=ids)
+    disable_checkpointing(net)
+    assert not any(isinstance(m.__dict__.get("forward"), OffloadedLayerForward) for m in net.modules())
+
+
+def test_unknown_mode_lists_the_choices():
+    net, _ = tiny_model("tiny_llama", "full", "model.num_layers=1")
+    with pytest.raises(ValueError, match="offload_double_buffer"):
+        enable_checkpointing(net, "offload_tripple")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_gradients_equal_no_checkpointing_llama3_8b_gpu(method):
+    """Llama-3-8B shapes cut to 4 layers, bf16, 2 x 2048 tokens. GPU recomputation may pick other
+    kernels (attention backward is not bitwise deterministic), so each mode's difference from no
+    checkpointing is bounded by 2x the run-to-run difference of no checkpointing itself + 1e-3."""
+    net, _ = tiny_model("llama3_8b", method, "model.num_layers=4", "model.dtype=bfloat16", device="cuda")
+    ids = torch.randint(0, 128256, (2, 2048), device="cuda")
+    _, ref_grads = loss_and_grads(net, ids)
+    noise = max_relative_error(loss_and_grads(net, ids)[1], ref_grads)
+    for mode in MODES:
+        info = enable_checkpointing(net, mode)
+        try:
+            loss_and_grads(net, ids)
+            _, grads = loss_and_grads(net, ids)
+        finally:
+            disable_checkpointing(net)
+        assert max_relative_error(grads, ref_grads) <= 2 * noise + 1e-3, (mode, noise)
+        if mode == "offload_double_buffer":
+            assert info["offload_prefetch_hits"] == 2 * 3 and info["offload_device_buffer_bytes"] == 2 * 2 * 2048 * 4096 * 2

@@ -1,0 +1,219 @@
+"""Fused LoRA: the Functions against float64 math, and whole models against peft (CPU; gpu-marked at 8B shapes).
+
+Tolerances: Function level, flash-attention's rule from tests/kernels/_tolerances.py (fused error vs a
+float64 reference at most 2x plain PyTorch's in the same dtype + one ulp of slack). Model level on CPU
+(float32 tiny models), every gradient within 2e-5 of peft's relative to its tensor's largest entry: the
+two paths do the same float32 math in a different order, so only summation-order rounding separates them.
+"""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from optkit.train.adapters import decoder_layers
+from optkit.train.fused_lora import (
+    FusedMLPForward,
+    FusedProjectionForward,
+    LoRAProjection,
+    MLPGroup,
+    ProjectionGroup,
+    _FusedMLPFunction,
+    _FusedProjectionsFunction,
+    apply_fused_lora,
+    gated_activation,
+    remove_fused_lora,
+)
+from tests.kernels._tolerances import check_forward_backward
+from tests.train._tiny import loss_and_grads, max_relative_error, one_thread, tiny_model, token_batch  # noqa: F401
+
+FUSED_ON = OmegaConf.create({"fused_lora": True})
+MODEL_RTOL = 2e-5
+
+
+# ----------------------------------------------------------------------------- Function level
+def _projection(weight, bias, A, B, scale):
+    return LoRAProjection(SimpleNamespace(weight=weight, bias=bias), A, B, scale)
+
+
+def reference_projection(x, weight, bias, A, B, scale):
+    y = x @ weight.t() + (bias if bias is not None else 0)
+    return y if A is None else y + scale * (x @ A.t()) @ B.t()
+
+
+def _rand(gen, *shape, scale=1.0, grad=False):
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).requires_grad_(grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projection_group_matches_float64(dtype):
+    """Q with bias and LoRA, K without LoRA, V with a different rank: one Function, three outputs."""
+    gen = torch.Generator().manual_seed(0)
+    d_in, outs, ranks, scales = 24, (40, 8, 16), (3, 0, 5), (2.0, 0.0, 0.5)
+    x = _rand(gen, 2, 5, d_in, grad=True)
+    weights = [_rand(gen, o, d_in, scale=d_in ** -0.5) for o in outs]
+    bias_q = _rand(gen, outs[0])
+    lora = [(_rand(gen, r, d_in, scale=0.3, grad=True), _rand(gen, o, r, scale=0.3, grad=True)) if r else (None, None)
+            for o, r in zip(outs, ranks)]
+    params = [t for pair in lora for t in pair if t is not None]
+    inputs = [x, *weights, bias_q, *params]
+    inputs = [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in inputs]
+
+    def split(args):
+        x, wq, wk, wv, bq, aq, bbq, av, bbv = args
+        return x, [(wq, bq, aq, bbq, scales[0]), (wk, None, None, None, 0.0), (wv, None, av, bbv, scales[2])]
+
+    def fused(*args):
+        x, specs = split(args)
+        group = ProjectionGroup(("q", "k", "v"), [_projection(*s) for s in specs])
+        return _FusedProjectionsFunction.apply(x, group, *args[5:])
+
+    def reference(*args):
+        x, specs = split(args)
+        return tuple(reference_projection(x, *s) for s in specs)
+
+    check_forward_backward(fused, reference, inputs, dtype)
+
+
+@pytest.mark.parametrize("activation,dtype", [("silu", torch.float32), ("silu", torch.bfloat16),
+                                              ("gelu_pytorch_tanh", torch.float32)])
+def test_mlp_matches_float64(activation, dtype):
+    gen = torch.Generator().manual_seed(1)
+    hidden, inter, rank, scale = 24, 40, 4, 2.0
+    x = _rand(gen, 2, 7, hidden, grad=True)
+    w_gate, w_up = _rand(gen, inter, hidden, scale=hidden ** -0.5), _rand(gen, inter, hidden, scale=hidden ** -0.5)
+    w_down = _rand(gen, hidden, inter, scale=inter ** -0.5)
+    lora = [_rand(gen, *s, scale=0.3, grad=True) for s in
+            [(rank, hidden), (inter, rank), (rank, hidden), (inter, rank), (rank, inter), (hidden, rank)]]
+    inputs = [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in [x, w_gate, w_up, w_down, *lora]]
+    act, _ = gated_activation(activation)
+    torch_act = {"silu": lambda g, u: F.silu(g) * u,
+                 "gelu_pytorch_tanh": lambda g, u: F.gelu(g, approximate="tanh") * u}[activation]
+
+    def fused(x, wg, wu, wd, ag, bg, au, bu, ad, bd):
+        group = MLPGroup(_projection(wg, None, ag, bg, scale), _projection(wu, None, au, bu, scale),
+                         _projection(wd, None, ad, bd, scale), act)
+        return _FusedMLPFunction.apply(x, group, ag, bg, au, bu, ad, bd)
+
+    def reference(x, wg, wu, wd, ag, bg, au, bu, ad, bd):
+        h = torch_act(reference_projection(x, wg, None, ag, bg, scale), reference_projection(x, wu, None, au, bu, scale))
+        return reference_projection(h, wd, None, ad, bd, scale)
+
+    check_forward_backward(fused, reference, inputs, dtype)
+
+
+# ----------------------------------------------------------------------------- model level vs peft
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_gemma2"])
+def test_gradients_match_peft(model, method):
+    """qwen2: attention biases; qwen3: q_norm/k_norm after the fused QKV; gemma2: GeGLU (tanh)."""
+    net, _ = tiny_model(model, method, "model.num_layers=1")
+    ids = token_batch(0)
+    peft_loss, peft_grads = loss_and_grads(net, ids)
+    log = apply_fused_lora(net, FUSED_ON)
+    assert log[0].startswith("fused_lora: QKV+O fused in 1/1 layers, MLP in 1/1"), log
+    fused_loss, fused_grads = loss_and_grads(net, ids)
+    torch.testing.assert_close(fused_loss, peft_loss, rtol=1e-6, atol=1e-6)
+    assert max_relative_error(fused_grads, peft_grads) < MODEL_RTOL
+
+
+def test_saves_less_than_peft_and_never_a_base_weight():
+    """The fused MLP and attention keep no (dequantized) weight from forward to backward."""
+    net, _ = tiny_model("tiny_llama", "qlora", "model.num_layers=1")
+    weight_shapes = {tuple(p.quant_state.shape) for p in net.parameters() if hasattr(p, "quant_state")}
+    layer = decoder_layers(net)[0]
+    attn = layer.self_attn
+    x = torch.randn(1, 40, 64)  # 40 tokens: no activation shares a shape with a weight
+
+    def saved_bytes_and_shapes():
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer.mlp(x)
+            q, _, _ = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            attn.o_proj(q)
+        return sum(t.numel() * t.element_size() for t in saved), {tuple(t.shape) for t in saved}
+
+    peft_bytes, _ = saved_bytes_and_shapes()
+    apply_fused_lora(net, FUSED_ON)
+    fused_bytes, fused_shapes = saved_bytes_and_shapes()
+    assert weight_shapes and not (fused_shapes & weight_shapes), fused_shapes & weight_shapes
+    assert fused_bytes < peft_bytes, (fused_bytes, peft_bytes)
+
+
+def test_remove_restores_peft_and_state_dict_is_unchanged():
+    net, _ = tiny_model("tiny_qwen3", "lora", "model.num_layers=1")
+    ids = token_batch(3)
+    before = copy.deepcopy(net.state_dict())
+    peft_loss, _ = loss_and_grads(net, ids)
+    apply_fused_lora(net, FUSED_ON)
+    after = net.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(RuntimeError, match="already applied"):
+        apply_fused_lora(net, FUSED_ON)
+    layer = decoder_layers(net)[0]
+    shared = layer.self_attn.q_proj.forward.shared
+    loss_and_grads(net, ids)
+    assert shared._input is None and not shared._pending  # Q, K and V each took their output
+    assert remove_fused_lora(net) == 5  # q, k, v, o and the MLP
+    assert not any(isinstance(m.__dict__.get("forward"), (FusedMLPForward, FusedProjectionForward))
+                   for m in net.modules())
+    assert torch.equal(loss_and_grads(net, ids)[0], peft_loss)
+
+
+def test_dropout_falls_back_to_peft_with_a_note():
+    net, _ = tiny_model("tiny_llama", "lora", "model.num_layers=1", "train.lora_dropout=0.1")
+    log = apply_fused_lora(net, FUSED_ON)
+    assert "fused in 0/1 layers, MLP in 0/1" in log[0]
+    assert any("lora_dropout=0.1" in line for line in log[1:]), log
+    assert remove_fused_lora(net) == 0
+
+
+def test_full_finetuning_is_left_alone_and_off_means_off():
+    net, _ = tiny_model("tiny_llama", "full", "model.num_layers=1")
+    log = apply_fused_lora(net, FUSED_ON)
+    assert "0/1" in log[0] and any("base weight trains" in line for line in log)
+    assert apply_fused_lora(net, OmegaConf.create({"fused_lora": False})) == []
+
+
+# ----------------------------------------------------------------------------- GPU, real shapes
+def _dequantized_fp32_twin(net):
+    """A float32 copy of a (Q)LoRA model whose 4-bit bases are nn.Linear holding the dequantized weights:
+    the exact function the quantized model computes, evaluated in float32 (the reference)."""
+    import bitsandbytes as bnb
+
+    twin = copy.deepcopy(net)
+    for module in list(twin.modules()):
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, bnb.nn.Linear4bit):
+            linear = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                                     device=base.weight.device)
+            linear.weight.data = bnb.functional.dequantize_4bit(base.weight, base.weight.quant_state).float()
+            if base.bias is not None:
+                linear.bias.data = base.bias.data.float()
+            module.base_layer = linear.requires_grad_(False)
+    return twin.float()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_gradients_match_peft_llama3_8b_gpu(method):
+    """Llama-3-8B shapes cut to 2 layers, bf16, 2 x 1024 tokens: fused and peft gradients are both held
+    against a float32 evaluation of the same model; fused's error may be at most 2x peft's + 1e-2."""
+    net, _ = tiny_model("llama3_8b", method, "model.num_layers=2", "model.dtype=bfloat16", device="cuda")
+    ids = torch.randint(0, 128256, (2, 1024), device="cuda")
+    reference_loss, reference = loss_and_grads(_dequantized_fp32_twin(net), ids)
+    peft_loss, peft_grads = loss_and_grads(net, ids)
+    apply_fused_lora(net, FUSED_ON)
+    fused_loss, fused_grads = loss_and_grads(net, ids)
+    peft_err, fused_err = max_relative_error(peft_grads, reference), max_relative_error(fused_grads, reference)
+    assert fused_err <= 2 * peft_err + 1e-2, (fused_err, peft_err)
+    assert abs(fused_loss.float() - reference_loss) <= 2 * abs(peft_loss.float() - reference_loss) + 1e-2
