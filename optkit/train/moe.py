@@ -52,7 +52,7 @@ class ExpertRouting:
     def host_offsets(self) -> Tuple[int, ...]:
         """The offsets as host ints for the slice-loop GEMM: one device->host read per forward, shared by all GEMMs."""
         if self._host_offsets is None:
-            self._host_offsets = tuple(self.offsets.tolist())
+            self._host_offsets = tuple(self.offsets.to("cpu", copy=True).tolist())
         return self._host_offsets
 
 

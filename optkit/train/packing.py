@@ -100,6 +100,7 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
             out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
                                                  enable_gqa=key.shape[1] != query.shape[1])
             return out.transpose(1, 2), None
+        position_ids = position_ids.expand(batch, -1)  # HF's default positions are one (1, T) row for all rows
         metadata = rebuild_metadata_like_hf(position_ids, need_host_boundaries=not _varlen_usable(query))
         stats = getattr(module, "_optkit_packing_stats", None)
         if stats is not None:
@@ -222,8 +223,9 @@ def packing_stats(model) -> PackingStats:
 def _attach_metadata(module, args, kwargs):
     position_ids = kwargs.get("position_ids")
     if position_ids is None or kwargs.get(METADATA_KWARG) is not None:
-        return None
-    kwargs[METADATA_KWARG] = build_packed_metadata(position_ids)
+        return None  # HF makes its own (1, T) positions: the layers fall back to rebuilding
+    rows = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+    kwargs[METADATA_KWARG] = build_packed_metadata(position_ids.expand(rows.shape[0], -1))
     module._optkit_packing_state["stats"].per_batch_builds += 1
     return args, kwargs
 
