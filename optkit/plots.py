@@ -8,7 +8,7 @@ in greyscale print. Figures are built without pyplot: no global state, no displa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import matplotlib
 from matplotlib.figure import Figure
@@ -70,14 +70,23 @@ def _legend(fig: Figure, axes) -> None:
         fig.legend(unique.values(), unique.keys(), loc="outside lower center", ncols=min(len(unique), 4))
 
 
-def _finish_barh(fig: Figure, ax, items: Sequence[dict], xlabel: str, title: str, margin: float = 0.12) -> None:
-    """Shared by the horizontal bar charts: first item on top, labels, room for value labels."""
-    ax.set_yticks(range(len(items)), [_label(e) for e in reversed(items)])
-    ax.set_ylim(-0.7, len(items) - 0.3)
-    ax.set_xlabel(xlabel)
-    ax.margins(x=margin)
-    ax.set_title(title)
-    _legend(fig, [ax])
+def _bar_chart(items: Sequence[dict], draw: Callable, xlabel: str, title: str, stem: Path, formats: Sequence[str],
+               row_inches: float = 0.42, note_x: float = 0.0) -> List[Path]:
+    """Horizontal bars, one row per point, first point on top; ``draw(ax, y, entry)`` draws an ok
+    point's bars and returns False when it has nothing to draw (its note is shown instead)."""
+    with matplotlib.rc_context(RC):
+        fig, axes = _figure(6.4, row_inches * len(items) + 1.3)
+        ax = axes[0][0]
+        for y, e in enumerate(reversed(items)):
+            if e.get("status") != "ok" or draw(ax, y, e) is False:
+                _status_note(ax, y, e, x=note_x)
+        ax.set_yticks(range(len(items)), [_label(e) for e in reversed(items)])
+        ax.set_ylim(-0.7, len(items) - 0.3)
+        ax.set_xlabel(xlabel)
+        ax.margins(x=0.15)
+        ax.set_title(title)
+        _legend(fig, [ax])
+    return _save(fig, stem, formats)
 
 
 def speedup_bars(entries: Sequence[dict], title: str, stem: Path, formats: Sequence[str] = FORMATS) -> List[Path]:
@@ -86,24 +95,24 @@ def speedup_bars(entries: Sequence[dict], title: str, stem: Path, formats: Seque
              (e.get("speedup") is not None or e.get("status") != "ok" or e.get("speedup_note"))]
     if not any(e.get("speedup") is not None for e in items):
         return []
-    with matplotlib.rc_context(RC):
-        fig, axes = _figure(6.4, 0.42 * len(items) + 1.2)
-        ax = axes[0][0]
-        for y, e in enumerate(reversed(items)):
-            value = e.get("speedup")
-            if value is None:
-                _status_note(ax, y, e, x=1.0)
-                continue
-            style = _style(0 if value >= 1 else 1)
-            err = None
-            if e.get("speedup_ci95_low") is not None:
-                err = [[value - e["speedup_ci95_low"]], [e["speedup_ci95_high"] - value]]
-            ax.barh(y, value - 1.0, left=1.0, xerr=err, capsize=3, edgecolor="black", linewidth=0.6,
-                    label="faster" if value >= 1 else "slower", **style)
+
+    def draw(ax, y, e):
+        value = e.get("speedup")
+        if value is None:
+            return False
+        err = None
+        if e.get("speedup_ci95_low") is not None:
+            err = [[value - e["speedup_ci95_low"]], [e["speedup_ci95_high"] - value]]
+        ax.barh(y, value - 1.0, left=1.0, xerr=err, capsize=3, edgecolor="black", linewidth=0.6,
+                label="faster" if value >= 1 else "slower", **_style(0 if value >= 1 else 1))
+        if value >= 1:  # the value label goes beyond the bar and its CI, on the bar's side of 1.0
             ax.text(max(value, e.get("speedup_ci95_high") or value), y, f"  {value:.2f}×", va="center", fontsize=8)
+        else:
+            ax.text(min(value, e.get("speedup_ci95_low") or value), y, f"{value:.2f}×  ", va="center", ha="right",
+                    fontsize=8)
         ax.axvline(1.0, color="black", linewidth=0.8)
-        _finish_barh(fig, ax, items, "speedup (tokens/s vs baseline, 95% CI)", title, margin=0.15)
-    return _save(fig, stem, formats)
+
+    return _bar_chart(items, draw, "speedup (tokens/s vs baseline, 95% CI)", title, stem, formats, note_x=1.0)
 
 
 def phase_bars(entries: Sequence[dict], title: str, stem: Path, formats: Sequence[str] = FORMATS) -> List[Path]:
@@ -112,21 +121,16 @@ def phase_bars(entries: Sequence[dict], title: str, stem: Path, formats: Sequenc
     items = [e for e in entries if any(e.get(k) is not None for k, _ in phases) or e.get("status") != "ok"]
     if not any(e.get("forward_ms") is not None for e in items):
         return []
-    with matplotlib.rc_context(RC):
-        fig, axes = _figure(6.4, 0.42 * len(items) + 1.3)
-        ax = axes[0][0]
-        for y, e in enumerate(reversed(items)):
-            if e.get("status") != "ok":
-                _status_note(ax, y, e)
-                continue
-            left = 0.0
-            for i, (key, name) in enumerate(phases):
-                width = e.get(key) or 0.0
-                ax.barh(y, width, left=left, edgecolor="black", linewidth=0.6, label=name, **_style(i))
-                left += width
-            ax.text(left, y, f"  {left:,.0f} ms", va="center", fontsize=8)
-        _finish_barh(fig, ax, items, "median time per step (ms)", title)
-    return _save(fig, stem, formats)
+
+    def draw(ax, y, e):
+        left = 0.0
+        for i, (key, name) in enumerate(phases):
+            width = e.get(key) or 0.0
+            ax.barh(y, width, left=left, edgecolor="black", linewidth=0.6, label=name, **_style(i))
+            left += width
+        ax.text(left, y, f"  {left:,.0f} ms", va="center", fontsize=8)
+
+    return _bar_chart(items, draw, "median time per step (ms)", title, stem, formats)
 
 
 def memory_bars(entries: Sequence[dict], title: str, stem: Path, formats: Sequence[str] = FORMATS) -> List[Path]:
@@ -135,21 +139,16 @@ def memory_bars(entries: Sequence[dict], title: str, stem: Path, formats: Sequen
     items = [e for e in entries if any(e.get(k) for k, _ in sources) or e.get("status") != "ok"]
     if not any(e.get(k) for e in items for k, _ in sources):
         return []
-    with matplotlib.rc_context(RC):
-        fig, axes = _figure(6.4, 0.5 * len(items) + 1.3)
-        ax = axes[0][0]
-        for y, e in enumerate(reversed(items)):
-            if e.get("status") != "ok":
-                _status_note(ax, y, e)
-                continue
-            for i, (key, name) in enumerate(sources):
-                if e.get(key):
-                    offset = 0.2 - 0.4 * i
-                    ax.barh(y + offset, e[key] / GIB, height=0.38, edgecolor="black", linewidth=0.6, label=name,
-                            **_style(i))
-                    ax.text(e[key] / GIB, y + offset, f" {e[key] / GIB:.1f}", va="center", fontsize=7)
-        _finish_barh(fig, ax, items, "peak memory (GiB)", title)
-    return _save(fig, stem, formats)
+
+    def draw(ax, y, e):
+        for i, (key, name) in enumerate(sources):
+            if e.get(key):
+                offset = 0.2 - 0.4 * i
+                ax.barh(y + offset, e[key] / GIB, height=0.38, edgecolor="black", linewidth=0.6, label=name,
+                        **_style(i))
+                ax.text(e[key] / GIB, y + offset, f" {e[key] / GIB:.1f}", va="center", fontsize=7)
+
+    return _bar_chart(items, draw, "peak memory (GiB)", title, stem, formats, row_inches=0.5)
 
 
 def scaling_lines(entries: Sequence[dict], title: str, stem: Path, formats: Sequence[str] = FORMATS) -> List[Path]:
@@ -160,7 +159,7 @@ def scaling_lines(entries: Sequence[dict], title: str, stem: Path, formats: Sequ
     with matplotlib.rc_context(RC):
         fig, axes = _figure(9.0, 3.4, ncols=2)
         panels = [(axes[0][0], lambda e: e.get("tokens_per_s"), "tokens/s"),
-                  (axes[0][1], _peak_gib, "peak memory (GiB, NVML; allocator if absent)")]
+                  (axes[0][1], _peak_gib, "peak memory (GiB; NVML, else allocator)")]
         for ax, value, ylabel in panels:
             for i, opt in enumerate(opts):
                 mine = sorted((e for e in entries if e["opt"] == opt and e.get("seq_len")), key=lambda e: e["seq_len"])
@@ -229,27 +228,31 @@ def loss_curves(curves: Dict[str, Sequence[float]], base_curves: Dict[str, Optio
     curves = {k: v for k, v in curves.items() if v and len(v) >= 2}
     if not curves:
         return []
+    compared = [k for k in curves if base_curves.get(k) and gaps.get(k, (None,))[0] is not None]
     with matplotlib.rc_context(RC):
-        fig, axes = _figure(7.0, 5.0, nrows=2, sharex=True, height_ratios=[2, 1])
-        top, bottom = axes[0][0], axes[1][0]
+        if compared:
+            fig, axes = _figure(7.0, 5.0, nrows=2, sharex=True, height_ratios=[2, 1])
+        else:  # nothing to compare with: no empty difference panel
+            fig, axes = _figure(7.0, 3.4)
+        top = axes[0][0]
         every = max(1, max(len(v) for v in curves.values()) // 12)
         for i, (label, curve) in enumerate(curves.items()):
             style = _line(i)
-            gap = gaps.get(label, (None,))[0]
-            legend = label if gap is None else f"{label} (max gap {gap:.3g} at step {gaps[label][1]})"
+            legend = f"{label} (max gap {gaps[label][0]:.3g} at step {gaps[label][1]})" if label in compared else label
             top.plot(range(len(curve)), curve, label=legend, markevery=every, markersize=4, **style)
-            base = base_curves.get(label)
-            if base and gap is not None:
-                diff = [a - b if a is not None and b is not None else None for a, b in zip(curve, base)]
-                bottom.plot(range(len(diff)), diff, markevery=every, markersize=4, **style)
-        bottom.axhline(0.0, color="black", linewidth=0.8)
+            if label in compared:
+                diff = [a - b if a is not None and b is not None else None for a, b in zip(curve, base_curves[label])]
+                axes[1][0].plot(range(len(diff)), diff, markevery=every, markersize=4, **style)
         top.set_ylabel("training loss")
-        bottom.set_ylabel("loss - baseline")
-        bottom.set_xlabel("step (warm-up included)")
         top.legend()
-        top.grid(alpha=0.3)
-        bottom.grid(alpha=0.3)
         top.set_title(title)
+        bottom = axes[-1][0]
+        bottom.set_xlabel("step (warm-up included)")
+        if compared:
+            bottom.axhline(0.0, color="black", linewidth=0.8)
+            bottom.set_ylabel("loss - baseline")
+        for ax in axes[:, 0]:
+            ax.grid(alpha=0.3)
     return _save(fig, stem, formats)
 
 

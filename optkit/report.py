@@ -22,7 +22,7 @@ import math
 import os
 import re
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
@@ -137,11 +137,15 @@ def group_points(rows: Sequence[Dict[str, Any]]) -> List[Point]:
 
 
 def setting_of(point: Point) -> str:
-    """The point's key without model and opt: what a baseline must share to be compared with."""
-    parts, head = point.key.split("/"), point.head
+    """The point minus its opt-set (rows' ``setting_key``): what a baseline must share to be compared.
+    Rows written before setting_key existed had keys model/opt/rest: the opt part is dropped."""
+    head = point.head
+    if head.get("setting_key"):
+        return str(head["setting_key"])
+    parts = point.key.split("/")
     if len(parts) > 2 and parts[1] == str(head.get("opt")):
-        return "/".join(parts[2:])
-    return "/".join(str(head.get(k)) for k in ("train_method", "batch_size", "seq_len", "dtype"))
+        return "/".join(parts[:1] + parts[2:])
+    return "/".join(str(head.get(k)) for k in ("model", "train_method", "batch_size", "seq_len", "dtype"))
 
 
 def natural_key(text: str):
@@ -200,9 +204,12 @@ def train_entry(point: Point, base: Optional[Point]) -> Dict[str, Any]:
 
 
 def train_table(points: Sequence[Point], baseline_opt: str) -> List[Dict[str, Any]]:
-    bases = {(p.head.get("model"), setting_of(p)): p for p in points if p.head.get("opt") == baseline_opt}
+    bases: Dict[str, Point] = {}
+    for p in points:
+        if p.head.get("opt") == baseline_opt:
+            bases.setdefault(setting_of(p), p)
     order = {p.key: i for i, p in enumerate(points)}
-    entries = [train_entry(p, bases.get((p.head.get("model"), setting_of(p)))) for p in points]
+    entries = [train_entry(p, bases.get(setting_of(p))) for p in points]
     return sorted(entries, key=lambda e: (natural_key(e["setting"]), e["opt"] != baseline_opt, order[e["point_key"]]))
 
 
@@ -427,7 +434,7 @@ def environment_block(runs: Sequence[Run]) -> str:
              ("torch / triton / transformers", " / ".join(str(run.value(f"{k}_version", k) or DASH) for k in
                                                           ("torch", "triton", "transformers"))),
              ("python", run.value("python_version", "python")),
-             ("git SHA", f"`{run.value('git_sha')}`" + (" (uncommitted changes)" if dirty else "")),
+             ("git SHA", f"`{run.value('git_sha') or 'unknown'}`" + (" (uncommitted changes)" if dirty else "")),
              ("env fingerprint", run.value("env_fingerprint")),
              ("runs", ", ".join(f"`{r.run_id}` ({len(r.rows)} rows, {r.path})" for r in runs))]
     fingerprints = {r.value("env_fingerprint") for r in runs}
@@ -446,8 +453,18 @@ def split_varying(keys: Sequence[str]) -> tuple:
     return {k: "/".join(p[i] for i in varying) for k, p in zip(keys, split)}, common
 
 
-def entry_label(entry: Dict[str, Any]) -> str:
-    return f"{entry['opt']} {entry['setting_short']}".strip()
+def label_entries(entries: Sequence[Dict[str, Any]], name_key: str, setting_key: str) -> str:
+    """Give every entry ``setting_short`` (the part of its setting that varies) and a unique ``label``
+    (name + setting_short); return the part of the settings all entries share."""
+    short, common = split_varying(list(dict.fromkeys(e[setting_key] for e in entries)))
+    for e in entries:
+        e["setting_short"] = short[e[setting_key]]
+        e["label"] = f"{e[name_key]} {e['setting_short']}".strip()
+    counts = Counter(e["label"] for e in entries)
+    for e in entries:
+        if counts[e["label"]] > 1:  # one opt name with modified switches: the key's "name~hash" tells them apart
+            e["label"] = f"{e['point_key'].rsplit('/', 1)[-1]} {e['setting_short']}".strip()
+    return common
 
 
 @dataclass
@@ -472,13 +489,12 @@ def train_section(model: str, points: List[Point], baseline_opt: str, figure: Fi
 
     out_dir = figure.out_dir
     entries = train_table(points, baseline_opt)
-    short, common = split_varying(list(dict.fromkeys(e["setting"] for e in entries)))
-    for e in entries:
-        e["setting_short"] = short[e["setting"]]
-    labels = {e["point_key"]: entry_label(e) for e in entries}
-    md = [f"## {model}", "", f"All points: `{common}`" + ("; the setting column gives the rest." if any(short.values())
-                                                          else ""), "",
-          write_tables(out_dir, model, TRAIN_COLUMNS, entries, "setting"), "", table_notes(entries), ""]
+    common = label_entries(entries, "opt", "setting")
+    labels = {e["point_key"]: e["label"] for e in entries}
+    varies = any(e["setting_short"] for e in entries)
+    md = [f"## {model}", "", f"All points: `{common}`" + ("; the setting column gives the rest." if varies else ""), "",
+          write_tables(out_dir, model, TRAIN_COLUMNS, entries, "setting"), ""]
+    md += [table_notes(entries), ""] if table_notes(entries) else []
     failed = [e for e in entries if e["error"]]
     if failed:
         md += ["Points that did not finish (kept above with their status):", ""]
@@ -545,7 +561,8 @@ def kernel_section(points: List[Point], figure: FigureWriter) -> List[str]:
     md = ["## Kernels (forward + backward)", "",
           f"Copy ceiling measured in the same run: {f'{ceiling:,.0f} GB/s' if ceiling else 'not measured'}. "
           "GB/s = bytes the op must move / median fwd+bwd time.", "",
-          write_tables(out_dir, "kernels", KERNEL_COLUMNS, entries, "group"), "", table_notes(entries), ""]
+          write_tables(out_dir, "kernels", KERNEL_COLUMNS, entries, "group"), ""]
+    md += [table_notes(entries), ""] if table_notes(entries) else []
     failed = [e for e in entries if e["error"]]
     md += [f"- `{e['point_key']}`: {e['error']}" for e in failed] + ([""] if failed else [])
     md += figure(plots.kernel_bandwidth, entries, ceiling, "Kernels: achieved bandwidth (fwd+bwd)",
@@ -620,18 +637,17 @@ def cross_gpu_table(per_gpu: Dict[str, List[Run]], baseline_opt: Optional[str]):
     merged: Dict[str, Dict[str, Any]] = {}
     for slug in slugs:
         for e in tables[slug]:
-            line = merged.setdefault(e["point_key"], {"point": e["point_key"], "group": e.get("group", e.get("setting")),
-                                                      "status": "ok"})
+            line = merged.setdefault(e["point_key"], {"point_key": e["point_key"], "name": e.get("opt", e.get("impl")),
+                                                      "group": e.get("group", e.get("setting")), "status": "ok"})
             for key in ("status", head, "speedup", "speedup_ci95_low", "speedup_ci95_high", "speedup_note"):
                 line[f"{key}@{slug}"] = e.get(key)
-    short, _ = split_varying(list(merged))
-    for key, line in merged.items():
-        line["point"] = short[key] or key
+    label_entries(list(merged.values()), "name", "group")
+    for line in merged.values():
         first = line.get(f"{head}@{slugs[0]}")
         for slug in slugs[1:]:
             value = line.get(f"{head}@{slug}")
             line[f"ratio@{slug}"] = value / first if value and first else None
-    columns = [text_col("point", "point")]
+    columns = [text_col("label", "point")]
     columns += [_per_gpu_col(s, head, head_header, head_fmt, head_better) for s in slugs]
     columns += [_per_gpu_col(s, "speedup", "speedup", None, "high") for s in slugs]
     columns += [Column(f"ratio@{s}", f"{s} / {slugs[0]}", _num(f"ratio@{s}", lambda v: f"{v:.2f}×"), "high")
@@ -653,7 +669,7 @@ def write_cross_gpu(per_gpu: Dict[str, List[Run]], out_root: Path, baseline_opt:
     for slug, runs in per_gpu.items():
         md += [f"### {slug}", "", environment_block(runs), ""]
     md += ["## Side by side", "", write_tables(out_dir, "cross_gpu", columns, entries, "group"), ""]
-    labels = [e["point"] for e in entries]
+    labels = [e["label"] for e in entries]
     panels = [(head_header, {s: [e.get(f"{head}@{s}") for e in entries] for s in slugs}),
               ("speedup vs baseline", {s: [e.get(f"speedup@{s}") for e in entries] for s in slugs})]
     md += FigureWriter(out_dir, formats)(plots.cross_gpu_bars, labels, panels, f"{suite}: {' vs '.join(slugs)}",

@@ -15,8 +15,8 @@ E2E_H100 = GOLDEN / "h100/e2e/golden-e2e-h100"
 E2E_H200 = GOLDEN / "h200/e2e/golden-e2e-h200"
 KERNELS = GOLDEN / "h100/kernels/golden-kernels"
 SMOKE = GOLDEN / "cpu/smoke/golden-smoke"
-FULL = "llama3_8b/full/lora/b2/s2048/ckpt-standard/adamw/bfloat16"
-LIGER = "llama3_8b/liger/lora/b2/s2048/ckpt-standard/adamw/bfloat16"
+E2E_KEYS = {json.loads(line)["opt"]: json.loads(line)["point_key"] for line in (E2E_H100 / "results.jsonl").open()}
+FULL, LIGER = E2E_KEYS["full"], E2E_KEYS["liger"]
 
 
 def load_make_golden():
@@ -127,20 +127,21 @@ def test_memory_threshold_is_its_own(tmp_path):
 
 
 def _noisy_run(root: Path, run_id: str, step_ms: float, rel_sd: float) -> Path:
+    """One point; equal run ids draw equal noise, so two runs differ by exactly step_ms's ratio."""
     golden = load_make_golden()
     rows = [golden.train_row(golden.H100, "e2e", run_id, "llama3_8b", "full", step_ms=step_ms, rel_sd=rel_sd)]
     return golden.write_run(root, golden.H100, "e2e", run_id, rows)
 
 
 def test_a_change_beyond_the_threshold_but_within_noise_is_not_a_regression(tmp_path):
-    base = _noisy_run(tmp_path / "a", "noisy-base", 900.0, rel_sd=0.35)
-    cand = _noisy_run(tmp_path / "b", "noisy-cand", 900.0 * 1.08, rel_sd=0.35)
+    base = _noisy_run(tmp_path / "a", "noisy", 900.0, rel_sd=0.35)
+    cand = _noisy_run(tmp_path / "b", "noisy", 900.0 * 1.08, rel_sd=0.35)
     code, md = run(tmp_path, base, cand)
     assert code == 0
     assert "## Beyond the threshold but within noise" in md
     # the same shift with quiet steps is a regression: the noise is what saved it
-    quiet_base = _noisy_run(tmp_path / "c", "quiet-base", 900.0, rel_sd=0.01)
-    quiet_cand = _noisy_run(tmp_path / "d", "quiet-cand", 900.0 * 1.08, rel_sd=0.01)
+    quiet_base = _noisy_run(tmp_path / "c", "quiet", 900.0, rel_sd=0.01)
+    quiet_cand = _noisy_run(tmp_path / "d", "quiet", 900.0 * 1.08, rel_sd=0.01)
     assert run(tmp_path, quiet_base, quiet_cand)[0] == 1
 
 

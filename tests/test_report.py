@@ -156,14 +156,16 @@ def md_table(md: str, first_header: str):
 
 
 def test_best_value_is_bold_and_nowhere_else(out):
+    full_steps = [t for r in rows_of(ABLATION) if r["opt"] == "full" for t in r["step_times_ms"]]
+    highest = f"{4096 / (np.median(full_steps) / 1e3):,.0f}"  # full is the fastest opt-set of the golden run
     md = (out / "h100/ablation/report.md").read_text()
     table = {r["opt"]: r for r in md_table(md, "opt")}
-    assert table["full"]["tokens/s"] == "**5,805**"  # the highest
+    assert table["full"]["tokens/s"] == f"**{highest}**"
     assert all(not r["tokens/s"].startswith("**") for opt, r in table.items() if opt != "full")
     assert table["full"]["speedup [95% CI]"].startswith("**1.28×")
     assert all(not r["opt ms"].startswith("**") for r in table.values()), "equal values are not 'best'"
     tex = (out / "h100/ablation/llama3_8b.tex").read_text()
-    assert r"\textbf{5,805}" in tex and tex.count(r"\textbf{") == md.count("**") // 2
+    assert rf"\textbf{{{highest}}}" in tex and tex.count(r"\textbf{") == md.count("**") // 2
 
 
 def test_scaling_labels_gains_where_the_baseline_failed(out):
@@ -195,7 +197,7 @@ def test_convergence_states_the_max_gap(out):
 
 
 def test_cross_gpu_table(out):
-    table = {r["point"]: r for r in read_csv(out / "cross-gpu/e2e/cross_gpu.csv")}
+    table = {r["label"]: r for r in read_csv(out / "cross-gpu/e2e/cross_gpu.csv")}
     assert set(table) == {"baseline", "compile", "liger", "full", "full_compile"}
     h100 = {r["opt"]: r["step_times_ms"] for r in rows_of(E2E_H100)}
     h200 = {r["opt"]: r["step_times_ms"] for r in rows_of(E2E_H200)}

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from optkit.results import SCHEMA_VERSION, append_row, empty_row  # noqa: E402
+from optkit.results import SCHEMA_VERSION, append_row, config_hash, empty_row, point_key, setting_key  # noqa: E402
 
 GOLDEN_DIR = Path(__file__).resolve().parent
 GIB = 1024 ** 3
@@ -74,12 +74,16 @@ def train_row(gpu: dict, suite: str, run_id: str, model: str, opt: str, *, batch
               rel_sd: float = 0.015, flops_per_token: float = 3.3e10, loss_curve: list | None = None,
               method: str = "lora") -> dict:
     row = empty_row()
-    key = f"{model}/{opt}/{method}/b{batch}/s{seq}/ckpt-standard/adamw/bfloat16"
-    row.update(run_id=run_id, suite=suite, point_key=key, config_hash=f"{_digest(key):016x}",
+    config = {"model": {"name": model, "dtype": "bfloat16", "num_layers": None},
+              "train": {"method": method, "batch_size": batch, "checkpointing": "standard", "optimizer": "adamw"},
+              "data": {"seq_len": seq, "packing": False, "source": "synthetic"},
+              "opt": {"name": opt, "preset": opt}, "suite": {"name": suite, "baseline_opt": "baseline"}}
+    key = point_key(config)
+    row.update(run_id=run_id, suite=suite, point_key=key, setting_key=setting_key(config), config_hash=config_hash(config),
                overrides=[f"model={model}", f"opt={opt}", f"train.batch_size={batch}", f"data.seq_len={seq}"],
                status=status, error=error, repeat=repeat, model=model, family="llama", opt=opt,
                train_method=method, batch_size=batch, seq_len=seq, dtype="bfloat16", checkpointing="standard",
-               optimizer="adamw", packing=False, config={"suite": {"name": suite, "baseline_opt": "baseline"}},
+               optimizer="adamw", packing=False, config=config,
                device="cpu" if gpu["gpu_slug"] == "cpu" else "cuda", gpu_name=gpu["gpu_name"],
                gpu_slug=gpu["gpu_slug"], driver=gpu["driver"], timestamp=TIMESTAMP,
                env_fingerprint=fingerprint(gpu), **VERSIONS)
