@@ -22,7 +22,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from optkit.report import DASH, GIB, Point, ReportInputError, Run, group_points, load_run, sig
 from optkit.stats_ci import mann_whitney_p, pooled_median, ratio_ci
@@ -133,7 +133,8 @@ def judge(base_groups: Sequence[Sequence[float]], cand_groups: Sequence[Sequence
     out.update(ci=(low, high), p=p)
     significant = p is not None and p < limits.alpha and (low > 1.0 or high < 1.0)
     if not significant:
-        return {**out, "verdict": "noise", "evidence": f"not significant (p={_p(p)}, CI includes 1 or p >= {limits.alpha})"}
+        return {**out, "verdict": "noise", "evidence": f"not significant (p={_p(p)}; needs p < {limits.alpha} and "
+                                                       "a CI excluding 1)"}
     return {**out, "verdict": direction, "evidence": f"Mann-Whitney p={_p(p)}, CI excludes 1"}
 
 

@@ -117,8 +117,16 @@ class Point:
         return [r[field] for r in self.ok if r.get(field)]
 
     def errors(self) -> List[str]:
-        return [f"{r.get('status')}: {str(r.get('error') or '').strip().splitlines()[0] if r.get('error') else ''}"
-                for r in self.rows if r.get("status") != "ok"]
+        return [f"{r.get('status')}: {error_summary(r.get('error'))}" for r in self.rows if r.get("status") != "ok"]
+
+
+def error_summary(error: Optional[str], limit: int = 240) -> str:
+    """First and last line of an error: the runner's message, then the exception its stderr tail ends with."""
+    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
+    if not lines:
+        return ""
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def point_id(row: Dict[str, Any]) -> str:
@@ -156,7 +164,7 @@ def natural_key(text: str):
 
 
 def _scaled_ratio(num: Point, den: Point, field: str, scale: float = 1.0):
-    """ratio of medians (num / den) x scale with its CI; falls back to the rows' medians."""
+    """ratio of pooled medians (num / den) x scale, with its bootstrap CI; Nones without samples."""
     ratio, low, high = ratio_ci(num.samples(field), den.samples(field))
     if ratio is None:
         return None, None, None
@@ -173,10 +181,11 @@ def train_entry(point: Point, base: Optional[Point]) -> Dict[str, Any]:
         step_ms = pooled_median(point.samples("step_times_ms")) or point.median("step_ms")
         tokens = point.median("tokens_per_step")
         nvml_process = point.median("peak_nvml_process_bytes")
+        nvml = nvml_process if nvml_process is not None else point.median("peak_nvml_device_bytes")
         entry.update(step_ms=step_ms, tokens_per_s=tokens * 1e3 / step_ms if tokens and step_ms
                      else point.median("tokens_per_s"), mfu=point.median("mfu"), forward_ms=point.median("forward_ms"),
                      backward_ms=point.median("backward_ms"), optimizer_ms=point.median("optimizer_ms"),
-                     peak_nvml_bytes=nvml_process if nvml_process is not None else point.median("peak_nvml_device_bytes"),
+                     peak_nvml_bytes=nvml,
                      peak_nvml_source="process" if nvml_process is not None else "device",
                      peak_allocated_bytes=point.median("peak_allocated_bytes"),
                      noisy=any(r.get("step_ms_noisy") for r in point.ok))
@@ -420,7 +429,8 @@ def write_tables(out_dir: Path, name: str, columns, entries, group_key: str) -> 
     shown = visible_columns(columns, entries)
     write_csv(out_dir / f"{name}.csv", entries)
     (out_dir / f"{name}.tex").write_text(render_latex(shown, entries, group_key))
-    return render_markdown(shown, entries, group_key) + f"\n\nTables: [{name}.csv]({name}.csv), [{name}.tex]({name}.tex)"
+    links = f"Tables: [{name}.csv]({name}.csv), [{name}.tex]({name}.tex)"
+    return render_markdown(shown, entries, group_key) + "\n\n" + links
 
 
 # --------------------------------------------------------------------------- report.md
@@ -700,7 +710,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     by_suite: Dict[str, Dict[str, List[Run]]] = defaultdict(dict)
     for (slug, suite), group_runs in groups.items():
         by_suite[suite][slug] = group_runs
-    for suite, per_gpu in by_suite.items():
+    for per_gpu in by_suite.values():
         if len(per_gpu) > 1:
             print(write_cross_gpu(per_gpu, Path(args.out), args.baseline_opt, formats))
     return 0

@@ -79,7 +79,8 @@ def train_row(gpu: dict, suite: str, run_id: str, model: str, opt: str, *, batch
               "data": {"seq_len": seq, "packing": False, "source": "synthetic"},
               "opt": {"name": opt, "preset": opt}, "suite": {"name": suite, "baseline_opt": "baseline"}}
     key = point_key(config)
-    row.update(run_id=run_id, suite=suite, point_key=key, setting_key=setting_key(config), config_hash=config_hash(config),
+    row.update(run_id=run_id, suite=suite, point_key=key, setting_key=setting_key(config),
+               config_hash=config_hash(config),
                overrides=[f"model={model}", f"opt={opt}", f"train.batch_size={batch}", f"data.seq_len={seq}"],
                status=status, error=error, repeat=repeat, model=model, family="llama", opt=opt,
                train_method=method, batch_size=batch, seq_len=seq, dtype="bfloat16", checkpointing="standard",
