@@ -103,7 +103,7 @@ def train_row(gpu: dict, suite: str, run_id: str, model: str, opt: str, *, batch
                step_ms_iqr=round(float(np.subtract(*np.percentile(times, [75, 25]))), 3), step_ms_noisy=False,
                forward_ms=round(median * fwd_share, 3), backward_ms=round(median * (1 - fwd_share) - opt_ms, 3),
                optimizer_ms=opt_ms, step_times_ms=times, timer="cuda_events" if on_gpu else "host_clock",
-               loss_in_forward="flce" in opt or opt.startswith("full"), tokens_per_step=tokens,
+               loss_in_forward=fused_loss(opt), tokens_per_step=tokens,
                padded_tokens_per_step=tokens, tokens_per_s=round(tokens_per_s, 2), flops_per_token=flops_per_token,
                hw_flops_per_token=flops_per_token * 1.33, flops_formula="4N_frozen+6N_lora+12LHQT causal/2",
                peak_tflops=peak, mfu=round(tokens_per_s * flops_per_token / (peak * 1e12), 4) if on_gpu else None,
@@ -117,6 +117,13 @@ def train_row(gpu: dict, suite: str, run_id: str, model: str, opt: str, *, batch
                    nvml_baseline_bytes=int(0.5 * GIB), nvml_available=True, energy_j_per_token=0.11,
                    throttle_reasons=[], sm_clock_mhz=1980)
     return row
+
+
+def fused_loss(opt: str) -> bool:
+    """Opt-sets whose fused linear cross-entropy computes gradients in forward."""
+    if opt.startswith("full_minus_"):
+        return "cross_entropy" not in opt
+    return opt in ("full", "full_compile", "liger") or "cross_entropy" in opt
 
 
 def loss_curve(n: int, offset: float, opt: str, *key) -> list:
