@@ -2,8 +2,8 @@
 
 ``optkit report RUN_DIR... [--out reports]`` writes ``reports/<gpu-slug>/<suite>/``: report.md, one
 .csv and one booktabs .tex table per model (and ``kernels.*``), figures/*.png|pdf. Run dirs of
-several GPU kinds for one suite add ``reports/cross-gpu/<suite>/``. Runs of the same GPU kind and
-suite are merged: their rows of one point count as extra measurement windows.
+several GPU kinds for one suite add ``reports/cross-gpu/<suite>/``. Of several runs of one GPU kind
+and suite the newest is reported; ``--merge`` pools them (rows of one point become extra windows).
 
 Pure functions of the result files: no GPU, no torch. Definitions the tables use:
 - speedup: tokens/s of an opt-set over tokens/s of the suite's baseline opt-set (``opt ==
@@ -688,6 +688,16 @@ def write_cross_gpu(per_gpu: Dict[str, List[Run]], out_root: Path, baseline_opt:
     return out_dir / "report.md"
 
 
+def newest_run(runs: Sequence[Run]) -> Run:
+    """The last run by run id (ids default to UTC timestamps); says which ones it leaves out."""
+    ordered = sorted(runs, key=lambda r: natural_key(r.run_id))
+    if len(ordered) > 1:
+        print(f"optkit report: {ordered[-1].gpu_slug}/{ordered[-1].suite}: reporting the newest run "
+              f"{ordered[-1].run_id}, not {', '.join(r.run_id for r in ordered[:-1])} (--merge pools them)",
+              file=sys.stderr)
+    return ordered[-1]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="optkit report", description="tables and plots from result runs")
     parser.add_argument("run_dirs", nargs="+", help="results/<gpu>/<suite>/<run_id> directories")
@@ -695,6 +705,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--baseline-opt", default=None, help="opt-set speedups are computed against "
                         "(default: the rows' suite.baseline_opt, else 'baseline')")
     parser.add_argument("--formats", default="png,pdf", help="figure formats, comma-separated (default: png,pdf)")
+    parser.add_argument("--merge", action="store_true", help="pool runs of one GPU kind and suite (their rows of a "
+                        "point become extra measurement windows); default: report the newest run of each")
     args = parser.parse_args(argv)
     try:
         runs = [load_run(d) for d in args.run_dirs]
@@ -705,6 +717,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     groups: Dict[tuple, List[Run]] = defaultdict(list)
     for run in runs:
         groups[(run.gpu_slug, run.suite)].append(run)
+    if not args.merge:
+        groups = {key: [newest_run(group)] for key, group in groups.items()}
     for group_runs in groups.values():
         print(write_report(group_runs, Path(args.out), args.baseline_opt, formats))
     by_suite: Dict[str, Dict[str, List[Run]]] = defaultdict(dict)

@@ -243,11 +243,18 @@ def test_latex_compiles(out, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:]
 
 
-def test_runs_of_one_gpu_and_suite_are_merged_as_windows(tmp_path):
-    copy = tmp_path / "runs/h100/e2e/golden-e2e-h100-again"
-    shutil.copytree(E2E_H100, copy)
-    assert report.main([str(E2E_H100), str(copy), "--out", str(tmp_path / "rep"), "--formats", ""]) == 0
-    table = {r["opt"]: r for r in read_csv(tmp_path / "rep/h100/e2e/llama3_8b.csv")}
+def test_runs_of_one_gpu_and_suite_newest_or_merged(tmp_path, capsys):
+    later = tmp_path / "runs/h100/e2e/golden-e2e-h100-later"
+    shutil.copytree(E2E_H100, later)
+    (later / "results.jsonl").write_text((later / "results.jsonl").read_text().replace(
+        '"run_id": "golden-e2e-h100"', '"run_id": "golden-e2e-h100-later"'))
+    assert report.main([str(later), str(E2E_H100), "--out", str(tmp_path / "one"), "--formats", ""]) == 0
+    assert "reporting the newest run golden-e2e-h100-later" in capsys.readouterr().err
+    assert "`golden-e2e-h100-later`" in (tmp_path / "one/h100/e2e/report.md").read_text()
+    table = {r["opt"]: r for r in read_csv(tmp_path / "one/h100/e2e/llama3_8b.csv")}
+    assert table["full"]["windows"] == "1"
+    assert report.main([str(E2E_H100), str(later), "--merge", "--out", str(tmp_path / "all"), "--formats", ""]) == 0
+    table = {r["opt"]: r for r in read_csv(tmp_path / "all/h100/e2e/llama3_8b.csv")}
     assert table["full"]["windows"] == "2" and table["full"]["steps"] == "40"
 
 
