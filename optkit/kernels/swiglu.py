@@ -131,10 +131,11 @@ class SwiGLUMLP(GatedMLP):
     @classmethod
     def from_module(cls, hf_mlp: nn.Module) -> "SwiGLUMLP":
         """Keep ``hf_mlp``'s own projection modules (LoRA wrappers included); its activation must be SiLU."""
+        projections = cls.projections_of(hf_mlp)
         activation = hf_activation_name(hf_mlp)
         if activation not in SILU_ACTIVATIONS:
             raise ValueError(
                 f"{type(hf_mlp).__name__} uses activation {activation!r}, not SiLU; SwiGLUMLP would change the "
                 "model. Use GeGLUMLP for GELU-gated MLPs"
             )
-        return cls(*cls.projections_of(hf_mlp))
+        return cls(*projections)

@@ -139,3 +139,36 @@ def check_forward_backward(
 # torch.library.opcheck's checks minus "test_aot_dispatch_dynamic" (seconds per op under the interpreter;
 # the compile tests run the ops through AOTAutograd anyway).
 OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+def check_compiles_fullgraph(fn: Callable, inputs: Sequence[torch.Tensor], backend: str, op_name: str) -> None:
+    """``torch.compile(fn, fullgraph=True)`` runs (no graph break), calls ``torch.ops.optkit.<op_name>``
+    and gives eager's loss and input gradients. ``fn`` returns a scalar loss."""
+    wrt = [t for t in inputs if t.requires_grad]
+    eager_loss = fn(*inputs)
+    eager_grads = torch.autograd.grad(eager_loss, wrt)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    loss = torch.compile(fn, backend=recording_backend, fullgraph=True)(*inputs)
+    grads = torch.autograd.grad(loss, wrt)
+    assert any(f"optkit.{op_name}" in g for g in graphs), f"the compiled graph does not call optkit.{op_name}"
+    torch.testing.assert_close(loss, eager_loss)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+def check_module_matches(ours: torch.nn.Module, theirs: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> None:
+    """``ours`` (a drop-in sharing ``theirs``' parameters) holds to the rule with ``theirs`` as the
+    reference: the output and the gradients of x and of every parameter that requires grad."""
+    params = dict(theirs.named_parameters())
+    assert set(dict(ours.named_parameters())) == set(params), "the drop-in does not expose the same parameters"
+
+    def call(module):
+        return lambda x, *ps: torch.func.functional_call(module, dict(zip(params, ps)), (x,))
+
+    check_forward_backward(call(ours), call(theirs), [x, *params.values()], dtype)

@@ -10,7 +10,7 @@ from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from optkit.kernels.rms_norm import RMSNorm, reference_rms_norm, rms_norm
-from tests.kernels._tolerances import OPCHECKS, check_forward_backward
+from tests.kernels._tolerances import OPCHECKS, check_compiles_fullgraph, check_forward_backward
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MODES = [("llama", 0.0), ("gemma", 1.0)]
@@ -139,23 +139,8 @@ def test_custom_ops_pass_opcheck():
 
 def _compile_case(backend, device):
     x, weight = _inputs((4, 3, 40), torch.float32, seed=8, device=device)
-    fn = lambda x, w: (rms_norm(x, w, 1e-6, 1.0, "gemma") ** 2).sum()  # noqa: E731
-    eager_loss = fn(x, weight)
-    eager_grads = torch.autograd.grad(eager_loss, [x, weight])
-    graphs = []
-
-    def recording_backend(gm, example_inputs):
-        graphs.append(str(gm.graph))
-        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend=recording_backend, fullgraph=True)
-    loss = compiled(x, weight)
-    grads = torch.autograd.grad(loss, [x, weight])
-    assert any("optkit.rms_norm_fwd" in g for g in graphs), "the compiled graph does not call our op"
-    torch.testing.assert_close(loss, eager_loss)
-    for g, e in zip(grads, eager_grads):
-        torch.testing.assert_close(g, e)
+    loss = lambda x, w: (rms_norm(x, w, 1e-6, 1.0, "gemma") ** 2).sum()  # noqa: E731
+    check_compiles_fullgraph(loss, [x, weight], backend, "rms_norm_fwd")
 
 
 def test_compile_fullgraph_aot_eager():
