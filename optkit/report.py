@@ -681,7 +681,8 @@ def write_cross_gpu(per_gpu: Dict[str, List[Run]], out_root: Path, baseline_opt:
     md += ["## Side by side", "", write_tables(out_dir, "cross_gpu", columns, entries, "group"), ""]
     labels = [e["label"] for e in entries]
     panels = [(head_header, {s: [e.get(f"{head}@{s}") for e in entries] for s in slugs}),
-              ("speedup vs baseline", {s: [e.get(f"speedup@{s}") for e in entries] for s in slugs})]
+              (f"speedup vs {KERNEL_BASELINE_IMPL if head == 'gbps_full' else 'baseline'}",
+               {s: [e.get(f"speedup@{s}") for e in entries] for s in slugs})]
     md += FigureWriter(out_dir, formats)(plots.cross_gpu_bars, labels, panels, f"{suite}: {' vs '.join(slugs)}",
                                          name="cross_gpu", caption="cross-GPU")
     (out_dir / "report.md").write_text("\n".join(md).rstrip() + "\n")
