@@ -14,6 +14,8 @@ ARGS ?=
 RUNS ?= $(shell ls -d results/*/*/* 2>/dev/null | grep -v '/local/')
 BASELINE ?=
 CANDIDATE ?=
+REGRESS_ARGS ?=
+REPORT_ARGS ?=
 PYTEST_ARGS ?=
 STAMP := .make/installed
 
@@ -39,11 +41,11 @@ test-gpu: $(STAMP)
 	$(PYTHON) -m pytest -q -m gpu $(PYTEST_ARGS)
 
 report: $(STAMP)
-	$(PYTHON) -m optkit report $(RUNS)
+	$(PYTHON) -m optkit report $(RUNS) $(REPORT_ARGS)
 
 regress: $(STAMP)
 	@test -n "$(BASELINE)" -a -n "$(CANDIDATE)" || { echo "usage: make regress BASELINE=results/<gpu>/<suite>/<run> CANDIDATE=<run dir>"; exit 2; }
-	$(PYTHON) -m optkit regress --baseline $(BASELINE) --candidate $(CANDIDATE)
+	$(PYTHON) -m optkit regress --baseline $(BASELINE) --candidate $(CANDIDATE) $(REGRESS_ARGS)
 
 list: $(STAMP)
 	$(PYTHON) -m optkit list
