@@ -12,22 +12,29 @@ HF's flash-attention path given only position_ids (transformers 5.17 and 5.24,
 EVERY attention layer with these HF functions, which we call as they are:
   1. ``_is_packed_sequence(position_ids, 1)`` tested in an ``if``        -> 1 device->host sync
   2. ``prepare_fa_kwargs_from_position_ids``: ``(pos == min).nonzero()``  -> 1 sync (nonzero sizes its output on host)
+     and ``torch.tensor(position_ids.size(), device=...)``              -> a blocking host->device copy
   3. its 0-d ``max_length`` turned into the int the kernel takes          -> 1 sync (flash_attn and varlen_attn take ints)
-= 3 syncs per layer per forward; the CPU loop kernel reads the boundaries to host as well (a 4th). flash-attn is not
+= 3 device->host syncs per layer per forward, 4 blocking calls as torch's sync debug mode counts them on GPU (the
+claim says ~4 per layer); on CPU the loop kernel reads the boundaries to the host as well. flash-attn is not
 installed here, so the baseline runs this exact metadata work with torch's varlen kernel instead of flash_attn's.
 (HF's sdpa path builds one dense (B, 1, T, T) mask per forward instead: another kernel, not this comparison.)
 HF needs packed inputs as one (1, total) row; we flatten (B, T) rows to that, which is what HF's collator produces.
 
 Cache, ``apply_packed_metadata_cache`` (``opt.packed_metadata_cache``): a forward pre-hook on the decoder stack builds
-the metadata once per forward from position_ids - one device->host copy of position_ids, boundaries computed on the
-host, cu_seqlens copied back - and hands it to every layer as a keyword argument, which HF threads through the decoder
-layers into the attention function untouched. No layer syncs.
+the metadata once per forward from position_ids - one device->host copy of position_ids (the one sync), boundaries
+computed on the host, cu_seqlens copied back asynchronously from pinned memory - and hands it to every layer as a
+keyword argument, which HF threads through the decoder layers into the attention function untouched. No layer syncs.
+
+Batches that are not packed still work: rows without position_ids are whole sequences (boundaries from the shapes,
+no sync) and right-padded rows with an attention_mask become a real and a padding segment (one host read of the mask
+per forward); left padding is refused.
 
 Everything is per model instance: a new name in HF's attention registry (no HF class is patched), the model's
 ``config._attn_implementation`` switched to it, hooks kept so ``remove_*`` restores the model exactly.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
@@ -51,10 +58,15 @@ class PackedMetadata:
 
 @dataclass
 class PackingStats:
-    """How often metadata was built, per model; tests and the GPU script read it (cheap: two integer adds)."""
+    """Counts per model (integer adds, nothing synced): metadata builds, and which attention kernel ran."""
 
     per_layer_rebuilds: int = 0
     per_batch_builds: int = 0
+    varlen_kernel_calls: int = 0  # torch's varlen flash kernel
+    loop_kernel_calls: int = 0  # the per-example SDPA loop (CPU, fp32, torch < 2.10)
+
+    def reset(self) -> None:
+        self.__dict__.update(PackingStats().__dict__)
 
 
 def build_packed_metadata(position_ids: torch.Tensor) -> PackedMetadata:
@@ -65,8 +77,7 @@ def build_packed_metadata(position_ids: torch.Tensor) -> PackedMetadata:
         raise ValueError("packed position_ids must start every row at 0 (optkit.data.packing.packed_batch does)")
     boundaries = tuple(int(s) for s in starts) + (int(flat.size),)
     max_seqlen = int(np.diff(np.asarray(boundaries)).max())
-    cu_seqlens = torch.tensor(boundaries, dtype=torch.int32).to(position_ids.device, non_blocking=True)
-    return PackedMetadata(cu_seqlens, max_seqlen, boundaries)
+    return _metadata(boundaries, max_seqlen, position_ids.device)
 
 
 def rebuild_metadata_like_hf(position_ids: torch.Tensor, need_host_boundaries: bool) -> PackedMetadata:
@@ -93,45 +104,46 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
         raise NotImplementedError("packed attention has no attention dropout; set the model's attention_dropout to 0")
     batch, _, seq_len, head_dim = query.shape
     scale = head_dim ** -0.5 if scaling is None else scaling
+    stats = getattr(module, "_optkit_packing_stats", None) or PackingStats()
+    use_varlen = _varlen_usable(query)
     metadata = kwargs.get(METADATA_KWARG)
     if metadata is None:
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:  # not a packed batch: each row is one causal sequence
-            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
-                                                 enable_gqa=key.shape[1] != query.shape[1])
-            return out.transpose(1, 2), None
-        position_ids = position_ids.expand(batch, -1)  # HF's default positions are one (1, T) row for all rows
-        metadata = rebuild_metadata_like_hf(position_ids, need_host_boundaries=not _varlen_usable(query))
-        stats = getattr(module, "_optkit_packing_stats", None)
-        if stats is not None:
-            stats.per_layer_rebuilds += 1
+        if kwargs.get("position_ids") is None:
+            raise ValueError(f"{type(module).__name__} passes no position_ids to its attention function; packed "
+                             "attention needs them (HF decoder models of transformers >= 5 pass them)")
+        position_ids = kwargs["position_ids"].expand(batch, -1)  # HF's default positions: one (1, T) row for all
+        metadata = rebuild_metadata_like_hf(position_ids, need_host_boundaries=not use_varlen)
+        stats.per_layer_rebuilds += 1
     if sliding_window is not None and metadata.max_seqlen > sliding_window:
         raise NotImplementedError(f"packed attention has no sliding window ({sliding_window} < an example of "
                                   f"{metadata.max_seqlen} tokens); use a full-attention model or shorter examples")
     q, k, v = (t.transpose(1, 2).reshape(batch * seq_len, t.shape[1], head_dim) for t in (query, key, value))
-    if _varlen_usable(query):
+    if use_varlen:
+        stats.varlen_kernel_calls += 1
         out = _varlen_flash(q, k, v, metadata, scale)
     else:
+        stats.loop_kernel_calls += 1
         out = _varlen_by_example(q, k, v, metadata, scale)
     return out.view(batch, seq_len, query.shape[1], head_dim), None
 
 
 def _varlen_usable(query: torch.Tensor) -> bool:
-    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _varlen_attn_fn() is not None
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _varlen_api() is not None
 
 
-def _varlen_attn_fn():
+@functools.lru_cache(maxsize=None)
+def _varlen_api():
+    """(torch's varlen_attn, its parameter names), or None before torch 2.10."""
     try:
         from torch.nn.attention.varlen import varlen_attn
-    except ImportError:  # torch < 2.10
+    except ImportError:
         return None
-    return varlen_attn
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _varlen_flash(q, k, v, metadata: PackedMetadata, scale: float) -> torch.Tensor:
     """torch's varlen flash kernel on (total, H, D) tensors. Its keyword API moved between torch 2.10 and 2.12."""
-    varlen_attn = _varlen_attn_fn()
-    params = inspect.signature(varlen_attn).parameters
+    varlen_attn, params = _varlen_api()
     kwargs: Dict[str, Any] = {}
     if "window_size" in params:  # torch >= 2.11: causal is window (-1, 0)
         kwargs["window_size"] = (-1, 0)
@@ -174,7 +186,7 @@ def install_packed_attention(model) -> List[str]:
     _register_attention()
     config = base.config
     state["previous_attn"] = config._attn_implementation
-    state["validate_hook"] = base.register_forward_pre_hook(_reject_padding_mask, with_kwargs=True)
+    state["unpacked_hook"] = base.register_forward_pre_hook(_attach_unpacked_metadata, with_kwargs=True)
     for attention in _attention_modules(base):  # a plain attribute (not a submodule): the counter they share
         attention._optkit_packing_stats = state["stats"]
     config._attn_implementation = ATTN_NAME
@@ -208,7 +220,7 @@ def remove_packed_attention(model) -> None:
     state = _state(model)
     if "previous_attn" not in state:
         return
-    state.pop("validate_hook").remove()
+    state.pop("unpacked_hook").remove()
     base = _decoder_stack(model)
     for attention in _attention_modules(base):
         del attention._optkit_packing_stats
@@ -216,7 +228,7 @@ def remove_packed_attention(model) -> None:
 
 
 def packing_stats(model) -> PackingStats:
-    """Metadata builds counted on this model since packed attention was installed (reset it by assigning zeros)."""
+    """Counts on this model since packed attention was installed (``.reset()`` zeroes them)."""
     return _state(model)["stats"]
 
 
@@ -230,13 +242,45 @@ def _attach_metadata(module, args, kwargs):
     return args, kwargs
 
 
-def _reject_padding_mask(module, args, kwargs):
-    # With a registered name HF's mask factory does not know, HF drops the 2D padding mask: refuse padded batches
-    # rather than attend to padding silently.
-    if kwargs.get("attention_mask") is not None:
-        raise ValueError("packed attention takes padding-free batches (position_ids, no attention_mask); "
-                         "use data.packing=true, or do not install packed attention for padded batches")
-    return None
+def _attach_unpacked_metadata(module, args, kwargs):
+    """Batches that are not packed: rows are whole sequences (boundaries from shapes, no sync), or right-padded
+    rows (an attention_mask: one host read per forward). HF drops the 2D mask for an attention name its mask
+    factory does not know, so the boundaries carry it: causal attention over each row's real prefix is exact."""
+    if kwargs.get(METADATA_KWARG) is not None:
+        return None
+    rows = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+    batch, seq_len = rows.shape[:2]
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        kwargs[METADATA_KWARG] = metadata_from_padding_mask(mask)
+    elif kwargs.get("position_ids") is None:
+        boundaries = tuple(range(0, batch * seq_len + 1, seq_len))
+        kwargs[METADATA_KWARG] = _metadata(boundaries, seq_len, rows.device)
+    else:
+        return None  # packed: the layers rebuild (baseline) unless the cache hook built it
+    return args, kwargs
+
+
+def metadata_from_padding_mask(attention_mask: torch.Tensor) -> PackedMetadata:
+    """Right-padded (B, T) mask -> per row a real segment and a padding segment (one host read)."""
+    mask = attention_mask.to("cpu", copy=True).numpy().astype(bool)
+    lengths = mask.sum(axis=1)
+    if any(not mask[r, :n].all() for r, n in enumerate(lengths)):
+        raise ValueError("packed attention supports right padding only (real tokens first, then padding); "
+                         "pad on the right or use packed batches (data.packing=true)")
+    seq_len = mask.shape[1]
+    boundaries = [0]
+    for r, n in enumerate(lengths):
+        boundaries += [r * seq_len + int(n)] if 0 < n < seq_len else []
+        boundaries.append((r + 1) * seq_len)
+    return _metadata(tuple(boundaries), seq_len, attention_mask.device)
+
+
+def _metadata(boundaries: Tuple[int, ...], max_seqlen: int, device) -> PackedMetadata:
+    cu_host = torch.tensor(boundaries, dtype=torch.int32)
+    if torch.device(device).type == "cuda":  # pinned: the copy is asynchronous (from pageable memory it would block)
+        cu_host = cu_host.pin_memory()
+    return PackedMetadata(cu_host.to(device, non_blocking=True), max_seqlen, boundaries)
 
 
 def _register_attention() -> None:

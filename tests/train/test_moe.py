@@ -232,7 +232,8 @@ def test_gpu_grouped_mm_path_matches_hf_at_qwen3_30b_a3b_shapes():
     model.set_experts_implementation("eager")
     block = model.model.layers[0].mlp
     x = torch.randn(2048, 2048, device=dev, dtype=torch.bfloat16)
-    _, weights, index = block.gate(x)
+    routed = block.gate(x)  # (router logits, top-k weights, top-k experts)
+    weights, index = routed[-2], routed[-1]
 
     def run(experts, dtype):
         xs = x.detach().to(dtype).requires_grad_(True)

@@ -7,6 +7,7 @@ Syncs on CPU are counted with a dispatch mode that sees every aten op which woul
 """
 import copy
 import functools
+import inspect
 
 import pytest
 import torch
@@ -126,9 +127,10 @@ def test_packed_loss_and_grads_equal_the_padded_examples(cache):
 
 def _syncs_and_stats(model, batch):
     stats = P.packing_stats(model)
-    stats.per_layer_rebuilds = stats.per_batch_builds = 0
+    stats.reset()
     with HostSyncCounter() as counter:
         model(**batch.tensors).loss.backward()
+    assert stats.loop_kernel_calls == len(P._decoder_stack(model).layers) and stats.varlen_kernel_calls == 0
     return counter.count, stats.per_layer_rebuilds, stats.per_batch_builds
 
 
@@ -171,22 +173,42 @@ def test_unpacked_rows_still_attend_causally():
         torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_remove_restores_the_model_and_padded_batches_are_refused():
+@pytest.mark.parametrize("cache", [False, True], ids=["per_layer", "per_batch"])
+def test_padded_batches_attend_their_real_prefix_and_left_padding_is_refused(cache):
     model = _model()
     padded = padded_batch(2, SEQ_LEN, 512, torch.Generator().manual_seed(6), _cfg().data)
+    with torch.no_grad():
+        ref = model(**padded.tensors, use_cache=False).loss
+        if cache:
+            P.apply_packed_metadata_cache(model, _cfg(cache=True).opt)
+        else:
+            P.install_packed_attention(model)
+        with HostSyncCounter() as counter:
+            loss = model(**padded.tensors).loss
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+        assert counter.count == 1 and P.packing_stats(model).per_layer_rebuilds == 0  # the mask, read once
+        left = {k: t.flip(1) for k, t in padded.tensors.items()}
+        with pytest.raises(ValueError, match="right padding"):
+            model(**left)
+
+
+def test_remove_restores_the_model():
+    model = _model()
+    batch = _batch(6)
+    with torch.no_grad():
+        before_logits = model(**batch.tensors, use_cache=False).logits
     before = model.config._attn_implementation
     log = P.apply_packed_metadata_cache(model, _cfg(cache=True).opt)
     assert any("per layer" in line for line in log) and any("once per forward" in line for line in log)
     assert P.apply_packed_metadata_cache(model, _cfg(cache=True).opt) == []  # idempotent
     assert P.apply_packed_metadata_cache(model, _cfg(cache=False).opt) == []  # switch off: no change
-    with pytest.raises(ValueError, match="padding-free"):
-        model(**padded.tensors)
     P.remove_packed_attention(model)
     assert model.config._attn_implementation == before
     base = P._decoder_stack(model)
     assert not base._forward_pre_hooks
     assert not any(hasattr(layer.self_attn, "_optkit_packing_stats") for layer in base.layers)
-    model(**padded.tensors)  # plain HF again
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch.tensors, use_cache=False).logits, before_logits, rtol=0, atol=0)
 
 
 def _fake_varlen(signature: str):
@@ -214,7 +236,7 @@ def _fake_varlen(signature: str):
 @pytest.mark.parametrize("signature", ["2.10", "2.12"])
 def test_varlen_kernel_call_adapts_to_the_torch_api(signature, monkeypatch):
     fake, calls = _fake_varlen(signature)
-    monkeypatch.setattr(P, "_varlen_attn_fn", lambda: fake)
+    monkeypatch.setattr(P, "_varlen_api", lambda: (fake, frozenset(inspect.signature(fake).parameters)))
     gen = torch.Generator().manual_seed(7)
     q = torch.randn(50, 4, 16, generator=gen)
     k, v = torch.randn(2, 50, 2, 16, generator=gen)  # GQA: 2 kv heads for 4 q heads
@@ -236,10 +258,9 @@ def test_gpu_varlen_matches_per_example_and_syncs_drop_to_one():
     k, v = torch.randn(2, 4096, 2, 128, device=dev, dtype=torch.bfloat16, generator=gen)
     batch = packed_batch(2, 2048, 512, torch.Generator().manual_seed(0), compose(["data=packed"]).data)
     meta = P.build_packed_metadata(batch.tensors["position_ids"].to(dev))
-    meta_host = P.PackedMetadata(meta.cu_seqlens, meta.max_seqlen, meta.boundaries)
     out = P._varlen_flash(q, k, v, meta, 128 ** -0.5)
-    ref64 = P._varlen_by_example(q.double(), k.double(), v.double(), meta_host, 128 ** -0.5)
-    same_dtype = P._varlen_by_example(q, k, v, meta_host, 128 ** -0.5)
+    ref64 = P._varlen_by_example(q.double(), k.double(), v.double(), meta, 128 ** -0.5)
+    same_dtype = P._varlen_by_example(q, k, v, meta, 128 ** -0.5)
     assert_close_to_reference(out, ref64, same_dtype, torch.bfloat16, name="varlen_attn")
 
     model = build_model(compose(["model=qwen3_14b", "model.num_layers=2", "model.hf_config.hidden_size=1024",
