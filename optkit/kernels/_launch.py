@@ -8,35 +8,36 @@ Three jobs, all host-side and cheap (results of the shape -> config functions ar
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
 
 import torch
 import triton
 from torch import nn
 
 # Elements one program keeps in registers. 4096 elements over 8 warps is 16 per thread: two 16-byte
-# vector loads per bf16 tensor, enough bytes in flight per SM to saturate HBM on an H100 while leaving
-# registers for fp32 math (Triton tutorials and Liger settle on the same 4-8 K-element tiles).
+# vector loads per bf16 tensor, with registers left for the fp32 math (the Triton layer-norm tutorial's
+# heuristic also gives 8 warps to a 4096-wide row).
 TILE_ELEMENTS = 4096
-# Widest row a row kernel holds in registers at once (one full row is needed for its reduction);
-# 65536 fp32 over 32 warps is 64 registers per thread, the most that still compiles without spills.
+# Widest row a row kernel accepts (a row's reduction needs all of it in one tile): 64 values per
+# thread at 32 warps. Correct up to here; past ~16 K columns expect register spills (not measured).
 MAX_ROW_ELEMENTS = 65536
-# Programs per SM for the persistent backward kernels: 4 resident programs of 8 warps keep ~32 KB of
-# loads in flight per SM (Little's law wants ~15 KB at 3.35 TB/s and ~600 ns latency) while the fp32
-# per-program partial sums they write stay a few percent of the pass's traffic.
+# Programs per SM for the persistent backward kernels. Each 8-warp program has one row block of x and
+# dy in flight (16 KB at 4096 bf16 columns); Little's law wants ~15 KB per SM on an H100 (3.35 TB/s x
+# ~600 ns / 132 SMs), so even 2 resident programs suffice, and 4 leaves room. The fp32 weight-gradient
+# partials they write (programs x hidden x 4 bytes) stay ~2% of the backward's traffic at 16 K rows.
 PROGRAMS_PER_SM = 4
 # Under the CPU interpreter each program is a Python loop iteration: a few programs is enough to
 # exercise the cross-program reduction without making tests slow.
 INTERPRETER_PROGRAMS = 4
 
 
-def _warps_for(tile_elements: int) -> int:
+def warps_for(tile_elements: int) -> int:
     """16 elements per thread (32 threads per warp), between 1 and 32 warps."""
     return int(min(32, max(1, tile_elements // 512)))
 
 
-@functools.lru_cache(maxsize=None)
-def row_tile_config(n_rows: int, n_cols: int) -> Tuple[int, int, int]:
+# Bounded: row and element counts change with every packed batch.
+@functools.lru_cache(maxsize=1024)
+def row_tile_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_M rows, BLOCK_N cols, num_warps) for a kernel that reduces over whole rows.
 
     A row is one tile (its reduction must see it all); short rows are stacked BLOCK_M to a program so
@@ -49,17 +50,17 @@ def row_tile_config(n_rows: int, n_cols: int) -> Tuple[int, int, int]:
         )
     block_n = triton.next_power_of_2(max(n_cols, 1))
     block_m = max(1, min(TILE_ELEMENTS // block_n, triton.next_power_of_2(max(n_rows, 1))))
-    return block_m, block_n, _warps_for(block_m * block_n)
+    return block_m, block_n, warps_for(block_m * block_n)
 
 
-@functools.lru_cache(maxsize=None)
-def flat_tile_config(n_elements: int) -> Tuple[int, int]:
+@functools.lru_cache(maxsize=1024)
+def flat_tile_config(n_elements: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for an elementwise kernel over a flat buffer."""
     block = min(TILE_ELEMENTS, max(128, triton.next_power_of_2(max(n_elements, 1))))
-    return block, _warps_for(block)
+    return block, warps_for(block)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -111,7 +112,7 @@ _ACTIVATION_CLASS_NAMES = {
 }
 
 
-def hf_activation_name(hf_mlp: nn.Module) -> Optional[str]:
+def hf_activation_name(hf_mlp: nn.Module) -> str | None:
     """The activation string of an HF MLP: its config's ``hidden_activation`` (Gemma) or ``hidden_act``,
     else read from the class of its ``act_fn``; None when neither says."""
     config = getattr(hf_mlp, "config", None)
@@ -145,7 +146,7 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.gated_op(self.gate_proj(x), self.up_proj(x)))
 
     @staticmethod
-    def projections_of(hf_mlp: nn.Module) -> Tuple[nn.Module, nn.Module, nn.Module]:
+    def projections_of(hf_mlp: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
         missing = [n for n in ("gate_proj", "up_proj", "down_proj") if not hasattr(hf_mlp, n)]
         if missing:
             raise TypeError(
@@ -170,7 +171,7 @@ def launch_gated_fwd(kernel, gate: torch.Tensor, up: torch.Tensor, **constexprs)
 
 def launch_gated_bwd(
     kernel, d_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, **constexprs
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(d_gate, d_up)`` by ``kernel(d_out, gate, up, d_gate, d_up, n, ..., BLOCK)``, in gate's and up's dtypes."""
     d_out_flat, gate_flat, up_flat = as_flat(d_out), as_flat(gate), as_flat(up)
     d_gate, d_up = torch.empty_like(gate_flat), torch.empty_like(up_flat)

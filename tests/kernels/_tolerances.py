@@ -27,8 +27,8 @@ that; fp16 conversions round to nearest in both places.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -58,7 +58,7 @@ def _max_abs_error(value: torch.Tensor, ref64: torch.Tensor) -> float:
 def assert_close_to_reference(
     out: torch.Tensor,
     ref64: torch.Tensor,
-    torch_same_dtype_out: Optional[torch.Tensor],
+    torch_same_dtype_out: torch.Tensor | None,
     dtype: torch.dtype,
     name: str = "output",
 ) -> None:
@@ -90,7 +90,7 @@ def _as_tuple(value):
     return value if isinstance(value, tuple) else (value,)
 
 
-def _leaves(inputs: Sequence[torch.Tensor], dtype: Optional[torch.dtype]) -> List[torch.Tensor]:
+def _leaves(inputs: Sequence[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:
     """Fresh leaves with the inputs' values, strides (clone keeps them) and requires_grad."""
     out = []
     for t in inputs:

@@ -101,7 +101,7 @@ def test_custom_ops_pass_opcheck():
 
 def _compile_case(backend, device):
     gate, up = _inputs((4, 33), torch.float32, seed=6, device=device)
-    loss = lambda g, u: (geglu(g, u, "tanh") ** 2).sum() + geglu(g, u, "none").sum()  # noqa: E731
+    loss = lambda g, u: (geglu(g, u, "tanh") ** 2).sum() + geglu(g, u, "none").sum()
     check_compiles_fullgraph(loss, [gate, up], backend, "geglu_fwd")
 
 

@@ -92,9 +92,9 @@ def test_drop_in_equals_hf_module(hf_cls, dtype):
     assert ours.eps == 1e-5 and ours.cast_mode == ("gemma" if hf_cls is Gemma2RMSNorm else "llama")
 
     # The HF module itself is the reference (its float64 run computes in fp32: HF upcasts with .float()).
-    hf_forward = lambda x, weight: torch.func.functional_call(hf, {"weight": weight}, (x,))  # noqa: E731
+    hf_forward = lambda x, weight: torch.func.functional_call(hf, {"weight": weight}, (x,))
     x, _ = _inputs((2, 9, 96), dtype, seed=4)
-    ours_forward = lambda x, weight: torch.func.functional_call(ours, {"weight": weight}, (x,))  # noqa: E731
+    ours_forward = lambda x, weight: torch.func.functional_call(ours, {"weight": weight}, (x,))
     check_forward_backward(ours_forward, hf_forward, [x, hf.weight], dtype)
 
 
@@ -139,7 +139,7 @@ def test_custom_ops_pass_opcheck():
 
 def _compile_case(backend, device):
     x, weight = _inputs((4, 3, 40), torch.float32, seed=8, device=device)
-    loss = lambda x, w: (rms_norm(x, w, 1e-6, 1.0, "gemma") ** 2).sum()  # noqa: E731
+    loss = lambda x, w: (rms_norm(x, w, 1e-6, 1.0, "gemma") ** 2).sum()
     check_compiles_fullgraph(loss, [x, weight], backend, "rms_norm_fwd")
 
 
