@@ -13,10 +13,8 @@ tanh): no overflow, exact saturation, and an absolute error (~1e-7) far below a 
 
 Limits: as SwiGLU (same shapes, non-contiguous inputs copied once, fp32/fp16/bf16).
 
-Dispatch: eager calls go through a ``torch.autograd.Function`` (about 10x less host time than a
-custom op's dispatcher round trip); under ``torch.compile`` the same launchers run as the custom ops
-``optkit::geglu_fwd`` / ``optkit::geglu_bwd`` (fake implementations give the shapes), so a
-``fullgraph=True`` compile has no graph break.
+Dispatch as in rms_norm.py: an autograd.Function when eager, the custom ops ``optkit::geglu_fwd`` /
+``optkit::geglu_bwd`` under ``torch.compile`` (no graph break).
 """
 from __future__ import annotations
 

@@ -15,10 +15,8 @@ sequences. Math is fp32; outputs have ``promote_types(q.dtype, cos.dtype)`` like
 Limits: D even and at most 1024; a q/k/grad with a non-unit last stride is copied first; cos/sin get
 no gradient (HF computes them from a buffer under no_grad; passing ones that require grad is an error).
 
-Dispatch: eager calls go through a ``torch.autograd.Function`` (about 10x less host time than a
-custom op's dispatcher round trip); under ``torch.compile`` the same launchers run as the custom ops
-``optkit::rope_fwd`` / ``optkit::rope_bwd`` (fake implementations give the shapes), so a
-``fullgraph=True`` compile has no graph break.
+Dispatch as in rms_norm.py: an autograd.Function when eager, the custom ops ``optkit::rope_fwd`` /
+``optkit::rope_bwd`` under ``torch.compile`` (no graph break).
 """
 from __future__ import annotations
 

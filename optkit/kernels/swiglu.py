@@ -10,10 +10,8 @@ Limits: gate and up must have the same shape (any leading dims); non-contiguous 
 (e.g. halves of a fused gate_up projection); fp32/fp16/bf16 only. The output has
 ``promote_types(gate.dtype, up.dtype)``.
 
-Dispatch: eager calls go through a ``torch.autograd.Function`` (about 10x less host time than a
-custom op's dispatcher round trip); under ``torch.compile`` the same launchers run as the custom ops
-``optkit::swiglu_fwd`` / ``optkit::swiglu_bwd`` (fake implementations give the shapes), so a
-``fullgraph=True`` compile has no graph break.
+Dispatch as in rms_norm.py: an autograd.Function when eager, the custom ops ``optkit::swiglu_fwd`` /
+``optkit::swiglu_bwd`` under ``torch.compile`` (no graph break).
 """
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 ERROR_RATIO = 2.0  # fused error <= ERROR_RATIO x (plain PyTorch error in the same dtype) + slack
@@ -172,3 +173,8 @@ def check_module_matches(ours: torch.nn.Module, theirs: torch.nn.Module, x: torc
         return lambda x, *ps: torch.func.functional_call(module, dict(zip(params, ps)), (x,))
 
     check_forward_backward(call(ours), call(theirs), [x, *params.values()], dtype)
+
+# torch.compile backends for the no-graph-break tests: aot_eager on CPU here, inductor on the GPU.
+COMPILE_BACKENDS = pytest.mark.parametrize(
+    "backend, device", [("aot_eager", "cpu"), pytest.param("inductor", "cuda", marks=pytest.mark.gpu)]
+)

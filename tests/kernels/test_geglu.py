@@ -12,7 +12,13 @@ from transformers import Gemma2Config
 from transformers.models.gemma2.modeling_gemma2 import Gemma2MLP
 
 from optkit.kernels.geglu import GeGLUMLP, geglu, reference_geglu
-from tests.kernels._tolerances import OPCHECKS, check_compiles_fullgraph, check_forward_backward, check_module_matches
+from tests.kernels._tolerances import (
+    COMPILE_BACKENDS,
+    OPCHECKS,
+    check_compiles_fullgraph,
+    check_forward_backward,
+    check_module_matches,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FORMS = ["tanh", "none"]
@@ -99,19 +105,11 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(torch.ops.optkit.geglu_bwd.default, args, test_utils=OPCHECKS)
 
 
-def _compile_case(backend, device):
+@COMPILE_BACKENDS
+def test_compile_fullgraph(backend, device):
     gate, up = _inputs((4, 33), torch.float32, seed=6, device=device)
     loss = lambda g, u: (geglu(g, u, "tanh") ** 2).sum() + geglu(g, u, "none").sum()
     check_compiles_fullgraph(loss, [gate, up], backend, "geglu_fwd")
-
-
-def test_compile_fullgraph_aot_eager():
-    _compile_case("aot_eager", "cpu")
-
-
-@pytest.mark.gpu
-def test_compile_fullgraph_inductor_gpu():
-    _compile_case("inductor", "cuda")
 
 
 @pytest.mark.gpu

@@ -10,7 +10,7 @@ from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from optkit.kernels.rms_norm import RMSNorm, reference_rms_norm, rms_norm
-from tests.kernels._tolerances import OPCHECKS, check_compiles_fullgraph, check_forward_backward
+from tests.kernels._tolerances import COMPILE_BACKENDS, OPCHECKS, check_compiles_fullgraph, check_forward_backward
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MODES = [("llama", 0.0), ("gemma", 1.0)]
@@ -137,19 +137,11 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(torch.ops.optkit.rms_norm_bwd.default, args, test_utils=OPCHECKS)
 
 
-def _compile_case(backend, device):
+@COMPILE_BACKENDS
+def test_compile_fullgraph(backend, device):
     x, weight = _inputs((4, 3, 40), torch.float32, seed=8, device=device)
     loss = lambda x, w: (rms_norm(x, w, 1e-6, 1.0, "gemma") ** 2).sum()
     check_compiles_fullgraph(loss, [x, weight], backend, "rms_norm_fwd")
-
-
-def test_compile_fullgraph_aot_eager():
-    _compile_case("aot_eager", "cpu")
-
-
-@pytest.mark.gpu
-def test_compile_fullgraph_inductor_gpu():
-    _compile_case("inductor", "cuda")
 
 
 @pytest.mark.gpu

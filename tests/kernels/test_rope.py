@@ -10,7 +10,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from optkit.kernels.rope import apply_rotary, reference_rope
-from tests.kernels._tolerances import OPCHECKS, check_compiles_fullgraph, check_forward_backward
+from tests.kernels._tolerances import COMPILE_BACKENDS, OPCHECKS, check_compiles_fullgraph, check_forward_backward
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -135,7 +135,8 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.optkit.rope_bwd.default, args, test_utils=OPCHECKS)
 
 
-def _compile_case(backend, device):
+@COMPILE_BACKENDS
+def test_compile_fullgraph(backend, device):
     gen = torch.Generator().manual_seed(6)
     q = _heads(2, 4, 3, 16, torch.float32, gen, "hf", device)
     k = _heads(2, 2, 3, 16, torch.float32, gen, "contiguous", device)
@@ -146,15 +147,6 @@ def _compile_case(backend, device):
         return (q_rot**2).sum() + (k_rot * torch.arange(16.0, device=k_rot.device)).sum()
 
     check_compiles_fullgraph(loss, [q, k, cos, sin], backend, "rope_fwd")
-
-
-def test_compile_fullgraph_aot_eager():
-    _compile_case("aot_eager", "cpu")
-
-
-@pytest.mark.gpu
-def test_compile_fullgraph_inductor_gpu():
-    _compile_case("inductor", "cuda")
 
 
 @pytest.mark.gpu

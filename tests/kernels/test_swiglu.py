@@ -11,7 +11,13 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from optkit.kernels.swiglu import SwiGLUMLP, reference_swiglu, swiglu
-from tests.kernels._tolerances import OPCHECKS, check_compiles_fullgraph, check_forward_backward, check_module_matches
+from tests.kernels._tolerances import (
+    COMPILE_BACKENDS,
+    OPCHECKS,
+    check_compiles_fullgraph,
+    check_forward_backward,
+    check_module_matches,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -102,18 +108,10 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.optkit.swiglu_bwd.default, args, test_utils=OPCHECKS)
 
 
-def _compile_case(backend, device):
+@COMPILE_BACKENDS
+def test_compile_fullgraph(backend, device):
     gate, up = _inputs((4, 33), torch.float32, seed=6, device=device)
     check_compiles_fullgraph(lambda g, u: (swiglu(g, u) ** 2).sum(), [gate, up], backend, "swiglu_fwd")
-
-
-def test_compile_fullgraph_aot_eager():
-    _compile_case("aot_eager", "cpu")
-
-
-@pytest.mark.gpu
-def test_compile_fullgraph_inductor_gpu():
-    _compile_case("inductor", "cuda")
 
 
 @pytest.mark.gpu
