@@ -142,17 +142,22 @@ def _rms_norm_bwd(
     x2d, dy2d, weight = as_rows(x), as_rows(dy), weight.contiguous()
     n_rows, n_cols = x2d.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    no_dw = weight.new_empty(0)
+    if n_rows == 0:
+        return dx.view(x.shape), torch.zeros_like(weight) if compute_dw else no_dw
     block_m, block_n, num_warps = row_tile_config(n_rows, n_cols)
     n_programs = persistent_programs(x.device, triton.cdiv(n_rows, block_m))
-    dw_partial = torch.zeros((n_programs if compute_dw else 0, n_cols), dtype=torch.float32, device=x.device)
-    if n_rows > 0:
-        _rms_norm_bwd_kernel[(n_programs,)](
-            dy2d, x2d, weight, rstd.reshape(-1), dx, dw_partial,
-            n_rows, n_cols, dy2d.stride(0), x2d.stride(0), dx.stride(0), offset,
-            CAST_NORMALIZED=cast_normalized, COMPUTE_DW=compute_dw,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        )
-    dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else weight.new_empty(0)
+    rstd = rstd.reshape(-1)
+    # Every program stores its row of partials (no memset needed). Without dW the kernel never touches
+    # the pointer; rstd stands in, as Triton refuses the null pointer of an empty CUDA tensor.
+    dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw else rstd
+    _rms_norm_bwd_kernel[(n_programs,)](
+        dy2d, x2d, weight, rstd, dx, dw_partial,
+        n_rows, n_cols, dy2d.stride(0), x2d.stride(0), dx.stride(0), offset,
+        CAST_NORMALIZED=cast_normalized, COMPUTE_DW=compute_dw,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else no_dw
     return dx.view(x.shape), dw
 
 

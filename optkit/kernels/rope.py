@@ -53,14 +53,15 @@ def _rotate_token_heads(
 ):
     dims = tl.arange(0, BLOCK_HALF)[None, :]
     dim_mask = dims < half
+    dtype = out_ptr.dtype.element_ty
     for head_start in range(0, n_heads, BLOCK_H):
         heads = (head_start + tl.arange(0, BLOCK_H))[:, None]
         mask = (heads < n_heads) & dim_mask
-        in_lo = in_ptr + heads * stride_in_h + dims
+        heads64 = heads.to(tl.int64)  # (B, H, S, D) layout: heads * stride_h passes 2**31 past S = 512 K
+        in_lo = in_ptr + heads64 * stride_in_h + dims
         x_lo = tl.load(in_lo, mask=mask, other=0.0).to(tl.float32)
         x_hi = tl.load(in_lo + half, mask=mask, other=0.0).to(tl.float32)
-        out_lo = out_ptr + heads * stride_out_h + dims
-        dtype = out_ptr.dtype.element_ty
+        out_lo = out_ptr + heads64 * stride_out_h + dims
         tl.store(out_lo, (x_lo * cos_lo - x_hi * sin_lo).to(dtype), mask=mask)
         tl.store(out_lo + half, (x_hi * cos_hi + x_lo * sin_hi).to(dtype), mask=mask)
 
