@@ -25,7 +25,9 @@ forward + backward. Backward through one graph twice raises (the gradient was sc
 Semantics are torch.nn.functional.cross_entropy's with the class dim last, except: the loss is fp32
 for every logits dtype (a bf16 loss would round 11.76 to 11.75); "mean" over zero non-ignored tokens
 is 0 with a zero gradient (torch gives NaN). Targets must lie in [0, V) or equal ignore_index (checked
-only in Triton debug mode). Logits are fp32/fp16/bf16 of shape (..., V); any leading strides are read
+only in Triton debug mode). In fp16 the gradient is rounded after the 1/n_valid of "mean" but before
+backward's grad_output, so a GradScaler's factor cannot rescue probabilities below ~6e-8 * n_valid
+from underflow (eager PyTorch rounds after both); bf16 and fp32 have no such limit. Logits are fp32/fp16/bf16 of shape (..., V); any leading strides are read
 in place (slices such as ``logits[:, :-1]`` are not copied), a last dim that is not unit-stride is
 copied once.
 """
@@ -110,6 +112,7 @@ def _cross_entropy_fwd_kernel(
                 tl.store(grad_row + cols, tl.zeros([BLOCK], grad_ptr.dtype.element_ty), mask=cols < n_cols)
         return
     tl.device_assert((target >= 0) & (target < n_cols), "cross_entropy: target outside [0, V)")
+    target = target.to(tl.int32)  # < V: 32-bit compares against the column indices below
 
     # Pass 1: running max m and sum d of exp(x - m) over chunks, in fp32.
     m = float("-inf")
@@ -194,18 +197,31 @@ def _batched_rows(x: Tensor, allow_copy: bool = True) -> Tuple[Tensor, int, int,
     """``(x, rows_per_batch, stride_b, stride_t)``: row r of x's last dim starts at
     ``(r // rows_per_batch) * stride_b + (r % rows_per_batch) * stride_t``. Two levels of strides read
     (B, T, V) slices in place; deeper leading dims are merged into B (a copy only if they can't be)."""
+    if x.dim() > 3:
+        try:
+            x = x.view(-1, *x.shape[-2:])
+        except RuntimeError:
+            if not allow_copy:
+                raise
+            x = x.reshape(-1, *x.shape[-2:])
     if x.stride(-1) != 1 and x.shape[-1] > 1:
         if not allow_copy:
-            raise RuntimeError("internal: in-place kernel on a tensor without a unit last stride")
+            raise RuntimeError("internal: an in-place kernel needs a unit last stride")
         x = x.contiguous()
     if x.dim() == 1:
         return x, 1, 0, 0
     if x.dim() == 2:
         return x, max(x.shape[0], 1), 0, x.stride(0)
-    x3 = x.flatten(0, -3)
-    if x3.data_ptr() != x.data_ptr() and not allow_copy:
-        raise RuntimeError("internal: in-place kernel on leading dims that do not merge into a view")
-    return x3, max(x3.shape[1], 1), x3.stride(0), x3.stride(1)
+    return x, max(x.shape[1], 1), x.stride(0), x.stride(1)
+
+
+def _reads_in_place(x: Tensor) -> bool:
+    """Whether the kernels can address x's own memory (else it is copied once)."""
+    try:
+        _batched_rows(x, allow_copy=False)
+        return True
+    except RuntimeError:
+        return False
 
 
 def _block_and_warps(n_cols: int, max_block: int) -> Tuple[int, int]:
@@ -282,7 +298,7 @@ def _cross_entropy_fwd(
 ) -> Tuple[Tensor, Tensor]:
     """``(loss, grad)``. ``grad_into``: "none" (loss only; grad is empty), "new" (a fresh buffer) or
     "logits" (the logits' own memory; a copy of them if their layout needed one)."""
-    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+    if not _reads_in_place(logits):
         logits = logits.contiguous()
     target_rows = target.reshape(-1)
     loss_rows = torch.empty(target_rows.shape, dtype=torch.float32, device=logits.device)
@@ -291,8 +307,7 @@ def _cross_entropy_fwd(
     elif grad_into == "new":
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     else:
-        grad = logits if _batched_rows(logits)[0].data_ptr() == logits.data_ptr() else logits.contiguous()
-        logits = grad
+        grad = logits
     n_valid = (target_rows != ignore_index).sum() if reduction == "mean" else None
     launch_cross_entropy_kernel(
         logits, target_rows, loss_rows, None if grad_into == "none" else grad,

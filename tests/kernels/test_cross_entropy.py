@@ -132,11 +132,17 @@ def test_overwrite_logits_saved_by_another_op_raises_instead_of_corrupting():
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_strided_logits_are_read_in_place(overwrite):
-    base, target = _logits((3, 6, 80), torch.bfloat16, seed=10), _targets((3, 5), 80, seed=10)
-    loss = cross_entropy((base * 1.0)[:, :-1], target, overwrite_logits=overwrite)  # the causal-LM shift
+@pytest.mark.parametrize(
+    "shape, index",
+    [((3, 6, 80), (slice(None), slice(None, -1))), ((2, 3, 4, 80), (slice(None), slice(None, -1), slice(None, -1)))],
+    ids=["causal-shift-read-in-place", "4d-unmergeable-copied"],
+)
+def test_strided_logits(overwrite, shape, index):
+    base = _logits(shape, torch.bfloat16, seed=10)
+    target = _targets(tuple(base[index].shape[:-1]), 80, seed=10)
+    loss = cross_entropy((base * 1.0)[index], target, overwrite_logits=overwrite)
     expected64 = base.detach().double().requires_grad_()
-    expected_loss = reference_cross_entropy(expected64[:, :-1], target)
+    expected_loss = reference_cross_entropy(expected64[index], target)
     expected_loss.backward()
     loss.backward()
     assert_close_to_reference(loss, expected_loss, None, torch.bfloat16, "loss")
@@ -191,7 +197,7 @@ def test_invalid_arguments_say_what_to_do(kwargs, error, match):
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) shapes/strides and autograd registration of the ops torch.compile sees."""
     logits, target = _logits((2, 3, 40), torch.float32, seed=15), _targets((2, 3), 40, seed=15)
-    for reduction, softcap, compute_grad in [("mean", None, True), ("none", 4.0, True), ("sum", None, False)]:
+    for reduction, softcap, compute_grad in [("none", 4.0, True), ("mean", None, False)]:
         args = (logits, target, IGNORE, reduction, softcap, 0.1, compute_grad)
         torch.library.opcheck(torch.ops.optkit.cross_entropy.default, args, test_utils=OPCHECKS)
     grad = torch.randn(2, 3, 40)
