@@ -28,6 +28,7 @@ Syncs per step: torch.cuda.set_sync_debug_mode("warn") warnings over one extra u
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -162,7 +163,7 @@ def packing_section(args, device) -> dict:
     stats = packing_opt.packing_stats(model)
     info = {"model": model_name, "layers": args.packing_layers, "method": method, "rows": args.batch,
             "seq_len": args.seq, "real_tokens": batch.real_tokens, "padded_tokens": batch.padded_tokens,
-            "examples": int((batch.tensors["position_ids"] == 0).sum()),
+            "segments": int((batch.tensors["position_ids"] == 0).sum()),  # examples + padding tails
             "attention_kernel": "torch varlen_attn" if stats.varlen_kernel_calls and not stats.loop_kernel_calls
             else "per-example SDPA loop" if stats.loop_kernel_calls and not stats.varlen_kernel_calls else "mixed",
             "packing_stats": dict(stats.__dict__),
@@ -170,11 +171,9 @@ def packing_section(args, device) -> dict:
             "cached_vs_per_layer_gain_pct": {p: gain_pct(results["per_layer"], results["cached"], p)
                                              for p in ("fwd", "bwd", "step")}}
     table(f"packing: {model_name} x {args.packing_layers} layers, {method}, {args.batch}x{args.seq} packed "
-          f"({batch.real_tokens} real tokens, {info['examples']} segments), {info['attention_kernel']}; "
+          f"({batch.real_tokens} real tokens, {info['segments']} segments), {info['attention_kernel']}; "
           "gains vs per_layer", TIMING_HEADER, timing_rows(results, "per_layer"))
     print(f"packed attention counts over the run: {info['packing_stats']}")
-    del model
-    _free(device)
     return info
 
 
@@ -219,8 +218,6 @@ def moe_section(args, device) -> dict:
           ["variant", "loss", "loss diff", "router grad rel diff", "expert grad rel diff"],
           [[name] + [row[k] for k in ("loss", "loss_diff", "router_grad_rel_diff", "expert_grad_rel_diff")]
            for name, row in info["agreement_with_hf_eager"].items()])
-    del model
-    _free(device)
     return info
 
 
@@ -262,14 +259,13 @@ def _set_experts_implementation(model, name: str) -> None:
 def _bitsandbytes_usable(device) -> bool:
     if device.type != "cuda":
         return False  # the smoke run keeps to plain LoRA
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def _free(device) -> None:
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -317,7 +313,7 @@ def main(argv=None) -> None:
         except Exception as exc:  # noqa: BLE001 - one failing section must not lose the other's numbers
             traceback.print_exc()
             out[section] = {"error": repr(exc), "traceback": traceback.format_exc()}
-            _free(device)
+        _free(device)  # the section's model went out of scope with it
     out["wall_s"] = time.time() - started
     print(f"\nwall time {out['wall_s']:.0f} s")
     path = args.json or (os.path.join(os.environ["OUT"], "gpu_packing_moe_checks.json") if os.environ.get("OUT")

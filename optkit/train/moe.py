@@ -75,7 +75,7 @@ def grouped_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """torch's grouped GEMM: CUDA, bf16, sm80+ (sm90 only before torch 2.9), rows 16-byte aligned."""
     if not (x.is_cuda and x.dtype == weight.dtype == torch.bfloat16 and _grouped_mm_op() is not None):
         return False
-    major, minor = torch.cuda.get_device_capability(x.device)
+    major, _ = torch.cuda.get_device_capability(x.device)
     torch_major_minor = tuple(int(p) for p in torch.__version__.split(".")[:2])
     if major < 8 or (torch_major_minor < (2, 9) and major != 9):
         return False

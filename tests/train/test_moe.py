@@ -6,7 +6,6 @@ makes (+ one ulp at the reference's scale). Inputs are fresh random tensors with
 """
 import copy
 import functools
-import types
 
 import pytest
 import torch
@@ -21,13 +20,13 @@ from tests.train.test_packing import HostSyncCounter
 
 @functools.lru_cache(maxsize=None)
 def _cfg(*overrides):
-    return compose(["model=tiny_qwen3_moe", "opt.moe_sorted_routing=true", *overrides])
+    # experts_implementation=eager: HF's per-expert loop is the baseline and, in float64, the reference
+    return compose(["model=tiny_qwen3_moe", "model.experts_implementation=eager", "opt.moe_sorted_routing=true",
+                    *overrides])
 
 
 def _model(seed=0):
-    model = build_model(_cfg().model, seed=seed).train()
-    model.set_experts_implementation("eager")  # HF's per-expert loop: the baseline and the fp64 reference
-    return model
+    return build_model(_cfg().model, seed=seed).train()
 
 
 def _routing(tokens, experts, top_k, gen, skip=()):
@@ -227,9 +226,9 @@ def test_gpu_grouped_mm_path_matches_hf_at_qwen3_30b_a3b_shapes():
     from optkit.measure.syncs import count_device_syncs
 
     dev = torch.device("cuda")
-    cfg = compose(["model=qwen3_moe_30b_a3b", "model.num_layers=1", "model.hf_config.vocab_size=1024"])
+    cfg = compose(["model=qwen3_moe_30b_a3b", "model.num_layers=1", "model.hf_config.vocab_size=1024",
+                   "model.experts_implementation=eager"])
     model = build_model(cfg.model, device=dev).train()
-    model.set_experts_implementation("eager")
     block = model.model.layers[0].mlp
     x = torch.randn(2048, 2048, device=dev, dtype=torch.bfloat16)
     routed = block.gate(x)  # (router logits, top-k weights, top-k experts)
