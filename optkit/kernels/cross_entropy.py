@@ -25,11 +25,12 @@ forward + backward. Backward through one graph twice raises (the gradient was sc
 Semantics are torch.nn.functional.cross_entropy's with the class dim last, except: the loss is fp32
 for every logits dtype (a bf16 loss would round 11.76 to 11.75); "mean" over zero non-ignored tokens
 is 0 with a zero gradient (torch gives NaN). Targets must lie in [0, V) or equal ignore_index (checked
-only in Triton debug mode). In fp16 the gradient is rounded after the 1/n_valid of "mean" but before
-backward's grad_output, so a GradScaler's factor cannot rescue probabilities below ~6e-8 * n_valid
-from underflow (eager PyTorch rounds after both); bf16 and fp32 have no such limit. Logits are fp32/fp16/bf16 of shape (..., V); any leading strides are read
-in place (slices such as ``logits[:, :-1]`` are not copied), a last dim that is not unit-stride is
-copied once.
+only in Triton debug mode). Logits are fp32/fp16/bf16 of shape (..., V) read in place through two
+levels of leading strides (slices such as ``logits[:, :-1]`` are not copied); leading dims that merge
+into no view, or a last dim that is not unit-stride, are copied once. In fp16 the gradient is rounded
+after the 1/n_valid of "mean" but before backward's grad_output, so a GradScaler's factor cannot
+rescue probabilities below ~6e-8 * n_valid from underflow (eager PyTorch rounds after both); bf16
+and fp32 have no such limit.
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ def _cross_entropy_fwd_kernel(
     if target == ignore_index:
         tl.store(loss_ptr + row, 0.0)
         if COMPUTE_GRAD:
-            for block in range(0, n_blocks):
+            for block in range(n_blocks):
                 cols = block * BLOCK + offsets
                 tl.store(grad_row + cols, tl.zeros([BLOCK], grad_ptr.dtype.element_ty), mask=cols < n_cols)
         return
@@ -118,7 +119,7 @@ def _cross_entropy_fwd_kernel(
     m = float("-inf")
     d = 0.0
     x_sum = 0.0
-    for block in range(0, n_blocks):
+    for block in range(n_blocks):
         cols = block * BLOCK + offsets
         mask = cols < n_cols
         x = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
@@ -148,7 +149,7 @@ def _cross_entropy_fwd_kernel(
     if COMPUTE_GRAD:
         if HAS_ROW_SCALE:
             scale *= tl.load(row_scale_ptr + row * stride_row_scale).to(tl.float32)
-        for i in range(0, n_blocks):
+        for i in range(n_blocks):
             cols = (n_blocks - 1 - i) * BLOCK + offsets
             mask = cols < n_cols
             x = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
@@ -277,7 +278,9 @@ def scale_grad_in_place(grad: Tensor, grad_output: Tensor) -> None:
     n_rows = grad.numel() // n_cols
     factors = grad_output.reshape(-1)
     if factors.numel() not in (1, n_rows):
-        raise ValueError(f"grad_output of shape {tuple(grad_output.shape)} does not scale a gradient of shape {tuple(grad.shape)}")
+        raise ValueError(
+            f"grad_output of shape {tuple(grad_output.shape)} does not scale a gradient of shape {tuple(grad.shape)}"
+        )
     block, num_warps = _block_and_warps(n_cols, _SCALE_BLOCK)
     n_col_blocks = triton.cdiv(n_cols, block)
     _scale_rows_kernel[(n_rows * n_col_blocks,)](
@@ -398,7 +401,9 @@ def check_loss_options(reduction: str, softcap: Optional[float], label_smoothing
         raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 1]")
 
 
-def _check_args(logits: Tensor, target: Tensor, reduction: str, softcap: Optional[float], label_smoothing: float) -> None:
+def _check_args(
+    logits: Tensor, target: Tensor, reduction: str, softcap: Optional[float], label_smoothing: float
+) -> None:
     check_float_dtype("cross_entropy", logits=logits)
     check_loss_options(reduction, softcap, label_smoothing)
     if logits.dim() == 0 or logits.shape[-1] == 0:
@@ -409,7 +414,9 @@ def _check_args(logits: Tensor, target: Tensor, reduction: str, softcap: Optiona
             f"{tuple(logits.shape[:-1])}"
         )
     if target.dtype not in (torch.int64, torch.int32) or target.device != logits.device:
-        raise TypeError(f"cross_entropy: target must be int64/int32 on {logits.device}, got {target.dtype} on {target.device}")
+        raise TypeError(
+            f"cross_entropy: target must be int64/int32 on {logits.device}, got {target.dtype} on {target.device}"
+        )
 
 
 def cross_entropy(
@@ -429,7 +436,8 @@ def cross_entropy(
     only when nothing reads the logits after this call.
     """
     _check_args(logits, target, reduction, softcap, label_smoothing)
-    args = (logits, target, int(ignore_index), reduction, None if softcap is None else float(softcap), float(label_smoothing))
+    softcap = None if softcap is None else float(softcap)
+    args = (logits, target, int(ignore_index), reduction, softcap, float(label_smoothing))
     needs_grad = logits.requires_grad and torch.is_grad_enabled()
     if torch.compiler.is_compiling():  # the custom op is opaque to the graph: no break, our kernels run
         return _cross_entropy_op(*args, needs_grad)[0]

@@ -167,8 +167,10 @@ def _(hidden, weight, target, bias, ignore_index, reduction, softcap, label_smoo
     loss = hidden.new_empty(target.shape if reduction == "none" else (), dtype=torch.float32)
     grad_hidden = hidden.new_empty(hidden.shape if need_grad_hidden and grads else (0,))
     grad_weight = weight.new_empty(weight.shape if need_grad_weight and grads else (0,))
-    has_grad_bias = need_grad_bias and grads and bias is not None
-    grad_bias = weight.new_empty((weight.shape[0],) if has_grad_bias else (0,), dtype=bias.dtype if has_grad_bias else weight.dtype)
+    if need_grad_bias and grads and bias is not None:
+        grad_bias = bias.new_empty(bias.shape)
+    else:
+        grad_bias = weight.new_empty(0)
     return loss, grad_hidden, grad_weight, grad_bias
 
 

@@ -51,7 +51,9 @@ def _check(logits, target, dtype, seed=0, **options):
     ignore_fraction=st.sampled_from([0.0, 0.4]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_random_shapes_match_reference(rows, vocab, lead, dtype, reduction, softcap, label_smoothing, ignore_fraction, seed):
+def test_random_shapes_match_reference(
+    rows, vocab, lead, dtype, reduction, softcap, label_smoothing, ignore_fraction, seed
+):
     shape = (*lead, rows)
     logits, target = _logits((*shape, vocab), dtype, seed), _targets(shape, vocab, seed, ignore_fraction)
     _check(logits, target, dtype, seed, reduction=reduction, softcap=softcap, label_smoothing=label_smoothing)
@@ -73,7 +75,13 @@ def test_large_vocab_row_at_the_default_block():
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.25}, {"label_smoothing": 0.1, "reduction": "sum"}],
+    [
+        {},
+        {"reduction": "sum"},
+        {"reduction": "none"},
+        {"label_smoothing": 0.25},
+        {"label_smoothing": 0.1, "reduction": "sum"},
+    ],
 )
 def test_reference_agrees_with_torch(options):
     logits, target = _logits((5, 7, 50), torch.float64, seed=4), _targets((5, 7), 50, seed=4)
@@ -166,7 +174,8 @@ def test_no_grad_computes_loss_only():
     logits, target = _logits((4, 64), torch.float16, seed=13), _targets((4,), 64, seed=13)
     with torch.no_grad():
         loss = cross_entropy(logits, target, reduction="sum")
-    assert_close_to_reference(loss, reference_cross_entropy(logits.detach().double(), target, reduction="sum"), None, torch.float16)
+    expected = reference_cross_entropy(logits.detach().double(), target, reduction="sum")
+    assert_close_to_reference(loss, expected, None, torch.float16)
 
 
 def test_module_matches_function():

@@ -22,7 +22,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IGNORE = -100
 
 
-def _inputs(tokens_shape, hidden_size, vocab, dtype, seed, bias=True, device="cpu", ignore_fraction=0.3):
+def _inputs(tokens_shape, hidden_size, vocab, dtype, seed, bias=True, ignore_fraction=0.3, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn((*tokens_shape, hidden_size), generator=gen).to(device=device, dtype=dtype)
     # ~N(0, 1) logits: weights scaled by 1/sqrt(H) as an initialized LM head is
@@ -63,7 +63,8 @@ def _check(hidden, weight, bias, target, dtype, seed=0, **options):
 def test_random_shapes_match_reference(
     tokens, lead, hidden_size, vocab, chunk_rows, dtype, bias, reduction, softcap, ignore_fraction, seed
 ):
-    hidden, weight, bias_t, target = _inputs((*lead, tokens), hidden_size, vocab, dtype, seed, bias, ignore_fraction=ignore_fraction)
+    shape = (*lead, tokens)
+    hidden, weight, bias_t, target = _inputs(shape, hidden_size, vocab, dtype, seed, bias, ignore_fraction)
     _check(hidden, weight, bias_t, target, dtype, seed, chunk_rows=chunk_rows, reduction=reduction, softcap=softcap)
 
 
@@ -134,7 +135,8 @@ class _AllocationCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 size = t.untyped_storage().nbytes()
@@ -196,15 +198,19 @@ def test_custom_op_passes_opcheck():
     """Schema, fake (meta) shapes/strides and autograd registration of the op torch.compile sees."""
     hidden, weight, bias, target = _inputs((2, 3), 16, 40, torch.float32, seed=8)
     for reduction, use_bias, row_scale in [("mean", True, None), ("none", False, torch.rand(2, 3))]:
-        args = (hidden, weight, target, bias if use_bias else None, IGNORE, reduction, 3.0, 0.0, 4, True, True, use_bias, row_scale)
+        options = (IGNORE, reduction, 3.0, 0.0, 4, True, True, use_bias, row_scale)
+        args = (hidden, weight, target, bias if use_bias else None, *options)
         torch.library.opcheck(torch.ops.optkit.fused_linear_cross_entropy.default, args, test_utils=OPCHECKS)
 
 
-def _compile_case(backend, device, tokens_shape=(2, 7), hidden_size=32, vocab=200, dtype=torch.float32, reduction="mean"):
+def _compile_case(
+    backend, device, tokens_shape=(2, 7), hidden_size=32, vocab=200, dtype=torch.float32, reduction="mean"
+):
     hidden, weight, bias, target = _inputs(tokens_shape, hidden_size, vocab, dtype, seed=9, device=device)
 
     def fn(h, w, b):
-        return fused_linear_cross_entropy(h * 1.0, w, target, b, reduction=reduction, softcap=10.0, chunk_rows=5).sum() * 0.5
+        loss = fused_linear_cross_entropy(h * 1.0, w, target, b, reduction=reduction, softcap=10.0, chunk_rows=5)
+        return loss.sum() * 0.5
 
     eager_loss = fn(hidden, weight, bias)
     eager_grads = torch.autograd.grad(eager_loss, [hidden, weight, bias])
@@ -240,7 +246,9 @@ def test_llama3_head_on_gpu_matches_reference_within_memory_bound():
     """4096 tokens, H=4096 -> V=128256 in bf16: loss and all gradients vs float64, and the peak memory
     beyond the inputs is the gradients plus one chunk of logits, not the (4096, 128256) logits."""
     tokens, hidden_size, vocab = 4096, 4096, 128256
-    hidden, weight, _, target = _inputs((tokens,), hidden_size, vocab, torch.bfloat16, seed=10, bias=False, device="cuda")
+    hidden, weight, _, target = _inputs(
+        (tokens,), hidden_size, vocab, torch.bfloat16, seed=10, bias=False, device="cuda"
+    )
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start_bytes = torch.cuda.memory_allocated()
@@ -261,5 +269,6 @@ def test_llama3_head_on_gpu_matches_reference_within_memory_bound():
     loss16 = reference_fused_linear_cross_entropy(h16, w16, target)
     loss16.backward()
     assert_close_to_reference(loss, loss64, loss16, torch.bfloat16, "loss")
-    for ours, expected, same_dtype, name in zip(grads, (h64.grad, w64.grad), (h16.grad, w16.grad), ("hidden", "weight")):
+    pairs = zip(("hidden", "weight"), grads, (h64.grad, w64.grad), (h16.grad, w16.grad))
+    for name, ours, expected, same_dtype in pairs:
         assert_close_to_reference(ours, expected, same_dtype, torch.bfloat16, f"grad of {name}")
