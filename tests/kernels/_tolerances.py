@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+# Where the kernel tests run: the GPU when there is one (compiled Triton), else the CPU interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ERROR_RATIO = 2.0  # fused error <= ERROR_RATIO x (plain PyTorch error in the same dtype) + slack
 
 
@@ -174,7 +176,7 @@ def check_module_matches(ours: torch.nn.Module, theirs: torch.nn.Module, x: torc
 
     check_forward_backward(call(ours), call(theirs), [x, *params.values()], dtype)
 
-# torch.compile backends for the no-graph-break tests: aot_eager on CPU here, inductor on the GPU.
+# torch.compile backends for the no-graph-break tests: aot_eager wherever the tests run, inductor on the GPU.
 COMPILE_BACKENDS = pytest.mark.parametrize(
-    "backend, device", [("aot_eager", "cpu"), pytest.param("inductor", "cuda", marks=pytest.mark.gpu)]
+    "backend, device", [("aot_eager", DEVICE), pytest.param("inductor", "cuda", marks=pytest.mark.gpu)]
 )

@@ -14,6 +14,7 @@ from transformers.models.gemma2.modeling_gemma2 import Gemma2MLP
 from optkit.kernels.geglu import GeGLUMLP, geglu, reference_geglu
 from tests.kernels._tolerances import (
     COMPILE_BACKENDS,
+    DEVICE,
     OPCHECKS,
     check_compiles_fullgraph,
     check_forward_backward,
@@ -24,7 +25,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FORMS = ["tanh", "none"]
 
 
-def _inputs(shape, dtype, seed, device="cpu"):
+def _inputs(shape, dtype, seed, device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
     gate = (torch.randn(shape, generator=gen) * 3).to(device=device, dtype=dtype).requires_grad_()
     up = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
@@ -59,14 +60,16 @@ def test_model_sizes_and_partial_last_block(shape, approximate):
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # numpy under the interpreter
 @pytest.mark.parametrize("approximate", FORMS)
 def test_tails_and_non_contiguous_inputs(approximate):
-    gate = torch.tensor([[-1e4, -100.0, -30.0, -3.0, 0.0], [1e-3, 3.0, 30.0, 100.0, 1e4]]).t().requires_grad_()
-    up = torch.randn(2, 5, generator=torch.Generator().manual_seed(1)).t().requires_grad_()
+    gate = torch.tensor([[-1e4, -100.0, -30.0, -3.0, 0.0], [1e-3, 3.0, 30.0, 100.0, 1e4]], device=DEVICE)
+    gate = gate.t().requires_grad_()
+    up = torch.randn(2, 5, generator=torch.Generator().manual_seed(1)).to(DEVICE).t().requires_grad_()
     _check(gate, up, approximate, torch.float32)
 
 
 def _gemma2_mlp(dtype, activation="gelu_pytorch_tanh", seed=2):
     torch.manual_seed(seed)
-    return Gemma2MLP(Gemma2Config(hidden_size=32, intermediate_size=48, hidden_activation=activation)).to(dtype)
+    config = Gemma2Config(hidden_size=32, intermediate_size=48, hidden_activation=activation)
+    return Gemma2MLP(config).to(device=DEVICE, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -76,7 +79,7 @@ def test_mlp_drop_in_equals_gemma2_mlp(dtype):
     assert ours.approximate == "tanh"  # read from Gemma2's hidden_activation
     assert ours.gate_proj is hf.gate_proj and ours.up_proj is hf.up_proj and ours.down_proj is hf.down_proj
     assert list(ours.state_dict()) == list(hf.state_dict())
-    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3)).to(dtype).requires_grad_()
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype).requires_grad_()
     check_module_matches(ours, hf, x, dtype)
 
 
@@ -84,7 +87,7 @@ def test_mlp_drop_in_exact_gelu():
     hf = _gemma2_mlp(torch.float32, activation="gelu")
     ours = GeGLUMLP.from_module(hf)
     assert ours.approximate == "none"
-    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE).requires_grad_()
     check_module_matches(ours, hf, x, torch.float32)
 
 
@@ -101,7 +104,7 @@ def test_custom_ops_pass_opcheck():
     gate, up = _inputs((3, 5), torch.float32, seed=5)
     for approximate in FORMS:
         torch.library.opcheck(torch.ops.optkit.geglu_fwd.default, (gate, up, approximate), test_utils=OPCHECKS)
-        args = (torch.randn(3, 5), gate.detach(), up.detach(), approximate)
+        args = (torch.randn(3, 5, device=DEVICE), gate.detach(), up.detach(), approximate)
         torch.library.opcheck(torch.ops.optkit.geglu_bwd.default, args, test_utils=OPCHECKS)
 
 

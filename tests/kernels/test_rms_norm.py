@@ -10,13 +10,19 @@ from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from optkit.kernels.rms_norm import RMSNorm, reference_rms_norm, rms_norm
-from tests.kernels._tolerances import COMPILE_BACKENDS, OPCHECKS, check_compiles_fullgraph, check_forward_backward
+from tests.kernels._tolerances import (
+    COMPILE_BACKENDS,
+    DEVICE,
+    OPCHECKS,
+    check_compiles_fullgraph,
+    check_forward_backward,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MODES = [("llama", 0.0), ("gemma", 1.0)]
 
 
-def _inputs(shape, dtype, seed, weight_dtype=None, device="cpu"):
+def _inputs(shape, dtype, seed, weight_dtype=None, device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=gen) * 2).to(device=device, dtype=dtype).requires_grad_()
     # Around 1 (llama) / around 0 (gemma's 1 + w) alike: a spread that makes the weight matter.
@@ -80,7 +86,7 @@ def _hf_pair(hf_cls, hidden, eps, dtype, seed):
     hf = hf_cls(hidden, eps=eps)
     with torch.no_grad():
         hf.weight.copy_(torch.randn(hidden, generator=torch.Generator().manual_seed(seed)) * 0.5 + 0.5)
-    hf = hf.to(dtype)
+    hf = hf.to(device=DEVICE, dtype=dtype)
     return hf, RMSNorm.from_module(hf)
 
 
@@ -131,7 +137,7 @@ def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) shapes/strides and autograd registration of the ops torch.compile sees."""
     x, weight = _inputs((3, 2, 24), torch.float32, seed=7)
     torch.library.opcheck(torch.ops.optkit.rms_norm_fwd.default, (x, weight, 1e-6, 0.0, True), test_utils=OPCHECKS)
-    rstd, dy = torch.rand(3, 2) + 0.5, torch.randn(3, 2, 24)
+    rstd, dy = torch.rand(3, 2, device=DEVICE) + 0.5, torch.randn(3, 2, 24, device=DEVICE)
     for compute_dw in (True, False):
         args = (dy, x.detach(), weight.detach(), rstd, 1.0, False, compute_dw)
         torch.library.opcheck(torch.ops.optkit.rms_norm_bwd.default, args, test_utils=OPCHECKS)
@@ -155,7 +161,6 @@ def test_gpu_llama3_8b_shape(mode):
 @pytest.mark.parametrize("hf_cls", [LlamaRMSNorm, Gemma2RMSNorm])
 def test_gpu_rounding_order_matches_hf_bf16(hf_cls):
     hf, ours = _hf_pair(hf_cls, 4096, 1e-6, torch.bfloat16, seed=10)
-    hf, ours = hf.cuda(), RMSNorm.from_module(hf.cuda())
     x, _ = _inputs((2048, 4096), torch.bfloat16, seed=11, device="cuda")
     with torch.no_grad():
         mismatch = (ours(x) != hf(x)).float().mean().item()

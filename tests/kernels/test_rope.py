@@ -10,12 +10,18 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from optkit.kernels.rope import apply_rotary, reference_rope
-from tests.kernels._tolerances import COMPILE_BACKENDS, OPCHECKS, check_compiles_fullgraph, check_forward_backward
+from tests.kernels._tolerances import (
+    COMPILE_BACKENDS,
+    DEVICE,
+    OPCHECKS,
+    check_compiles_fullgraph,
+    check_forward_backward,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _heads(batch, n_heads, seq_len, head_dim, dtype, gen, layout, device="cpu"):
+def _heads(batch, n_heads, seq_len, head_dim, dtype, gen, layout, device=DEVICE):
     """(B, H, S, D) either contiguous or as HF makes it: ``view(B, S, H, D).transpose(1, 2)``."""
     if layout == "hf":
         t = torch.randn(batch, seq_len, n_heads, head_dim, generator=gen).transpose(1, 2)
@@ -24,7 +30,7 @@ def _heads(batch, n_heads, seq_len, head_dim, dtype, gen, layout, device="cpu"):
     return t.to(device=device, dtype=dtype).requires_grad_()
 
 
-def _cos_sin(cos_batch, seq_len, head_dim, dtype, gen, device="cpu"):
+def _cos_sin(cos_batch, seq_len, head_dim, dtype, gen, device=DEVICE):
     """Arbitrary angles per token (packed sequences); shape (S, D) when cos_batch is None."""
     lead = () if cos_batch is None else (cos_batch,)
     angles = torch.rand(*lead, seq_len, head_dim // 2, generator=gen) * 6.3
@@ -32,7 +38,7 @@ def _cos_sin(cos_batch, seq_len, head_dim, dtype, gen, device="cpu"):
     return angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype)
 
 
-def _check(batch, n_kv, group, seq_len, head_dim, dtype, layout, cos_batch, seed, device="cpu"):
+def _check(batch, n_kv, group, seq_len, head_dim, dtype, layout, cos_batch, seed, device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
     q = _heads(batch, n_kv * group, seq_len, head_dim, dtype, gen, layout, device)
     k = _heads(batch, n_kv, seq_len, head_dim, dtype, gen, layout, device)
@@ -62,7 +68,7 @@ def test_general_cos_sin_whose_halves_differ():
     gen = torch.Generator().manual_seed(1)
     q = _heads(2, 4, 3, 8, torch.float32, gen, "hf")
     k = _heads(2, 2, 3, 8, torch.float32, gen, "contiguous")
-    cos, sin = torch.randn(2, 3, 8, generator=gen), torch.randn(2, 3, 8, generator=gen)
+    cos, sin = torch.randn(2, 3, 8, generator=gen).to(DEVICE), torch.randn(2, 3, 8, generator=gen).to(DEVICE)
     check_forward_backward(apply_rotary, reference_rope, [q, k, cos, sin], torch.float32)
 
 
@@ -71,12 +77,12 @@ def _hf_attention_inputs(dtype, position_ids):
     config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     batch, seq_len = position_ids.shape
     gen = torch.Generator().manual_seed(2)
-    hidden = torch.randn(batch, seq_len, config.hidden_size, generator=gen).to(dtype)
-    q_proj = torch.randn(config.hidden_size, 4 * 16, generator=gen).to(dtype) * 0.2
-    k_proj = torch.randn(config.hidden_size, 2 * 16, generator=gen).to(dtype) * 0.2
+    hidden = torch.randn(batch, seq_len, config.hidden_size, generator=gen).to(DEVICE, dtype)
+    q_proj = torch.randn(config.hidden_size, 4 * 16, generator=gen).to(DEVICE, dtype) * 0.2
+    k_proj = torch.randn(config.hidden_size, 2 * 16, generator=gen).to(DEVICE, dtype) * 0.2
     q = (hidden @ q_proj).view(batch, seq_len, -1, 16).transpose(1, 2).detach().requires_grad_()
     k = (hidden @ k_proj).view(batch, seq_len, -1, 16).transpose(1, 2).detach().requires_grad_()
-    cos, sin = LlamaRotaryEmbedding(config)(hidden, position_ids)
+    cos, sin = LlamaRotaryEmbedding(config).to(DEVICE)(hidden, position_ids.to(DEVICE))
     return q, k, cos, sin
 
 
@@ -95,8 +101,8 @@ def test_non_contiguous_upstream_gradient():
     q = _heads(2, 4, 5, 8, torch.float32, gen, "contiguous")
     k = _heads(2, 2, 5, 8, torch.float32, gen, "hf")
     cos, sin = _cos_sin(2, 5, 8, torch.float32, gen)
-    dq_rot = torch.randn(2, 5, 4, 8, generator=gen).transpose(1, 2)  # (B, H, S, D) view, S-major
-    dk_rot = torch.randn(2, 2, 8, 5, generator=gen).transpose(2, 3)  # D not innermost: copied
+    dq_rot = torch.randn(2, 5, 4, 8, generator=gen).to(DEVICE).transpose(1, 2)  # (B, H, S, D) view, S-major
+    dk_rot = torch.randn(2, 2, 8, 5, generator=gen).to(DEVICE).transpose(2, 3)  # D not innermost: copied
     grads = torch.autograd.grad(apply_rotary(q, k, cos, sin), [q, k], [dq_rot, dk_rot])
     q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
     ref = torch.autograd.grad(reference_rope(q64, k64, cos.double(), sin.double()), [q64, k64], [dq_rot.double(), dk_rot.double()])
@@ -106,8 +112,8 @@ def test_non_contiguous_upstream_gradient():
 
 def test_head_dim_not_innermost_is_copied():
     gen = torch.Generator().manual_seed(4)
-    q = torch.randn(1, 2, 8, 3, generator=gen).transpose(2, 3).requires_grad_()  # stride(-1) == 3
-    k = torch.randn(1, 1, 3, 8, generator=gen).requires_grad_()
+    q = torch.randn(1, 2, 8, 3, generator=gen).to(DEVICE).transpose(2, 3).requires_grad_()  # stride(-1) == 3
+    k = torch.randn(1, 1, 3, 8, generator=gen).to(DEVICE).requires_grad_()
     cos, sin = _cos_sin(None, 3, 8, torch.float32, gen)
     check_forward_backward(apply_rotary, reference_rope, [q, k, cos, sin], torch.float32)
 

@@ -13,6 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from optkit.kernels.swiglu import SwiGLUMLP, reference_swiglu, swiglu
 from tests.kernels._tolerances import (
     COMPILE_BACKENDS,
+    DEVICE,
     OPCHECKS,
     check_compiles_fullgraph,
     check_forward_backward,
@@ -22,7 +23,7 @@ from tests.kernels._tolerances import (
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _inputs(shape, dtype, seed, device="cpu"):
+def _inputs(shape, dtype, seed, device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
     # gate spread over silu's curved region and both tails
     gate = (torch.randn(shape, generator=gen) * 3).to(device=device, dtype=dtype).requires_grad_()
@@ -55,15 +56,15 @@ def test_non_contiguous_inputs_are_copied():
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # numpy under the interpreter
 def test_tails_stay_finite():
-    gate = torch.tensor([-1e4, -100.0, -30.0, 0.0, 30.0, 100.0, 1e4]).requires_grad_()
-    up = torch.ones(7, requires_grad=True)
+    gate = torch.tensor([-1e4, -100.0, -30.0, 0.0, 30.0, 100.0, 1e4], device=DEVICE).requires_grad_()
+    up = torch.ones(7, device=DEVICE, requires_grad=True)
     check_forward_backward(swiglu, reference_swiglu, [gate, up], torch.float32)
 
 
 def _llama_mlp(dtype, seed=2):
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=32, intermediate_size=48, hidden_act="silu")
-    return LlamaMLP(config).to(dtype)
+    return LlamaMLP(config).to(device=DEVICE, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -72,7 +73,7 @@ def test_mlp_drop_in_equals_llama_mlp(dtype):
     ours = SwiGLUMLP.from_module(hf)
     assert ours.gate_proj is hf.gate_proj and ours.up_proj is hf.up_proj and ours.down_proj is hf.down_proj
     assert list(ours.state_dict()) == list(hf.state_dict())
-    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3)).to(dtype).requires_grad_()
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype).requires_grad_()
     check_module_matches(ours, hf, x, dtype)
 
 
@@ -84,7 +85,7 @@ def test_mlp_drop_in_keeps_lora_wrappers():
             torch.nn.init.normal_(p, std=0.1)
     ours = SwiGLUMLP.from_module(hf)
     assert ours.gate_proj is hf.gate_proj and list(ours.state_dict()) == list(hf.state_dict())
-    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE).requires_grad_()
     check_module_matches(ours, hf, x, torch.float32)
 
 
@@ -104,7 +105,7 @@ def test_shape_mismatch_is_an_error():
 def test_custom_ops_pass_opcheck():
     gate, up = _inputs((3, 5), torch.float32, seed=5)
     torch.library.opcheck(torch.ops.optkit.swiglu_fwd.default, (gate, up), test_utils=OPCHECKS)
-    args = (torch.randn(3, 5), gate.detach(), up.detach().to(torch.bfloat16))
+    args = (torch.randn(3, 5, device=DEVICE), gate.detach(), up.detach().to(torch.bfloat16))
     torch.library.opcheck(torch.ops.optkit.swiglu_bwd.default, args, test_utils=OPCHECKS)
 
 
