@@ -42,19 +42,16 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from optkit.kernels._launch import check_float_dtype
+from optkit.kernels._launch import check_float_dtype, flat_tile_config, persistent_programs
 
 REDUCTIONS = ("mean", "sum", "none")
 
-# Logits per chunk a program holds at once. 32768 fp32 over 32 warps is 32 registers per thread; a
-# program of 1024 threads then fills an SM, so ~132 rows are in flight on an H100 (~34 MB of bf16 at
-# V=128256) and the second read of each row is served from the 50 MB L2. Liger-Kernel measured the
-# same ceiling (MAX_FUSED_SIZE = 32768 with 32 warps). Tests lower it to exercise many chunks.
-_MAX_BLOCK = 32768
-# Elements per program of the in-place scaling kernel: few programs, so the common grad_output == 1
-# case (each program reads one scalar and returns) is a launch of a few thousand programs.
-_SCALE_BLOCK = 16384
-
+# Logits per chunk a program holds at once. 16384 over 32 warps is 16 fp32 per thread: 64 registers
+# and no spills on sm_90 (Triton 3.9 spills 200 B per thread at 32768, Liger's setting). A program of
+# 1024 threads x 64 registers fills an SM, so ~132 rows are in flight on an H100 (~34 MB of bf16 at
+# V=128256) and the second read of each row is served from the 50 MB L2; its 32 KB of loads per chunk
+# cover what Little's law asks of one SM (~18 KB at 3.35 TB/s and ~700 ns). Tests lower it.
+_MAX_BLOCK = 16384
 
 def reference_cross_entropy(
     logits: Tensor,
@@ -165,25 +162,29 @@ def _cross_entropy_fwd_kernel(
             tl.store(grad_row + cols, (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-# Reads one scale per program and, unless it is exactly 1, BLOCK elements of its row; writes them
-# scaled in place.
+# Reads one scale and, unless it is exactly 1, the whole tensor; writes it scaled in place. A persistent
+# grid: the common grad_output == 1 case is one wave of programs that read one number and return.
 @triton.jit
 def _scale_rows_kernel(
-    x_ptr, scale_ptr, n_cols, rows_per_batch, n_col_blocks,
+    x_ptr, scale_ptr, n_cols, rows_per_batch, n_col_blocks, n_blocks,
     stride_x_b, stride_x_t, stride_scale,
-    BLOCK: tl.constexpr,
+    ONE_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    row, col_block = pid // n_col_blocks, pid % n_col_blocks
-    scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
-    if scale == 1.0:
-        return
-    batch, pos = row // rows_per_batch, row % rows_per_batch
-    cols = col_block * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    ptrs = x_ptr + batch * stride_x_b + pos * stride_x_t + cols
-    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptrs, (x * scale).to(x_ptr.dtype.element_ty), mask=mask)
+    if ONE_SCALE:
+        scale = tl.load(scale_ptr).to(tl.float32)
+        if scale == 1.0:
+            return
+    for block_id in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+        row, col_block = block_id // n_col_blocks, block_id % n_col_blocks
+        if not ONE_SCALE:
+            scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
+        if scale != 1.0:
+            row64 = row.to(tl.int64)
+            cols = col_block * BLOCK + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            ptrs = x_ptr + (row64 // rows_per_batch) * stride_x_b + (row64 % rows_per_batch) * stride_x_t + cols
+            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ptrs, (x * scale).to(x_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_can_launch(x: Tensor) -> None:
@@ -225,9 +226,9 @@ def _reads_in_place(x: Tensor) -> bool:
         return False
 
 
-def _block_and_warps(n_cols: int, max_block: int) -> Tuple[int, int]:
-    block = min(max_block, triton.next_power_of_2(max(n_cols, 1)))
-    return block, max(4, min(32, block // 1024))  # up to 32 fp32 per thread, 4..32 warps
+def _block_and_warps(n_cols: int) -> Tuple[int, int]:
+    block = min(_MAX_BLOCK, triton.next_power_of_2(max(n_cols, 1)))
+    return block, max(4, min(32, block // 512))  # up to 16 fp32 per thread, 4..32 warps
 
 
 def launch_cross_entropy_kernel(
@@ -253,7 +254,7 @@ def launch_cross_entropy_kernel(
     grad_rows, _, stride_gb, stride_gt = (
         _batched_rows(grad, allow_copy=False) if grad is not None else (logits_rows, 0, 0, 0)
     )
-    block, num_warps = _block_and_warps(n_cols, _MAX_BLOCK)
+    block, num_warps = _block_and_warps(n_cols)
     _cross_entropy_fwd_kernel[(n_rows,)](
         logits_rows, target, loss_rows, grad_rows,
         n_valid if n_valid is not None else target,
@@ -281,12 +282,12 @@ def scale_grad_in_place(grad: Tensor, grad_output: Tensor) -> None:
         raise ValueError(
             f"grad_output of shape {tuple(grad_output.shape)} does not scale a gradient of shape {tuple(grad.shape)}"
         )
-    block, num_warps = _block_and_warps(n_cols, _SCALE_BLOCK)
+    block, num_warps = flat_tile_config(n_cols)
     n_col_blocks = triton.cdiv(n_cols, block)
-    _scale_rows_kernel[(n_rows * n_col_blocks,)](
-        rows, factors, n_cols, rows_per_batch, n_col_blocks, stride_b, stride_t,
-        factors.stride(0) if factors.numel() > 1 else 0,
-        BLOCK=block, num_warps=num_warps,
+    n_blocks = n_rows * n_col_blocks
+    _scale_rows_kernel[(persistent_programs(grad.device, n_blocks),)](
+        rows, factors, n_cols, rows_per_batch, n_col_blocks, n_blocks, stride_b, stride_t, factors.stride(0),
+        ONE_SCALE=factors.numel() == 1, BLOCK=block, num_warps=num_warps,
     )
 
 
