@@ -238,6 +238,10 @@ class OffloadedLayerForward:
     def __init__(self, layer: nn.Module, index: int, offloader: LayerInputOffloader):
         self.layer, self.index, self.offloader = layer, index, offloader
 
+    # Under torch.compile this frame drives streams, events and host buffers, which cannot be traced:
+    # it is skipped (the HF layer forward it calls is still compiled as its own frame; the backward
+    # recomputation runs eagerly).
+    @torch.compiler.disable(recursive=False)
     def __call__(self, *args, **kwargs):
         layer = self.layer
         original = type(layer).forward

@@ -26,8 +26,9 @@ is named in the log.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -181,28 +182,42 @@ class _FusedProjectionsFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- gated MLP
-GatedActivation = Callable[[Tensor, Tensor], Tensor]
+@dataclass(frozen=True)
+class GatedActivation:
+    """``h = act(gate) * up`` and its backward ``(dh, gate, up) -> (d_gate, d_up)`` as plain calls (no
+    autograd inside the fused backward, so torch.compile can trace it)."""
+
+    forward: Callable[[Tensor, Tensor], Tensor]
+    backward: Callable[[Tensor, Tensor, Tensor], Tuple[Tensor, Tensor]]
+    label: str
 
 
-def gated_activation(name: Optional[str]) -> Tuple[Optional[GatedActivation], str]:
-    """``act(gate) * up`` for an HF activation name, preferring optkit's kernels; (None, why) if unknown."""
+def _torch_gated(fn: Callable[[Tensor, Tensor], Tensor], label: str) -> GatedActivation:
+    def backward(dh: Tensor, gate: Tensor, up: Tensor) -> Tuple[Tensor, Tensor]:
+        return torch.func.vjp(fn, gate, up)[1](dh)
+
+    return GatedActivation(fn, backward, label)
+
+
+def _kernel_or_torch(op: str, extra: tuple, torch_fn: Callable[[Tensor, Tensor], Tensor], math: str):
+    try:
+        importlib.import_module(f"optkit.kernels.{op}")  # registers torch.ops.optkit.<op>_fwd / <op>_bwd
+    except ImportError:
+        return _torch_gated(torch_fn, f"torch {math} (optkit.kernels.{op} missing)")
+    fwd, bwd = getattr(torch.ops.optkit, f"{op}_fwd"), getattr(torch.ops.optkit, f"{op}_bwd")
+    return GatedActivation(lambda g, u: fwd(g, u, *extra), lambda dh, g, u: bwd(dh, g, u, *extra),
+                           f"optkit {op} kernel: {math}")
+
+
+def gated_activation(name: Optional[str]) -> Union[GatedActivation, str]:
+    """The gated activation for an HF activation name, preferring optkit's kernels; a reason if unknown."""
     if name in ("silu", "swish"):
-        try:
-            from optkit.kernels.swiglu import swiglu
-
-            return swiglu, "optkit swiglu kernel"
-        except ImportError:
-            return (lambda g, u: F.silu(g) * u), "torch silu(gate) * up (optkit.kernels.swiglu missing)"
+        return _kernel_or_torch("swiglu", (), lambda g, u: F.silu(g) * u, "silu(gate) * up")
     if name in ("gelu_pytorch_tanh", "gelu"):
         approximate = "tanh" if name == "gelu_pytorch_tanh" else "none"
-        try:
-            from optkit.kernels.geglu import geglu
-
-            return (lambda g, u: geglu(g, u, approximate)), f"optkit geglu kernel ({approximate})"
-        except ImportError:
-            return (lambda g, u: F.gelu(g, approximate=approximate) * u), \
-                f"torch gelu(gate, {approximate}) * up (optkit.kernels.geglu missing)"
-    return None, f"activation {name!r} is not gated SiLU/GELU"
+        return _kernel_or_torch("geglu", (approximate,), lambda g, u: F.gelu(g, approximate=approximate) * u,
+                                f"gelu(gate, {approximate}) * up")
+    return f"activation {name!r} is not gated SiLU/GELU"
 
 
 class MLPGroup:
@@ -220,7 +235,7 @@ class _FusedMLPFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, group: MLPGroup, *lora_params: Tensor):
         x2d = x.reshape(-1, x.shape[-1])
         (gate, up), xa_gate_up = _project(x2d, group.gate_up)
-        h = group.act(gate, up)  # (N, I), not saved: recomputed in backward from gate and up
+        h = group.act.forward(gate, up)  # (N, I), not saved: recomputed in backward from gate and up
         (y,), xa_down = _project(h, group.down)
         ctx.group = group
         ctx.save_for_backward(x, gate, up, xa_gate_up, xa_down)
@@ -230,12 +245,11 @@ class _FusedMLPFunction(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, gate, up, xa_gate_up, xa_down = ctx.saved_tensors
         group = ctx.group
-        with torch.enable_grad():
-            gate_, up_ = gate.detach().requires_grad_(), up.detach().requires_grad_()
-            h = group.act(gate_, up_)
-        dh, d_down = _project_backward(h.detach(), xa_down, [dy.reshape(-1, dy.shape[-1])], group.down, True)
-        d_gate, d_up = torch.autograd.grad(h, (gate_, up_), dh)
-        del h, dh
+        h = group.act.forward(gate, up)
+        dh, d_down = _project_backward(h, xa_down, [dy.reshape(-1, dy.shape[-1])], group.down, True)
+        del h
+        d_gate, d_up = group.act.backward(dh, gate, up)
+        del dh
         x2d = x.reshape(-1, x.shape[-1])
         dx, d_gate_up = _project_backward(x2d, xa_gate_up, [d_gate, d_up], group.gate_up, ctx.needs_input_grad[0])
         return (dx.view_as(x) if dx is not None else None, None, *d_gate_up, *d_down)
@@ -311,7 +325,9 @@ def _install_attention(attn: nn.Module) -> Optional[str]:
     return None
 
 
-def _install_mlp(mlp: nn.Module, act: GatedActivation) -> Optional[str]:
+def _install_mlp(mlp: Optional[nn.Module], act: Union[GatedActivation, str]) -> Optional[str]:
+    if isinstance(act, str) or mlp is None:
+        return act if isinstance(act, str) else "no mlp"
     projections = _projections(mlp, MLP_NAMES)
     if isinstance(projections, str):
         return projections
@@ -334,7 +350,8 @@ def apply_fused_lora(model: nn.Module, opt_cfg) -> List[str]:
         return []
     if any(isinstance(m.__dict__.get("forward"), _FusedForward) for m in model.modules()):
         raise RuntimeError("fused LoRA is already applied to this model; call remove_fused_lora(model) first")
-    act, act_label = gated_activation(_activation_name(model))
+    act = gated_activation(_activation_name(model))
+    act_label = act if isinstance(act, str) else act.label
     layers = decoder_layers(model)
     skipped: Dict[str, List[int]] = {}
     n_attn = n_mlp = 0
@@ -344,8 +361,7 @@ def apply_fused_lora(model: nn.Module, opt_cfg) -> List[str]:
             skipped.setdefault(f"attention left to peft: {reason}", []).append(index)
         else:
             n_attn += 1
-        mlp = getattr(layer, "mlp", None)
-        reason = _install_mlp(mlp, act) if act is not None and mlp is not None else (act_label if act is None else "no mlp")
+        reason = _install_mlp(getattr(layer, "mlp", None), act)
         if reason:
             skipped.setdefault(f"MLP left to peft: {reason}", []).append(index)
         else:

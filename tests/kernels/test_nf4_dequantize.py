@@ -38,12 +38,19 @@ def _assert_bitwise_equal(out: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("shape,blocksize", [((96, 200), 64), ((33, 70), 64), ((7, 9), 32), ((130, 256), 128)])
+@pytest.mark.parametrize("shape,blocksize", [((96, 200), 64), ((33, 70), 64), ((7, 10), 32), ((130, 256), 128)])
 def test_matches_bitsandbytes_bitwise(shape, blocksize, dtype, double_quant):
     packed, state = _quantized(shape, dtype, double_quant, blocksize)
     expected = bnb_functional.dequantize_4bit(packed, state)
     _assert_bitwise_equal(nf4_dequantize(packed, state), expected)
     _assert_bitwise_equal(reference_nf4_dequantize(packed, state), expected)
+
+
+def test_odd_element_count_pads_the_last_low_nibble():
+    # bitsandbytes' CPU path for an odd last dimension goes through torch.compile: one case is enough.
+    packed, state = _quantized((7, 9), torch.bfloat16, True, blocksize=32)
+    assert packed.numel() == 32  # 63 codes, the last byte's low nibble is padding
+    _assert_bitwise_equal(nf4_dequantize(packed, state), bnb_functional.dequantize_4bit(packed, state))
 
 
 def test_nested_absmax_spans_several_nested_blocks():
