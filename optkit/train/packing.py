@@ -25,9 +25,9 @@ the metadata once per forward from position_ids - one device->host copy of posit
 computed on the host, cu_seqlens copied back asynchronously from pinned memory - and hands it to every layer as a
 keyword argument, which HF threads through the decoder layers into the attention function untouched. No layer syncs.
 
-Batches that are not packed still work: rows without position_ids are whole sequences (boundaries from the shapes,
-no sync) and right-padded rows with an attention_mask become a real and a padding segment (one host read of the mask
-per forward); left padding is refused.
+Only packed batches (position_ids given, no attention_mask) take this path: for any other batch a pre-hook switches
+the model back to its own attention implementation for that forward, so HF builds its usual (padding) mask and an
+unpacked run is exactly HF's.
 
 Everything is per model instance: a new name in HF's attention registry (no HF class is patched), the model's
 ``config._attn_implementation`` switched to it, hooks kept so ``remove_*`` restores the model exactly.
@@ -77,7 +77,10 @@ def build_packed_metadata(position_ids: torch.Tensor) -> PackedMetadata:
         raise ValueError("packed position_ids must start every row at 0 (optkit.data.packing.packed_batch does)")
     boundaries = tuple(int(s) for s in starts) + (int(flat.size),)
     max_seqlen = int(np.diff(np.asarray(boundaries)).max())
-    return _metadata(boundaries, max_seqlen, position_ids.device)
+    cu_host = torch.tensor(boundaries, dtype=torch.int32)
+    if position_ids.is_cuda:  # pinned: the copy back is asynchronous (from pageable memory it would block: a sync)
+        cu_host = cu_host.pin_memory()
+    return PackedMetadata(cu_host.to(position_ids.device, non_blocking=True), max_seqlen, boundaries)
 
 
 def rebuild_metadata_like_hf(position_ids: torch.Tensor, need_host_boundaries: bool) -> PackedMetadata:
@@ -186,11 +189,12 @@ def install_packed_attention(model) -> List[str]:
     _register_attention()
     config = base.config
     state["previous_attn"] = config._attn_implementation
-    state["unpacked_hook"] = base.register_forward_pre_hook(_attach_unpacked_metadata, with_kwargs=True)
+    state["route_hook"] = base.register_forward_pre_hook(_route_batch, with_kwargs=True)
     for attention in _attention_modules(base):  # a plain attribute (not a submodule): the counter they share
         attention._optkit_packing_stats = state["stats"]
     config._attn_implementation = ATTN_NAME
-    return [f"packing: attention {state['previous_attn']} -> {ATTN_NAME} (varlen; boundary metadata rebuilt per layer)"]
+    return [f"packing: packed batches use {ATTN_NAME} attention (varlen; boundary metadata rebuilt per layer), "
+            f"other batches keep {state['previous_attn']}"]
 
 
 def apply_packed_metadata_cache(model, opt_cfg) -> List[str]:
@@ -220,7 +224,7 @@ def remove_packed_attention(model) -> None:
     state = _state(model)
     if "previous_attn" not in state:
         return
-    state.pop("unpacked_hook").remove()
+    state.pop("route_hook").remove()
     base = _decoder_stack(model)
     for attention in _attention_modules(base):
         del attention._optkit_packing_stats
@@ -234,53 +238,21 @@ def packing_stats(model) -> PackingStats:
 
 def _attach_metadata(module, args, kwargs):
     position_ids = kwargs.get("position_ids")
-    if position_ids is None or kwargs.get(METADATA_KWARG) is not None:
-        return None  # HF makes its own (1, T) positions: the layers fall back to rebuilding
+    if position_ids is None or kwargs.get("attention_mask") is not None or kwargs.get(METADATA_KWARG) is not None:
+        return None  # not a packed batch: HF's own attention runs (see _route_batch)
     rows = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
     kwargs[METADATA_KWARG] = build_packed_metadata(position_ids.expand(rows.shape[0], -1))
     module._optkit_packing_state["stats"].per_batch_builds += 1
     return args, kwargs
 
 
-def _attach_unpacked_metadata(module, args, kwargs):
-    """Batches that are not packed: rows are whole sequences (boundaries from shapes, no sync), or right-padded
-    rows (an attention_mask: one host read per forward). HF drops the 2D mask for an attention name its mask
-    factory does not know, so the boundaries carry it: causal attention over each row's real prefix is exact."""
-    if kwargs.get(METADATA_KWARG) is not None:
-        return None
-    rows = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
-    batch, seq_len = rows.shape[:2]
-    mask = kwargs.get("attention_mask")
-    if mask is not None:
-        kwargs[METADATA_KWARG] = metadata_from_padding_mask(mask)
-    elif kwargs.get("position_ids") is None:
-        boundaries = tuple(range(0, batch * seq_len + 1, seq_len))
-        kwargs[METADATA_KWARG] = _metadata(boundaries, seq_len, rows.device)
-    else:
-        return None  # packed: the layers rebuild (baseline) unless the cache hook built it
-    return args, kwargs
-
-
-def metadata_from_padding_mask(attention_mask: torch.Tensor) -> PackedMetadata:
-    """Right-padded (B, T) mask -> per row a real segment and a padding segment (one host read)."""
-    mask = attention_mask.to("cpu", copy=True).numpy().astype(bool)
-    lengths = mask.sum(axis=1)
-    if any(not mask[r, :n].all() for r, n in enumerate(lengths)):
-        raise ValueError("packed attention supports right padding only (real tokens first, then padding); "
-                         "pad on the right or use packed batches (data.packing=true)")
-    seq_len = mask.shape[1]
-    boundaries = [0]
-    for r, n in enumerate(lengths):
-        boundaries += [r * seq_len + int(n)] if 0 < n < seq_len else []
-        boundaries.append((r + 1) * seq_len)
-    return _metadata(tuple(boundaries), seq_len, attention_mask.device)
-
-
-def _metadata(boundaries: Tuple[int, ...], max_seqlen: int, device) -> PackedMetadata:
-    cu_host = torch.tensor(boundaries, dtype=torch.int32)
-    if torch.device(device).type == "cuda":  # pinned: the copy is asynchronous (from pageable memory it would block)
-        cu_host = cu_host.pin_memory()
-    return PackedMetadata(cu_host.to(device, non_blocking=True), max_seqlen, boundaries)
+def _route_batch(module, args, kwargs):
+    """Packed batches (position_ids and no attention_mask) take packed attention; any other batch takes the model's
+    own attention implementation, with HF's usual mask, so installing packed attention never changes unpacked runs.
+    Decided from the kwargs alone (no sync); gradient checkpointing recomputes under the same setting."""
+    packed = kwargs.get("position_ids") is not None and kwargs.get("attention_mask") is None
+    module.config._attn_implementation = ATTN_NAME if packed else module._optkit_packing_state["previous_attn"]
+    return None
 
 
 def _register_attention() -> None:
