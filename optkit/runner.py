@@ -125,10 +125,14 @@ def model_family(model_name: str) -> Optional[str]:
 # --------------------------------------------------------------------------- running
 
 
-def default_suite() -> str:
+def _cuda_available() -> bool:
     import torch
 
-    return "e2e" if torch.cuda.is_available() else "smoke"
+    return torch.cuda.is_available()
+
+
+def default_suite() -> str:
+    return "e2e" if _cuda_available() else "smoke"
 
 
 def run_sweep(overrides: Sequence[str]) -> Path:
@@ -189,6 +193,8 @@ def run_isolated(point: List[str], run_id: str, repeat: int, timeout_s: float, p
         cmd = [sys.executable, "-m", "optkit.point", "--out", str(out), "--run-id", run_id,
                "--repeat", str(repeat), *point]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if not _cuda_available():  # no GPU: optkit's Triton kernels run under Triton's interpreter
+            env.setdefault("TRITON_INTERPRET", "1")
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
         except subprocess.TimeoutExpired as exc:
