@@ -105,6 +105,10 @@ def gain_pct(baseline: dict, candidate: dict, phase: str) -> float:
     return (baseline[phase]["median"] / candidate[phase]["median"] - 1.0) * 100.0
 
 
+def gains(baseline: dict, candidate: dict) -> Dict[str, float]:
+    return {phase: gain_pct(baseline, candidate, phase) for phase in ("fwd", "bwd", "step")}
+
+
 def table(title: str, header: List[str], rows: List[list]) -> None:
     print(f"\n### {title}\n")
     print("| " + " | ".join(header) + " |")
@@ -117,8 +121,7 @@ def timing_rows(results: Dict[str, dict], baseline: str) -> List[list]:
     rows = []
     for name, r in results.items():
         rows.append([name] + [r[p]["median"] for p in ("fwd", "bwd", "step")] + [r["step"]["iqr"]]
-                    + [gain_pct(results[baseline], r, p) for p in ("fwd", "bwd", "step")]
-                    + [str(r["syncs_per_step"])])
+                    + list(gains(results[baseline], r).values()) + [str(r["syncs_per_step"])])
     return rows
 
 
@@ -168,8 +171,7 @@ def packing_section(args, device) -> dict:
             else "per-example SDPA loop" if stats.loop_kernel_calls and not stats.varlen_kernel_calls else "mixed",
             "packing_stats": dict(stats.__dict__),
             "variants": results,
-            "cached_vs_per_layer_gain_pct": {p: gain_pct(results["per_layer"], results["cached"], p)
-                                             for p in ("fwd", "bwd", "step")}}
+            "cached_vs_per_layer_gain_pct": gains(results["per_layer"], results["cached"])}
     table(f"packing: {model_name} x {args.packing_layers} layers, {method}, {args.batch}x{args.seq} packed "
           f"({batch.real_tokens} real tokens, {info['segments']} segments), {info['attention_kernel']}; "
           "gains vs per_layer", TIMING_HEADER, timing_rows(results, "per_layer"))
@@ -207,11 +209,9 @@ def moe_section(args, device) -> dict:
             param.requires_grad_(mode == "full" or not _is_expert_weight(name))
         results = measure_variants(model, tensors, device, variants, args.warmup, args.steps)
         info["modes"][mode] = {"variants": results,
-                               "optkit_vs_hf_eager_gain_pct": {p: gain_pct(results["hf_eager"], results["optkit_sorted"], p)
-                                                               for p in ("fwd", "bwd", "step")},
-                               "optkit_vs_hf_grouped_mm_gain_pct": {
-                                   p: gain_pct(results["hf_grouped_mm"], results["optkit_sorted"], p)
-                                   for p in ("fwd", "bwd", "step")}}
+                               "optkit_vs_hf_eager_gain_pct": gains(results["hf_eager"], results["optkit_sorted"]),
+                               "optkit_vs_hf_grouped_mm_gain_pct": gains(results["hf_grouped_mm"],
+                                                                         results["optkit_sorted"])}
         table(f"moe ({mode}): {model_name} x {args.moe_layers} layers, {info['tokens']} tokens, bf16, ours via "
               f"{info['grouped_gemm']}; gains vs hf_eager", TIMING_HEADER, timing_rows(results, "hf_eager"))
     table("moe: agreement with hf_eager on one batch (bf16; max |diff| / max |hf_eager|)",

@@ -36,7 +36,8 @@ def load_length_histogram(path: Optional[str] = None) -> Tuple[torch.Tensor, tor
     """(min_len, max_len, probability) per bin from a ``min_len,max_len,weight`` CSV ('#' lines are comments)."""
     path = Path(path) if path else DEFAULT_LENGTHS_CSV
     if not path.is_file():
-        raise FileNotFoundError(f"data.lengths_csv={str(path)!r} does not exist; give a CSV with min_len,max_len,weight")
+        raise FileNotFoundError(f"data.lengths_csv={str(path)!r} does not exist; "
+                                "give a CSV with columns min_len,max_len,weight")
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(line for line in handle if not line.lstrip().startswith("#")))
     try:

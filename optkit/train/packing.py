@@ -13,7 +13,7 @@ EVERY attention layer with these HF functions, which we call as they are:
   1. ``_is_packed_sequence(position_ids, 1)`` tested in an ``if``        -> 1 device->host sync
   2. ``prepare_fa_kwargs_from_position_ids``: ``(pos == min).nonzero()``  -> 1 sync (nonzero sizes its output on host)
      and ``torch.tensor(position_ids.size(), device=...)``              -> a blocking host->device copy
-  3. its 0-d ``max_length`` turned into the int the kernel takes          -> 1 sync (flash_attn and varlen_attn take ints)
+  3. its 0-d ``max_length`` turned into the int the kernel takes          -> 1 sync (flash kernels take an int)
 = 3 device->host syncs per layer per forward, 4 blocking calls as torch's sync debug mode counts them on GPU (the
 claim says ~4 per layer); on CPU the loop kernel reads the boundaries to the host as well. flash-attn is not
 installed here, so the baseline runs this exact metadata work with torch's varlen kernel instead of flash_attn's.
