@@ -134,8 +134,7 @@ def _launch(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[
     )
 
 
-@torch.library.custom_op("optkit::nf4_dequantize", mutates_args=())
-def _nf4_dequantize_op(
+def _nf4_dequantize(
     packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
     nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], code: torch.Tensor,
     blocksize: int, nested_blocksize: int, shape: Sequence[int], dtype_code: int,
@@ -144,6 +143,9 @@ def _nf4_dequantize_op(
     _launch(packed, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize,
             out.numel(), out)
     return out
+
+
+_nf4_dequantize_op = torch.library.custom_op("optkit::nf4_dequantize", _nf4_dequantize, mutates_args=())
 
 
 @_nf4_dequantize_op.register_fake
@@ -166,7 +168,10 @@ def nf4_dequantize(weight_packed: torch.Tensor, quant_state, dtype: Optional[tor
     if not _use_triton(packed.device):
         return reference_nf4_dequantize(weight_packed, quant_state).to(dtype)
     nested = quant_state.state2 if quant_state.nested else None
-    return _nf4_dequantize_op(
+    # Eager calls skip the custom op's dispatch (tens of us, paid per projection per step); compiled
+    # graphs need the op, which is opaque to Dynamo and has a fake implementation.
+    fn = _nf4_dequantize_op if torch.compiler.is_compiling() else _nf4_dequantize
+    return fn(
         packed, quant_state.absmax,
         nested.absmax if nested is not None else None,
         nested.code if nested is not None else None,

@@ -15,6 +15,10 @@
   its backward, and the compute stream waits for the event recorded after the copy. The two buffers
   are the extra memory this mode costs (reported in the returned dict).
 
+Why a custom Function rather than torch.utils.checkpoint: non-reentrant checkpoint keeps the layer's
+arguments referenced on the device until backward, which is exactly the tensor to move off it, and
+saved_tensors_hooks would offload every saved activation rather than the one input per layer.
+
 On CPU the offload modes run the same logic with synchronous copies (no streams), so their
 gradients can be tested against no checkpointing. RNG state is captured in forward and restored for
 the recomputation (dropout gives the same mask twice), as torch.utils.checkpoint does.
