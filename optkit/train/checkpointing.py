@@ -25,6 +25,8 @@ the recomputation (dropout gives the same mask twice), as torch.utils.checkpoint
 """
 from __future__ import annotations
 
+import contextlib
+import weakref
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -86,6 +88,7 @@ class LayerInputOffloader:
         self.ready: List[Optional[torch.cuda.Event]] = [None, None]  # H2D copy into buffer done
         self.free: List[Optional[torch.cuda.Event]] = [None, None]  # last reader of buffer done
         self.loaded = [-1, -1]  # layer index whose input buffer[slot] holds (or is receiving)
+        self.pending: Dict[int, weakref.ref] = {}  # layer index -> token of the forward awaiting backward
         self._copy_stream: Optional[torch.cuda.Stream] = None
         self.info: Dict[str, Any] = {"offload_pinned_host_bytes": 0, "offload_device_buffer_bytes": 0,
                                      "offload_prefetch_hits": 0, "offload_blocking_reloads": 0}
@@ -114,7 +117,17 @@ class LayerInputOffloader:
         return done
 
     # -- forward: input -> host
-    def offload(self, index: int, hidden: Tensor) -> None:
+    def offload(self, index: int, hidden: Tensor) -> "_Pending":
+        """Start copying layer ``index``'s input to host; the returned token lives until its backward."""
+        pending = self.pending.get(index)
+        if pending is not None and pending() is not None:
+            raise RuntimeError(
+                f"decoder layer {index} ran forward again before the backward of its previous forward: offload "
+                "checkpointing keeps one host copy per layer. Call backward after each forward, or use "
+                "train.checkpointing=standard for this loop"
+            )
+        token = _Pending()
+        self.pending[index] = weakref.ref(token)
         self.loaded = [-1 if loaded == index else loaded for loaded in self.loaded]  # a new step's input
         host = self.host.get(index)
         if host is None or host.shape != hidden.shape or host.dtype != hidden.dtype:
@@ -128,6 +141,7 @@ class LayerInputOffloader:
         self.offloaded[index] = self._copy(host, hidden.detach(), [produced], hidden.device)
         if hidden.device.type == "cuda":  # keep its memory from reuse until the copy stream read it
             hidden.record_stream(self._stream(hidden.device))
+        return token
 
     # -- backward: host -> device
     def reload(self, index: int, like: Dict[str, Any]) -> Tensor:
@@ -184,6 +198,10 @@ class LayerInputOffloader:
             torch.cuda.current_stream(device).wait_event(event)
 
 
+class _Pending:
+    """Alive while a layer's offloaded input still awaits its backward (a discarded graph frees it)."""
+
+
 class _RngState:
     """CPU (+ the device's CUDA) RNG state at forward, replayed for the recomputation."""
 
@@ -192,14 +210,13 @@ class _RngState:
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
-    def replay(self):
-        devices = [self.device] if self.cuda is not None else []
-        fork = torch.random.fork_rng(devices=devices)
-        fork.__enter__()
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
-        return fork
+    @contextlib.contextmanager
+    def replayed(self):
+        with torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
 
 
 class _OffloadedLayer(torch.autograd.Function):
@@ -209,7 +226,7 @@ class _OffloadedLayer(torch.autograd.Function):
         ctx.saved_params = params  # leaf parameters: held by reference, nothing to offload
         ctx.like = {"shape": hidden.shape, "dtype": hidden.dtype, "device": hidden.device}
         ctx.rng = _RngState(hidden.device)
-        offloader.offload(index, hidden)
+        ctx.pending = offloader.offload(index, hidden)
         out = run(hidden)  # autograd Functions run forward without grad: nothing inside is saved
         if not isinstance(out, Tensor):
             raise TypeError(f"offload checkpointing expects decoder layers that return a tensor, got {type(out)}")
@@ -220,17 +237,14 @@ class _OffloadedLayer(torch.autograd.Function):
         offloader, device = ctx.offloader, ctx.like["device"]
         need_hidden = ctx.needs_input_grad[3]
         hidden = offloader.reload(ctx.index, ctx.like).detach().requires_grad_(need_hidden)
-        fork = ctx.rng.replay()
-        try:
-            with torch.enable_grad():
-                out = ctx.run(hidden)
-        finally:
-            fork.__exit__(None, None, None)
+        with ctx.rng.replayed(), torch.enable_grad():
+            out = ctx.run(hidden)
         params = ctx.saved_params
         inputs = ([hidden] if need_hidden else []) + [p for p, need in zip(params, ctx.needs_input_grad[4:]) if need]
         grads = list(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
         del out, hidden
         offloader.release(ctx.index, device)
+        ctx.pending = None  # this layer's host copy may be overwritten by the next forward
         grad_hidden = grads.pop(0) if need_hidden else None
         grad_params = [grads.pop(0) if need else None for need in ctx.needs_input_grad[4:]]
         return (None, None, None, grad_hidden, *grad_params)

@@ -305,7 +305,7 @@ def _projections(module: nn.Module, names: Sequence[str]):
     for name in names:
         sub = getattr(module, name, None)
         if sub is None:
-            return f"no {name}"
+            return f"{type(module).__name__} has no {name}"
         projection = projection_of(sub)
         if isinstance(projection, str):
             return f"{name}: {projection}"

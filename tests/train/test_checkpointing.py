@@ -118,3 +118,17 @@ def test_gradients_equal_no_checkpointing_llama3_8b_gpu(method):
         assert max_relative_error(grads, ref_grads) <= 2 * noise + 1e-3, (mode, noise)
         if mode == "offload_double_buffer":
             assert info["offload_prefetch_hits"] == 2 * 3 and info["offload_device_buffer_bytes"] == 2 * 2 * 2048 * 4096 * 2
+
+
+def test_second_forward_before_backward_is_refused_but_a_dropped_graph_is_not():
+    net, _ = tiny_model("tiny_llama", "lora", "model.num_layers=1")
+    ids = token_batch(0)
+    enable_checkpointing(net, "offload_double_buffer")
+    try:
+        kept = net(input_ids=ids, labels=ids).loss
+        with pytest.raises(RuntimeError, match="before the backward"):
+            net(input_ids=ids, labels=ids)  # would overwrite the host copy `kept` still needs
+        del kept  # a graph dropped without backward releases its layer inputs
+        net(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        disable_checkpointing(net)
