@@ -129,6 +129,10 @@ def _train_and_measure(cfg, device: torch.device) -> Dict[str, Any]:
     model = build_model(cfg.model, device, seed=cfg.train.seed)
     vocab_size = model.config.vocab_size
     model = apply_training_method(model, cfg.train)
+    if cfg.data.packing:  # padding-free rows need boundary-aware attention (metadata per layer, as HF)
+        from optkit.train.packing import install_packed_attention
+
+        install_packed_attention(model)
     model = patcher.patch(model, cfg.opt)
     ckpt_info = enable_checkpointing(model, cfg.train.checkpointing) or {}
     optimizer = build_optimizer(model.parameters(), cfg.train)
@@ -161,7 +165,8 @@ def _train_and_measure(cfg, device: torch.device) -> Dict[str, Any]:
 
 
 def _one_step(model, optimizer, batch, timer=None) -> torch.Tensor:
-    out = model(**batch.tensors)
+    # use_cache=False: training needs no KV cache, and HF only detects packed rows without one.
+    out = model(**batch.tensors, use_cache=False)
     loss = out.loss
     if timer:
         timer.mark("forward")

@@ -22,6 +22,12 @@ def _one_batch(data_cfg, batch_size: int, vocab_size: int, generator: torch.Gene
         from optkit.data.packing import packed_batch
 
         return packed_batch(batch_size, data_cfg.seq_len, vocab_size, generator, data_cfg)
+    if data_cfg.length_dist != "fixed":
+        # The same variable-length examples as the packed layout, one per row, padded to the longest:
+        # packed vs unpacked compare on exactly the same real tokens.
+        from optkit.data.packing import padded_batch
+
+        return padded_batch(batch_size, data_cfg.seq_len, vocab_size, generator, data_cfg)
     if data_cfg.source == "learnable":
         from optkit.data.learnable import learnable_batch
 
