@@ -53,6 +53,7 @@ REDUCTIONS = ("mean", "sum", "none")
 # cover what Little's law asks of one SM (~18 KB at 3.35 TB/s and ~700 ns). Tests lower it.
 _MAX_BLOCK = 16384
 
+
 def reference_cross_entropy(
     logits: Tensor,
     target: Tensor,

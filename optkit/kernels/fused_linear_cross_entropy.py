@@ -107,7 +107,7 @@ def _flce_fwd(
     grad_bias_fp32 = torch.zeros(vocab if need_grad_bias else 0, dtype=torch.float32, device=weight.device)
     grad_hidden_rows = grad_hidden.view(-1, hidden.shape[-1]) if need_grad_hidden else grad_hidden
     n_valid = (target_rows != ignore_index).sum() if reduction == "mean" else None
-    rows = row_scale.reshape(-1) if row_scale is not None else None
+    token_scale = row_scale.reshape(-1) if row_scale is not None else None
     logits_buffer = torch.empty((min(chunk_rows, n_tokens), vocab), dtype=hidden.dtype, device=hidden.device)
 
     # out= GEMMs are not autocast; inputs were already cast by the public function.
@@ -121,7 +121,8 @@ def _flce_fwd(
                 torch.addmm(bias, hidden_chunk, weight.t(), out=logits)
             launch_cross_entropy_kernel(
                 logits, target_rows[start:end], loss_rows[start:end], logits if writes_dlogits else None,
-                ignore_index, softcap, label_smoothing, n_valid, rows[start:end] if rows is not None else None,
+                ignore_index, softcap, label_smoothing, n_valid,
+                token_scale[start:end] if token_scale is not None else None,
             )
             if need_grad_hidden:
                 torch.mm(logits, weight, out=grad_hidden_rows[start:end])
@@ -254,6 +255,11 @@ def _check_args(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[T
         )
     if target.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"fused_linear_cross_entropy: target must be int64 or int32, got {target.dtype}")
+    devices = {t.device for t in (hidden, weight, target, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(
+            f"fused_linear_cross_entropy: inputs are on {sorted(map(str, devices))}; move them to one device"
+        )
 
 
 def fused_linear_cross_entropy(
