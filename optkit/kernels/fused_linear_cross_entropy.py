@@ -139,26 +139,8 @@ def _flce_fwd(
     return loss, grad_hidden, grad_weight, grad_bias
 
 
-@torch.library.custom_op("optkit::fused_linear_cross_entropy", mutates_args=())
-def _flce_op(
-    hidden: Tensor,
-    weight: Tensor,
-    target: Tensor,
-    bias: Optional[Tensor],
-    ignore_index: int,
-    reduction: str,
-    softcap: Optional[float],
-    label_smoothing: float,
-    chunk_rows: int,
-    need_grad_hidden: bool,
-    need_grad_weight: bool,
-    need_grad_bias: bool,
-    row_scale: Optional[Tensor],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _flce_fwd(
-        hidden, weight, target, bias, ignore_index, reduction, softcap, label_smoothing, chunk_rows,
-        need_grad_hidden, need_grad_weight, need_grad_bias, row_scale,
-    )
+# The same function as an opaque op for torch.compile (the eager path calls _flce_fwd directly).
+_flce_op = torch.library.custom_op("optkit::fused_linear_cross_entropy", mutates_args=())(_flce_fwd)
 
 
 @_flce_op.register_fake
