@@ -313,25 +313,36 @@ def _projections(module: nn.Module, names: Sequence[str]):
     return found
 
 
-def _install_attention(attn: nn.Module) -> Optional[str]:
-    for names in (QKV_NAMES, ("o_proj",)):
-        projections = _projections(attn, names)
+def _set_forward(root: nn.Module, module: nn.Module, forward: _FusedForward) -> None:
+    """Install ``forward`` on ``module``; under ``optkit.patch`` it is recorded, so ``unpatch`` removes it."""
+    from optkit import patch as patcher
+
+    if patcher._state_of(root) is not None:
+        patcher.override_attr(root, module, "forward", forward, by="fused_lora")
+    else:
+        module.forward = forward
+
+
+def _install_attention(root: nn.Module, attn: nn.Module) -> Optional[str]:
+    groups = [(names, _projections(attn, names)) for names in (QKV_NAMES, ("o_proj",))]
+    for _, projections in groups:
         if isinstance(projections, str):
-            return projections
+            return projections  # nothing installed: QKV and O are fused together or not at all
+    for names, projections in groups:
         shared = _SharedOutputs(ProjectionGroup(names, [projections[n] for n in names]))
         for name in names:
             module = getattr(attn, name)
-            module.forward = FusedProjectionForward(module, name, shared)
+            _set_forward(root, module, FusedProjectionForward(module, name, shared))
     return None
 
 
-def _install_mlp(mlp: Optional[nn.Module], act: Union[GatedActivation, str]) -> Optional[str]:
+def _install_mlp(root: nn.Module, mlp: Optional[nn.Module], act: Union[GatedActivation, str]) -> Optional[str]:
     if isinstance(act, str) or mlp is None:
         return act if isinstance(act, str) else "no mlp"
     projections = _projections(mlp, MLP_NAMES)
     if isinstance(projections, str):
         return projections
-    mlp.forward = FusedMLPForward(MLPGroup(*(projections[n] for n in MLP_NAMES), act))
+    _set_forward(root, mlp, FusedMLPForward(MLPGroup(*(projections[n] for n in MLP_NAMES), act)))
     return None
 
 
@@ -356,12 +367,12 @@ def apply_fused_lora(model: nn.Module, opt_cfg) -> List[str]:
     skipped: Dict[str, List[int]] = {}
     n_attn = n_mlp = 0
     for index, layer in enumerate(layers):
-        reason = _install_attention(layer.self_attn) if hasattr(layer, "self_attn") else "no self_attn"
+        reason = _install_attention(model, layer.self_attn) if hasattr(layer, "self_attn") else "no self_attn"
         if reason:
             skipped.setdefault(f"attention left to peft: {reason}", []).append(index)
         else:
             n_attn += 1
-        reason = _install_mlp(getattr(layer, "mlp", None), act)
+        reason = _install_mlp(model, getattr(layer, "mlp", None), act)
         if reason:
             skipped.setdefault(f"MLP left to peft: {reason}", []).append(index)
         else:

@@ -169,6 +169,17 @@ def test_remove_restores_peft_and_state_dict_is_unchanged():
     assert torch.equal(loss_and_grads(net, ids)[0], peft_loss)
 
 
+def test_optkit_patch_records_the_forwards_and_unpatch_removes_them():
+    from optkit.patch import patch, patch_log, unpatch
+
+    net, _ = tiny_model("tiny_llama", "lora", "model.num_layers=1")
+    patch(net, {"fused_lora": True})
+    assert patch_log(net)[0].startswith("fused_lora: QKV+O fused in 1/1 layers, MLP in 1/1"), patch_log(net)
+    unpatch(net)
+    assert not any(isinstance(m.__dict__.get("forward"), (FusedMLPForward, FusedProjectionForward))
+                   for m in net.modules())
+
+
 def test_dropout_falls_back_to_peft_with_a_note():
     net, _ = tiny_model("tiny_llama", "lora", "model.num_layers=1", "train.lora_dropout=0.1")
     log = apply_fused_lora(net, FUSED_ON)
