@@ -143,17 +143,17 @@ def _machine_problem(requirement: str, device: Optional[torch.device]) -> Option
 
 
 def missing_requirements(opt_cfg: Any, model: Optional[nn.Module] = None, device=None) -> List[str]:
-    """One message per enabled optimization and machine requirement it lacks ([] when all is there)."""
+    """What this machine lacks for the enabled optimizations, one message per problem ([] when nothing)."""
     if device is None and model is not None:
         device = next(iter(model.parameters()), torch.empty(0)).device
     device = torch.device(device) if device is not None else None
-    messages = []
+    names_by_problem: Dict[str, List[str]] = {}  # one message per problem, naming every optimization it stops
     for name in enabled_names(opt_cfg):
         for requirement in REGISTRY[name].requires:
             problem = None if requirement in _MODEL_CONDITIONS else _machine_problem(requirement, device)
             if problem:
-                messages.append(f"{name}: {problem}")
-    return messages
+                names_by_problem.setdefault(problem, []).append(name)
+    return [f"{', '.join(names)}: {problem}" for problem, names in names_by_problem.items()]
 
 
 # ---- patch state: claims and the record of every change ------------------------------------------
@@ -395,6 +395,9 @@ def with_globals(fn: Callable, replacements: Dict[str, Any]) -> Callable:
     inner = getattr(fn, "__wrapped__", None)
     if inner is None:
         new_globals = {**fn.__globals__, **replacements}
+        # Without __name__ torch.compile resolves these globals in this dict (it installs the dict by id);
+        # with it, Dynamo would look them up in the real module and trace HF's function instead.
+        new_globals.pop("__name__", None)
         new = types.FunctionType(fn.__code__, new_globals, fn.__name__, fn.__defaults__, fn.__closure__)
     else:
         new_inner = with_globals(inner, replacements)
@@ -502,12 +505,14 @@ def _fused_loss_forward(self, *args, labels=None, return_logits=None, **kwargs):
     ``fused_linear_cross_entropy`` on the final hidden states and logits is None; otherwise it is
     HF's own forward, unchanged.
     """
-    hf_forward = self.__dict__.get("_optkit_forward_before_fused_loss") or types.MethodType(type(self).forward, self)
     if len(args) == 1:  # model(input_ids, labels=...)
         kwargs["input_ids"], args = args[0], ()
     wants_logits = (not self.training) if return_logits is None else return_logits
     if labels is None or wants_logits or args or kwargs.get("logits_to_keep", 0) not in (0, None):
-        return hf_forward(*args, labels=labels, **kwargs)
+        before = self.__dict__.get("_optkit_forward_before_fused_loss")
+        if before is not None:
+            return before(*args, labels=labels, **kwargs)
+        return type(self).forward(self, *args, labels=labels, **kwargs)
     from optkit.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
     output_router_logits = kwargs.pop("output_router_logits", None)
