@@ -41,6 +41,9 @@ class Optimization:
     requires: tuple  # subset of ("cuda", "triton", "bitsandbytes", "liger", "moe", "packing", "lora")
     families: Optional[tuple]  # families it applies to (None = all)
     apply: str  # "module:function", imported lazily: fn(model, opt_cfg) -> list[str]
+    # "module:function" that undoes ``apply`` (fn(model)), for applies that change the model other than
+    # through replace_module / override_attr (which unpatch reverts by itself); None: nothing to call
+    unapply: Optional[str] = None
 
 
 SILU_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
@@ -63,9 +66,10 @@ _ALL = (
                  ("lora",), None, "optkit.train.fused_lora:apply_fused_lora"),
     Optimization("packed_metadata_cache", "packed_metadata_cache",
                  "packed-sequence boundary metadata built once per batch, not per layer",
-                 ("packing",), None, "optkit.train.packing:apply_packed_metadata_cache"),
+                 ("packing",), None, "optkit.train.packing:apply_packed_metadata_cache",
+                 "optkit.train.packing:remove_packed_attention"),
     Optimization("moe_sorted_routing", "moe_sorted_routing", "MoE routing by one sort + grouped GEMM, not per expert",
-                 ("moe",), None, "optkit.train.moe:apply_moe_sorted_routing"),
+                 ("moe",), None, "optkit.train.moe:apply_moe_sorted_routing", "optkit.train.moe:remove_moe_sorted_routing"),
     Optimization("liger", "liger", "peer: Liger-Kernel's own patching (RoPE, RMSNorm, SwiGLU/GeGLU, fused linear CE)",
                  ("liger",), None, "optkit.patch:apply_liger"),
     Optimization("compile", "compile", "peer: torch.compile of the whole model (opt.compile_mode)",
@@ -80,6 +84,7 @@ FAMILY_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
 # log line. ("packing" cannot be seen on the model: that apply function decides for itself.)
 _MODEL_CONDITIONS = ("moe", "lora", "packing")
 _STATE_ATTR = "_optkit_patch"
+_CALL_UNAPPLY = "<unapply>"  # a change record that calls an optimization's unapply function
 
 
 class MissingRequirement(RuntimeError):
@@ -229,12 +234,15 @@ def override_attr(root: nn.Module, owner: nn.Module, attr: str, value: Any, by: 
 
 def _undo(root: nn.Module, changes: List[Tuple[str, str, bool, Any]]) -> None:
     for path, attr, existed, original in reversed(changes):
+        if attr == _CALL_UNAPPLY:
+            _resolve(original)(root)
+            continue
         owner = root.get_submodule(path)
         if isinstance(original, nn.Module):
             original.train(owner._modules[attr].training if attr in owner._modules else owner.training)
         if existed:
             setattr(owner, attr, original)
-        elif attr in owner.__dict__:
+        elif attr in owner.__dict__ or attr in owner._modules:
             delattr(owner, attr)
 
 
@@ -302,6 +310,8 @@ def patch(model: nn.Module, opt_cfg: Any = "full") -> nn.Module:
             opt = REGISTRY[name]
             reason = _skip_reason(opt, model, family)
             lines = [f"skipped ({reason})"] if reason else list(_resolve(opt.apply)(model, cfg))
+            if opt.unapply and not reason:
+                state.changes.append(("", _CALL_UNAPPLY, False, opt.unapply))
             state.logs[name] = [line if line.startswith(f"{name}: ") else f"{name}: {line}" for line in lines]
     except BaseException:  # leave the model as it was before this call
         _undo(model, state.changes[n_changes:])

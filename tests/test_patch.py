@@ -70,6 +70,10 @@ def test_every_optimization_has_config_field_yaml_and_description(name):
     assert sep and module_name.startswith("optkit.") and fn_name
     if module_name == "optkit.patch":
         assert callable(getattr(patcher, fn_name))
+    for spec in (opt.apply, opt.unapply):  # peers' modules are checked once they have landed
+        module_name = (spec or ":").partition(":")[0]
+        if spec and importlib.util.find_spec(module_name) is not None:
+            assert callable(getattr(importlib.import_module(module_name), spec.partition(":")[2])), spec
 
 
 def test_registry_order_applies_compile_last_and_covers_every_switch():
@@ -257,6 +261,18 @@ def test_fused_loss_returns_no_logits_in_training_and_logits_when_asked():
     assert torch.allclose(as_tuple[0], fused.loss)
 
 
+def test_fused_loss_keeps_the_moe_auxiliary_loss():
+    model = _tiny("qwen3_moe").train()
+    model.config.output_router_logits = True
+    reference = copy.deepcopy(model)
+    patch(model, {"kernels": {"fused_linear_cross_entropy": True}})
+    ids = _ids(model)
+    fused, expected = model(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids)
+    assert fused.logits is None and fused.router_logits is not None
+    assert torch.allclose(fused.aux_loss, expected.aux_loss)
+    assert torch.allclose(fused.loss, expected.loss, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_loss_is_skipped_for_a_peft_wrapped_lm_head():
     from peft import LoraConfig, get_peft_model
 
@@ -292,9 +308,13 @@ def _full_with_landed_peers():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_full_patches_every_family_and_trains_a_step(family):
+def test_full_patches_every_family_trains_a_step_and_unpatches(family):
     cfg, absent = _full_with_landed_peers()
-    model = patch(_tiny(family).train(), cfg)
+    model = _tiny(family).train()
+    modules, attn_implementation = dict(model.named_modules()), model.config._attn_implementation
+    hooks = lambda: sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())  # noqa: E731
+    n_hooks = hooks()
+    patch(model, cfg)
     log = patch_log(model)
     for name in enabled_names(cfg):
         assert any(line.startswith(f"{name}: ") for line in log), f"{name} left no log line: {log}"
@@ -302,3 +322,7 @@ def test_full_patches_every_family_and_trains_a_step(family):
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss), absent
+    unpatch(model)
+    assert dict(model.named_modules()) == modules, "unpatch left a swapped module behind"
+    assert model.config._attn_implementation == attn_implementation and hooks() == n_hooks
+    assert all("forward" not in m.__dict__ for m in model.modules())
