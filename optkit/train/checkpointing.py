@@ -3,7 +3,8 @@
 - ``standard``: HF's own mechanism (``gradient_checkpointing_enable``, non-reentrant): each decoder
   layer keeps its input on the GPU and is recomputed in backward.
 - ``offload``: each decoder layer is one autograd Function (``_OffloadedLayer``) that runs the layer
-  without saving activations and sends its input to pinned CPU memory on a side (copy) stream, ordered
+  exactly as without checkpointing (grad mode on, so the same kernels are picked) but drops every saved
+  tensor as it is made, and sends its input to pinned CPU memory on a side (copy) stream, ordered
   after the compute stream by an event; in backward the input is copied back into a fresh device
   tensor, the compute stream waits for that copy (exposed latency), and the layer is recomputed and
   differentiated with ``torch.autograd.grad``. The layer's trainable parameters are inputs of the
@@ -21,11 +22,12 @@ saved_tensors_hooks would offload every saved activation rather than the one inp
 
 On CPU the offload modes run the same logic with synchronous copies (no streams), so their
 gradients can be tested against no checkpointing. RNG state is captured in forward and restored for
-the recomputation (dropout gives the same mask twice), as torch.utils.checkpoint does.
+the recomputation (dropout gives the same mask twice), as torch.utils.checkpoint does. Under
+torch.compile the offload machinery is skipped by Dynamo (a graph break per layer); the layer
+forwards it calls are compiled as their own frames.
 """
 from __future__ import annotations
 
-import contextlib
 import weakref
 from typing import Any, Dict, List, Optional
 
@@ -117,6 +119,7 @@ class LayerInputOffloader:
         return done
 
     # -- forward: input -> host
+    @torch.compiler.disable()
     def offload(self, index: int, hidden: Tensor) -> "_Pending":
         """Start copying layer ``index``'s input to host; the returned token lives until its backward."""
         pending = self.pending.get(index)
@@ -144,6 +147,7 @@ class LayerInputOffloader:
         return token
 
     # -- backward: host -> device
+    @torch.compiler.disable()
     def reload(self, index: int, like: Dict[str, Any]) -> Tensor:
         device = like["device"]
         if not self.double_buffer:
@@ -165,6 +169,7 @@ class LayerInputOffloader:
             self._fill(1 - slot, index - 1, device)
         return self.buffers[slot]
 
+    @torch.compiler.disable()
     def release(self, index: int, device: torch.device) -> None:
         """Layer ``index``'s backward is queued: its buffer may be overwritten after this point."""
         if self.double_buffer:
@@ -198,6 +203,14 @@ class LayerInputOffloader:
             torch.cuda.current_stream(device).wait_event(event)
 
 
+def _drop(tensor: Tensor) -> None:
+    return None
+
+
+def _never_unpacked(packed: None) -> Tensor:
+    raise RuntimeError("offload checkpointing: the forward-pass graph of a layer was used for backward")
+
+
 class _Pending:
     """Alive while a layer's offloaded input still awaits its backward (a discarded graph frees it)."""
 
@@ -205,39 +218,49 @@ class _Pending:
 class _RngState:
     """CPU (+ the device's CUDA) RNG state at forward, replayed for the recomputation."""
 
+    @torch.compiler.disable()
     def __init__(self, device: torch.device):
         self.device = device
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.devices = [device] if self.cuda is not None else []  # for torch.random.fork_rng
 
-    @contextlib.contextmanager
-    def replayed(self):
-        with torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
-            torch.set_rng_state(self.cpu)
-            if self.cuda is not None:
-                torch.cuda.set_rng_state(self.cuda, self.device)
-            yield
+    @torch.compiler.disable()
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
 
 
 class _OffloadedLayer(torch.autograd.Function):
+    # Both are skipped by Dynamo (they drive streams, events and host buffers); the layer forward they
+    # call through ``run`` is still compiled as its own frame under torch.compile.
     @staticmethod
+    @torch.compiler.disable(recursive=False)
     def forward(ctx, run, offloader: LayerInputOffloader, index: int, hidden: Tensor, *params: Tensor):
         ctx.run, ctx.offloader, ctx.index = run, offloader, index
         ctx.saved_params = params  # leaf parameters: held by reference, nothing to offload
         ctx.like = {"shape": hidden.shape, "dtype": hidden.dtype, "device": hidden.device}
         ctx.rng = _RngState(hidden.device)
         ctx.pending = offloader.offload(index, hidden)
-        out = run(hidden)  # autograd Functions run forward without grad: nothing inside is saved
+        # Run the layer as it runs without checkpointing: with grad on and inputs that require grad as
+        # they do outside, because kernels are chosen by that (GPU SDPA picks its backend by whether q/k/v
+        # require grad), and the recomputation in backward must see the activations the next layers saw.
+        # Saved tensors are dropped as they are made: the graph is never used, so nothing is kept.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop, _never_unpacked):
+            out = run(hidden.detach().requires_grad_(hidden.requires_grad))
         if not isinstance(out, Tensor):
             raise TypeError(f"offload checkpointing expects decoder layers that return a tensor, got {type(out)}")
-        return out
+        return out.detach()
 
     @staticmethod
+    @torch.compiler.disable(recursive=False)
     def backward(ctx, grad_out: Tensor):
         offloader, device = ctx.offloader, ctx.like["device"]
         need_hidden = ctx.needs_input_grad[3]
         hidden = offloader.reload(ctx.index, ctx.like).detach().requires_grad_(need_hidden)
-        with ctx.rng.replayed(), torch.enable_grad():
+        with torch.random.fork_rng(devices=ctx.rng.devices), torch.enable_grad():
+            ctx.rng.restore()
             out = ctx.run(hidden)
         params = ctx.saved_params
         inputs = ([hidden] if need_hidden else []) + [p for p, need in zip(params, ctx.needs_input_grad[4:]) if need]
@@ -256,10 +279,7 @@ class OffloadedLayerForward:
     def __init__(self, layer: nn.Module, index: int, offloader: LayerInputOffloader):
         self.layer, self.index, self.offloader = layer, index, offloader
 
-    # Under torch.compile this frame drives streams, events and host buffers, which cannot be traced:
-    # it is skipped (the HF layer forward it calls is still compiled as its own frame; the backward
-    # recomputation runs eagerly).
-    @torch.compiler.disable(recursive=False)
+    @torch.compiler.disable(recursive=False)  # see _OffloadedLayer
     def __call__(self, *args, **kwargs):
         layer = self.layer
         original = type(layer).forward

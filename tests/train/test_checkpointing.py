@@ -132,3 +132,41 @@ def test_second_forward_before_backward_is_refused_but_a_dropped_graph_is_not():
         net(input_ids=ids, labels=ids).loss.backward()
     finally:
         disable_checkpointing(net)
+
+
+def test_forward_runs_in_grad_mode_as_without_checkpointing(monkeypatch):
+    """GPU SDPA picks its kernel by whether q/k/v require grad. A layer run under no_grad in forward would
+    feed the next layers other activations than the recomputation sees (H100: 0.5% gradient error);
+    here SDPA is made grad-mode sensitive on purpose, and the offload modes must still match."""
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def grad_mode_sensitive_sdpa(query, key, value, *args, **kwargs):
+        out = real_sdpa(query, key, value, *args, **kwargs)
+        return out if query.requires_grad else out * 1.01
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", grad_mode_sensitive_sdpa)
+    net, _ = tiny_model("tiny_llama", "lora")
+    _, ref_grads = loss_and_grads(net, token_batch(0))
+    for mode in ("offload", "offload_double_buffer"):
+        _, grads, _ = _second_step_grads(net, mode)
+        assert max_relative_error(grads, ref_grads) < RTOL, mode
+
+
+def test_offload_under_torch_compile():
+    """The offload machinery is opaque to Dynamo; the layers it runs are compiled frames, grads unchanged."""
+    net, _ = tiny_model("tiny_llama", "lora")
+    ids = token_batch(0)
+    _, ref_grads = loss_and_grads(net, ids)
+    info = enable_checkpointing(net, "offload_double_buffer")
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend="aot_eager")
+    try:
+        for _ in range(2):  # the second step reuses the buffers and host copies of the first
+            net.zero_grad(set_to_none=True)
+            compiled(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    finally:
+        disable_checkpointing(net)
+        torch._dynamo.reset()
+    grads = {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
+    assert max_relative_error(grads, ref_grads) < RTOL
+    assert info["offload_prefetch_hits"] == 2
