@@ -309,9 +309,12 @@ def patch(model: nn.Module, opt_cfg: Any = "full") -> nn.Module:
         for name in todo:
             opt = REGISTRY[name]
             reason = _skip_reason(opt, model, family)
-            lines = [f"skipped ({reason})"] if reason else list(_resolve(opt.apply)(model, cfg))
-            if opt.unapply and not reason:
-                state.changes.append(("", _CALL_UNAPPLY, False, opt.unapply))
+            if reason:
+                lines = [f"skipped ({reason})"]
+            else:
+                if opt.unapply:  # recorded first, so a failing apply is cleaned up too
+                    state.changes.append(("", _CALL_UNAPPLY, False, opt.unapply))
+                lines = list(_resolve(opt.apply)(model, cfg))
             state.logs[name] = [line if line.startswith(f"{name}: ") else f"{name}: {line}" for line in lines]
     except BaseException:  # leave the model as it was before this call
         _undo(model, state.changes[n_changes:])

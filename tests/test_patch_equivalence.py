@@ -61,7 +61,11 @@ def _float64_copy(model):
     ref64 = copy.deepcopy(model).double()
     hf = ref64.get_base_model() if hasattr(ref64, "get_base_model") else ref64
     if getattr(hf.config, "num_experts", 0):  # HF's grouped_mm experts take no float64: use its loop
-        hf.set_experts_implementation("eager")
+        setter = getattr(hf, "set_experts_implementation", None)
+        if setter is not None:
+            setter("eager")
+        else:  # an older transformers: the config switch
+            hf.config._experts_implementation = "eager"
     return ref64
 
 
