@@ -1,22 +1,50 @@
 """Per-op kernel benchmark (``optkit bench suite=kernels``): optkit's Triton kernels side by side with
 eager PyTorch, torch.compile of that eager code and Liger-Kernel, at published model shapes.
 
-One row per op x shape x dtype x implementation (fields: ``KERNEL_ROW_FIELDS``), all in one process:
-- forward, backward and forward+backward ("full") time: median of many repeats timed with CUDA
-  events (``PhaseTimer``), warm-up excluded, L2 flushed before every repeat by writing a buffer of
-  at least 2x the L2 size;
-- every repeat gets fresh copies of the inputs (an implementation that writes into its inputs, as
-  Liger's cross entropy stores the gradient in the logits, cannot skew the next repeat) and builds
-  its own autograd graph; gradients come from ``torch.autograd.grad`` w.r.t. every differentiable
-  input (weights included), so nothing accumulates and no graph is replayed with retain_graph;
-- achieved GB/s from the bytes the op must move (table below), beside the device's copy bandwidth
-  measured in the same run (one large device-to-device copy, bytes read + written);
-- allocator peak of one forward+backward: absolute, and as the delta over the inputs;
-- NVML clocks, throttle reasons and other GPU processes while each row was measured.
-Events bracket device work without a sync per repeat, so the host queues ahead as in training;
-where it cannot (eager's many small launches at 1024 tokens) launch gaps count, as they do there.
-The ops' own numerics, and the optkit kernels' optional modes (e.g. cross_entropy's
-overwrite_logits), are not exercised here: defaults only, correctness lives in tests/kernels.
+One row per op x shape x dtype x implementation (fields: ``KERNEL_ROW_FIELDS``), all in one process.
+Two times per phase (forward, backward, forward+backward = "full"), from two separate passes:
+
+- event time (``fwd_ms``, ``bwd_ms``, ``full_ms``): CUDA events on the stream around the phase
+  (``PhaseTimer``), median of many repeats, warm-up excluded. The device's wall time from the first
+  launch to the last kernel's end: launch gaps count. Events bracket device work without a sync per
+  repeat, so the host queues ahead as in training; where it cannot (small ops, eager's many small
+  launches, autograd's per-call cost) the GPU idles and this time measures the host. The latency an
+  op adds to a step that does nothing else.
+- device time (``fwd_device_ms``, ``bwd_device_ms``, ``full_device_ms``): the same callables, a few
+  repeats per phase, each in its own ``record_function`` region under ``torch.profiler`` (CUDA
+  activity, and CPU for the region markers), in a pass of its own that runs after every event-timed
+  row; the time the kernels, memcpys and memsets launched in a region were running (their
+  intervals' union: one stream, so their summed durations), median over repeats. Host gaps are
+  excluded: what the kernels cost when the host keeps ahead, as it does inside a training step whose
+  neighbours are large. ``gbps_device`` and ``frac_of_copy_device`` come from it: those judge the
+  kernels (e.g. ">= 85% of copy bandwidth"); ``gbps_full`` / ``frac_of_copy`` judge op + launch path.
+  ``n_kernels_full`` counts the launches of one forward+backward.
+
+Both passes: L2 flushed before every repeat by writing a buffer of at least 2x the L2 size (in the
+device pass, before the traced region, which therefore never contains the flush); every repeat gets
+fresh copies of the inputs (an implementation that writes into its inputs, as Liger's cross entropy
+stores the gradient in the logits, cannot skew the next repeat) and builds its own autograd graph;
+gradients come from ``torch.autograd.grad`` w.r.t. every differentiable input (weights included), so
+nothing accumulates and no graph is replayed with retain_graph.
+
+Why the device pass comes last and traces a whole case per session: a profiler session leaves CUPTI
+attached to the process (Kineto tears it down only with TEARDOWN_CUPTI=1), which slows later kernel
+launches (pytorch/pytorch#144455), so no event-timed row may follow one; and each new session in a
+process returns a few kernel records at its head with timestamps from another clock, one more per
+session (pytorch/pytorch#192021), so sessions are few, each starts with a burst of throw-away
+launches, and a session whose burst was entirely lost gives no device times (``device_error`` says
+so). The rows are appended to results.jsonl as the event pass makes them (a killed run keeps them,
+with ``device_error`` saying that the device pass did not run) and rewritten in place, device times
+filled, when the device pass ends. Device time needs CUDA: on the CPU its fields are None.
+
+Also per row: achieved GB/s from the bytes the op must move (table below), beside the device's copy
+bandwidth measured in the same run (one large device-to-device copy, bytes read + written);
+allocator peak of one forward+backward, absolute and as the delta over the inputs; NVML clocks,
+throttle reasons and other GPU processes while the row's event pass ran. The ops' own numerics, and
+the optkit kernels' optional modes (e.g. cross_entropy's overwrite_logits), are not exercised here:
+defaults only, correctness lives in tests/kernels. One exception, a sweep: fused_linear_cross_entropy
+also runs as ``optkit-c256``, ``optkit-c512`` and ``optkit-c2048`` (``chunk_rows`` fixed; plain
+``optkit`` picks 1024 at the suite's shape), to show chunk size against speed and peak memory.
 
 Bytes the op must move: a lower bound every implementation is held to (N tokens, s bytes per
 element of the benchmark dtype; int64 targets; fp32 per-row statistics; "+" terms are small):
@@ -30,15 +58,17 @@ element of the benchmark dtype; int64 targets; fp32 per-row statistics; "+" term
 | fused_linear_cross_entropy | read h (N,H), W (V,H) (+ target)          | read h, W again; write dh, dW                       |
 
 "full" is forward + backward. The counts are logical traffic: a fused cross entropy that re-reads a
-row's logits from L2 in its gradient pass moves less through HBM and can show > 100% of copy. Fused cross-entropy implementations (optkit, Liger) compute the
-gradient inside forward: their fwd_ms holds backward work and their bwd_ms is a mere scale, so the
-row says ``loss_in_forward`` and they are compared on ``full_ms`` only. The FLCE op is compute-bound
-(6*N*H*V matmul FLOPs per forward+backward): its rows also carry ``tflops_full``.
+row's logits from L2 in its gradient pass moves less through HBM and can show > 100% of copy.
+Fused cross-entropy implementations (optkit and its chunk sweep, Liger) compute the gradient inside
+forward: their fwd_ms holds backward work and their bwd_ms is a mere scale, so the row says
+``loss_in_forward`` and they are compared on ``full_ms`` / ``full_device_ms`` only. The FLCE op is
+compute-bound (6*N*H*V matmul FLOPs per forward+backward): its rows also carry ``tflops_full``.
 
 torch.compile compiles each op once per non-token shape with the token dimension marked dynamic
 (as training with varying sequence lengths sees it), so token sweeps reuse one compiled graph and
 the suite fits its time budget (< 5 min on an H100, quick mode < 90 s). Dynamo is reset between
-shapes so that a second hidden size never turns the feature dimension dynamic.
+shapes so that a second hidden size never turns the feature dimension dynamic; the device pass,
+which revisits the shapes, compiles each once more (Inductor's caches make that quick).
 
 Entry points: ``run(cfg, run_dir)`` (the runner, via ``python -m optkit.kernel_suite``),
 ``run_suite(...)`` (scripts/bench_kernels.py, tests) and ``format_table(rows)``.
@@ -46,9 +76,12 @@ Entry points: ``run(cfg, run_dir)`` (the runner, via ``python -m optkit.kernel_s
 from __future__ import annotations
 
 import argparse
+import bisect
+import dataclasses
 import gc
 import importlib
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,10 +96,15 @@ from optkit.measure.stats import percentile, summarize
 from optkit.measure.timing import PhaseTimer, WallClock
 from optkit.results import append_row
 
-KERNEL_SCHEMA_VERSION = 1  # bump when a kernel row field changes meaning
+KERNEL_SCHEMA_VERSION = 2  # bump when a kernel row field changes meaning (2: device-time fields)
 SUITE = "kernels"
-IMPLS = ("optkit", "eager", "compile", "liger")
+IMPLS = ("optkit", "eager", "compile", "liger")  # every op
 OPS = ("rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy")
+FLCE = "fused_linear_cross_entropy"
+# FLCE's chunk-size sweep: optkit with fixed rows per chunk (its default is 1024 at the suite's shape;
+# Liger budgets 256 rows here). Fewer rows: a smaller logits buffer, more grad_weight traffic.
+CHUNK_IMPLS: Dict[str, int] = {f"optkit-c{rows}": rows for rows in (256, 512, 2048)}
+ALL_IMPLS = IMPLS + tuple(CHUNK_IMPLS)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 # The sweep: shapes come from conf/model/<name>.yaml (published config.json values).
@@ -92,11 +130,14 @@ class Settings:
     min_repeats: int = 20
     max_repeats: int = 200
     max_warmup_steps: int = 50
+    device_repeats: int = 5  # profiled repeats per phase in the device pass; 0 skips that pass
+    device_warmup_steps: int = 2  # forward+backward steps before the profiler session (after the first)
 
 
 FULL_SETTINGS = Settings()
 QUICK_SETTINGS = Settings(warmup_steps=2, warmup_ms=20.0, loop_ms=60.0, min_repeats=10, max_repeats=50)
-SMOKE_SETTINGS = Settings(warmup_steps=1, warmup_ms=0.0, loop_ms=0.0, min_repeats=3, max_repeats=3)
+SMOKE_SETTINGS = Settings(warmup_steps=1, warmup_ms=0.0, loop_ms=0.0, min_repeats=3, max_repeats=3,
+                          device_repeats=2, device_warmup_steps=1)
 NVML_INTERVAL_MS = 50.0  # clocks / throttling only (memory comes from the allocator): sample lightly
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 16 << 20}  # copy-bandwidth buffer: >> L2 on any GPU
 MIN_FLUSH_BYTES = 256 << 20  # triton.testing's flush size; 2x L2 when that is larger
@@ -105,23 +146,37 @@ KERNEL_ROW_FIELDS: Dict[str, str] = {
     "schema_version": "KERNEL_SCHEMA_VERSION of the code that wrote the row",
     "run_id": "id of the run (its directory name)", "suite": "'kernels'", "kind": "'kernel'",
     "status": "ok | oom | error | skipped", "error": "why, when status != ok",
-    "op": "one of OPS", "impl": "optkit | eager | compile | liger", "impl_version": "version of the impl's code",
+    "op": "one of OPS", "impl": "optkit | eager | compile | liger | optkit-c<rows> (FLCE chunk sweep)",
+    "impl_version": "version of the impl's code",
     "dtype": "input dtype", "model": "zoo model the shape comes from", "shape": "shape string, e.g. T4096xH4096",
     "dims": "named dims of the shape", "params": "op parameters (eps, cast_mode, softcap, ...)",
     "tokens": "N, rows of the op", "hidden": "features per token of the op's main input",
     "point_key": "op/impl/dtype/shape (what regress matches on)", "device": "cuda | cpu",
     "timer": "cuda_events | host_clock", "warmup_steps": "untimed forward+backward steps",
     "repeats": "timed repeats per loop", "compile_s": "wall time of the first call (compile / JIT), s",
-    "fwd_ms": "median forward time (cold L2)", "bwd_ms": "median backward time (own loop, cold L2)",
-    "full_ms": "median forward+backward time", "full_ms_p10": "10th percentile", "full_ms_p90": "90th percentile",
+    "fwd_ms": "median forward event time (cold L2; launch gaps included)",
+    "bwd_ms": "median backward event time (own loop, cold L2)",
+    "full_ms": "median forward+backward event time: first launch to last kernel end, host gaps included",
+    "full_ms_p10": "10th percentile", "full_ms_p90": "90th percentile",
     "full_ms_iqr": "interquartile range", "full_ms_noisy": "IQR / median > 10%",
     "full_times_ms": "every timed full repeat", "fwd_times_ms": "every forward", "bwd_times_ms": "every backward",
     "bytes_fwd": "bytes the forward must move", "bytes_bwd": "bytes the backward must move",
-    "bytes_full": "bytes_fwd + bytes_bwd", "gbps_full": "bytes_full / full_ms, GB/s (1e9)",
+    "bytes_full": "bytes_fwd + bytes_bwd",
+    "gbps_full": "bytes_full / full_ms, GB/s (1e9): op + launch path (a host-bound op shows the host here)",
     "gbps_fwd": "None when loss_in_forward", "gbps_bwd": "None when loss_in_forward",
     "copy_gbps": "device-to-device copy bandwidth measured in this run (read + written)",
     "frac_of_copy": "gbps_full / copy_gbps", "flops_full": "matmul FLOPs of forward+backward (FLCE only)",
-    "tflops_full": "flops_full / full_ms, TFLOP/s", "loss_in_forward": "impl computes grads in forward: compare full_ms",
+    "fwd_device_ms": "median time the forward's kernels/memcpys/memsets ran (profiler, cold L2): no host gaps",
+    "bwd_device_ms": "the same for the backward (forward untraced, L2 flushed in between)",
+    "full_device_ms": "the same for forward+backward in one traced region",
+    "full_device_times_ms": "every profiled forward+backward's device time",
+    "device_repeats": "profiled repeats per phase",
+    "n_kernels_full": "kernels + memcpys + memsets per forward+backward (median over the profiled repeats)",
+    "gbps_device": "bytes_full / full_device_ms, GB/s: the kernels' own bandwidth",
+    "frac_of_copy_device": "gbps_device / copy_gbps: what a bandwidth target (e.g. >= 85% of copy) is judged on",
+    "device_error": "why the device fields are None on an ok row (no CUDA, pass not run, trace lost records)",
+    "tflops_full": "flops_full / full_ms, TFLOP/s",
+    "loss_in_forward": "impl computes grads in forward: compare full_ms / full_device_ms",
     "peak_bytes": "allocator peak during one forward+backward (includes inputs and the flush buffer)",
     "peak_delta_bytes": "peak_bytes - allocated before the call: the op's own memory",
     "peak_reserved_bytes": "allocator reserved peak", "l2_flush_bytes": "bytes written before each repeat",
@@ -420,7 +475,16 @@ assert tuple(SPECS) == OPS
 # Each resolves to call(**inputs) -> Tensor | tuple of Tensors, or raises ImplUnavailable.
 
 
-def _optkit_call(spec: OpSpec, case: Case, device: torch.device) -> Callable:
+def impls_for(op: str, impls: Sequence[str]) -> List[str]:
+    """The impls of ``impls`` that apply to ``op``: the chunk sweep applies to FLCE only."""
+    return [impl for impl in impls if impl in IMPLS or (op == FLCE and impl in CHUNK_IMPLS)]
+
+
+def computes_grad_in_forward(spec: OpSpec, impl: str) -> bool:
+    return spec.fused_loss and (impl == "liger" or impl.startswith("optkit"))
+
+
+def _optkit_call(spec: OpSpec, case: Case, device: torch.device, chunk_rows: Optional[int] = None) -> Callable:
     module_name = f"optkit.kernels.{spec.name}"
     try:
         fn = getattr(importlib.import_module(module_name), spec.optkit_fn)
@@ -430,8 +494,9 @@ def _optkit_call(spec: OpSpec, case: Case, device: torch.device) -> Callable:
     if spec.name == "rms_norm":
         return lambda x, weight: fn(x, weight, eps=params["eps"], offset=params["offset"],
                                     cast_mode=params["cast_mode"])
-    if spec.name in ("cross_entropy", "fused_linear_cross_entropy"):
-        return lambda **t: fn(**t, ignore_index=IGNORE_INDEX, reduction="mean", softcap=params["softcap"])
+    if spec.name in ("cross_entropy", FLCE):
+        extra = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
+        return lambda **t: fn(**t, ignore_index=IGNORE_INDEX, reduction="mean", softcap=params["softcap"], **extra)
     return lambda **t: fn(**t, **params)
 
 
@@ -513,12 +578,18 @@ def resolve_impl(impl: str, spec: OpSpec, case: Case, device: torch.device, comp
         return compile_cache.call_for(spec, case, device)
     if impl == "liger":
         return _liger_call(spec, case, device)
-    raise ValueError(f"impl {impl!r} unknown; choose one of: {', '.join(IMPLS)}")
+    if impl in CHUNK_IMPLS:
+        if spec.name != FLCE:
+            raise ImplUnavailable(f"{impl} is {FLCE}'s chunk-size sweep; {spec.name} has no chunks")
+        return _optkit_call(spec, case, device, chunk_rows=CHUNK_IMPLS[impl])
+    raise ValueError(f"impl {impl!r} unknown; choose one of: {', '.join(ALL_IMPLS)}")
 
 
 def impl_version(impl: str, env: Dict[str, Any]) -> Optional[str]:
-    return {"optkit": env.get("git_sha"), "eager": env.get("torch_version"),
-            "compile": env.get("torch_version"), "liger": env.get("liger_kernel_version")}.get(impl)
+    if impl.startswith("optkit"):
+        return env.get("git_sha")
+    return {"eager": env.get("torch_version"), "compile": env.get("torch_version"),
+            "liger": env.get("liger_kernel_version")}.get(impl)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -552,6 +623,21 @@ def _backward(outs, inputs, grad_outputs) -> None:
 def forward_backward(call: Callable, inputs: Dict[str, torch.Tensor], grad_outputs) -> None:
     """One untimed-by-itself step: a new graph, gradients w.r.t. every differentiable input."""
     _backward(as_tuple(call(**inputs)), inputs, grad_outputs)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def first_step(call: Callable, master: Dict[str, torch.Tensor]) -> Optional[Tuple[torch.Tensor, ...]]:
+    """The first forward+backward (compile / JIT); returns the upstream gradients every later step reuses."""
+    inputs = fresh_inputs(master)
+    outs = as_tuple(call(**inputs))
+    torch.manual_seed(0)
+    grad_outputs = grad_outputs_like(outs)
+    _backward(outs, inputs, clone_all(grad_outputs))
+    return grad_outputs
 
 
 class L2Flush:
@@ -605,21 +691,19 @@ def measure(call: Callable, master: Dict[str, torch.Tensor], device: torch.devic
             flush: Callable[[], None], timer_factory: Callable[[torch.device], Any] = PhaseTimer) -> Measurement:
     """Warm up, take the memory peak, then time the full loop and the backward-only loop."""
     first = WallClock(device).start()
-    inputs = fresh_inputs(master)
-    outs = as_tuple(call(**inputs))
-    torch.manual_seed(0)
-    grad_outputs = grad_outputs_like(outs)
-    _backward(outs, inputs, clone_all(grad_outputs))
+    grad_outputs = first_step(call, master)
     compile_s = first.stop() / 1e3
-    del inputs, outs
 
-    # Warm-up by steps and by time; its mean step (input copies included) sizes the timed loops.
+    # Warm-up by steps and by time; its mean step (input copies included) sizes the timed loops. Each
+    # step is waited for: a host that queues ahead would see 50 ms pass only after the step cap (50
+    # steps of a 50 ms op: 2.5 s of warm-up per impl).
     warm = WallClock(device).start()
     warm_started = time.perf_counter()
     steps = 1
     while steps < settings.max_warmup_steps:
         inputs = fresh_inputs(master)
         forward_backward(call, inputs, clone_all(grad_outputs))
+        _synchronize(device)
         steps += 1
         enough_time = (time.perf_counter() - warm_started) * 1e3 >= settings.warmup_ms
         if steps >= settings.warmup_steps and enough_time:
@@ -678,6 +762,181 @@ def measure_copy_gbps(device: torch.device, timer_factory: Callable[[torch.devic
     return 2 * nbytes / (median_ms * 1e-3) / 1e9
 
 
+# --------------------------------------------------------------------------- device time (profiler pass)
+# Regions are record_function ranges on the host clock, which Kineto also converts device timestamps
+# to. A region is entered after a synchronize (inputs copied, L2 flushed) and left after one, so the
+# device work that starts inside a region's host interval is that region's work, and only that.
+
+REGION_PREFIX = "optkit.bench/"
+PAD_REGION = REGION_PREFIX + "pad"
+# Throw-away launches that open every session, plus 2 per earlier session in the process: each new
+# session returns one more head record with a foreign timestamp (pytorch/pytorch#192021).
+PAD_LAUNCHES = 32
+# Device-side events that are not the op's work: the device copies of our region markers (also
+# excluded by name), synchronization records (only with Kineto's sync events on), profiler ranges.
+NOT_WORK_KINDS = ("gpu_user_annotation", "cuda_sync", "cuda_profiler_range")
+PHASES = ("full", "fwd", "bwd")
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """What the device pass reads of one profiler event (times in us on the profiler's clock)."""
+
+    name: str
+    on_device: bool
+    start_us: float
+    end_us: float
+    kind: Optional[str] = None  # Kineto's activity type ("kernel", "gpu_memcpy", ...) where torch has it
+
+
+class DeviceTraceError(Exception):
+    """The trace cannot give this row a device time (records lost, a region missing)."""
+
+
+def region_name(impl: str, phase: str, index: int) -> str:
+    return f"{REGION_PREFIX}{impl}/{phase}/{index}"
+
+
+def is_device_work(event: TraceEvent) -> bool:
+    """A kernel, memcpy or memset (an unknown kind counts: better a visible surplus than a silent gap)."""
+    if not event.on_device or event.name.startswith(REGION_PREFIX):
+        return False
+    return event.kind not in NOT_WORK_KINDS
+
+
+def busy_ms(intervals: Iterable[Tuple[float, float]]) -> float:
+    """Length of the union of (start_us, end_us) intervals, in ms: on one stream, the summed durations."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total / 1e3
+
+
+def device_time_by_region(events: Iterable[TraceEvent]) -> Dict[str, Tuple[float, int]]:
+    """Region name -> (busy ms, number of device events) of the device work that started inside it."""
+    events = list(events)
+    regions = sorted((e.start_us, e.end_us, e.name) for e in events
+                     if not e.on_device and e.name.startswith(REGION_PREFIX))
+    starts = [start for start, _, _ in regions]
+    members: Dict[str, List[Tuple[float, float]]] = {name: [] for _, _, name in regions}
+    for e in events:
+        if not is_device_work(e):
+            continue
+        i = bisect.bisect_right(starts, e.start_us) - 1
+        if i >= 0 and e.start_us <= regions[i][1]:
+            members[regions[i][2]].append((e.start_us, e.end_us))
+    return {name: (busy_ms(intervals), len(intervals)) for name, intervals in members.items()}
+
+
+@dataclass
+class DeviceTimes:
+    fwd_ms: List[float]
+    bwd_ms: List[float]
+    full_ms: List[float]
+    full_events: List[int]
+    uneven_phases: List[str] = field(default_factory=list)  # device-event count varies over repeats
+
+
+def device_times(regions: Dict[str, Tuple[float, int]], impl: str, repeats: int) -> DeviceTimes:
+    """One impl's repeats of every phase, from ``device_time_by_region``; raises DeviceTraceError."""
+    by_phase = {}
+    for phase in PHASES:
+        found = [regions.get(region_name(impl, phase, i)) for i in range(repeats)]
+        missing = sum(f is None for f in found)
+        if missing:
+            raise DeviceTraceError(f"the trace lacks {missing} of {impl}'s {repeats} {phase} regions")
+        if any(n_events == 0 for _, n_events in found):
+            raise DeviceTraceError(f"a traced {phase} repeat of {impl} holds no device work: "
+                                   "the profiler lost its records")
+        by_phase[phase] = found
+    uneven = [phase for phase, found in by_phase.items() if len({n_events for _, n_events in found}) > 1]
+    return DeviceTimes(fwd_ms=[ms for ms, _ in by_phase["fwd"]], bwd_ms=[ms for ms, _ in by_phase["bwd"]],
+                       full_ms=[ms for ms, _ in by_phase["full"]], full_events=[n for _, n in by_phase["full"]],
+                       uneven_phases=uneven)
+
+
+def trace_events(function_events: Iterable[Any]) -> List[TraceEvent]:
+    """torch.profiler FunctionEvents -> the region markers and device events among them.
+
+    Reads only what torch 2.x has kept stable (name, device_type, time_range; a device event's
+    time_range is also what its ``device_time_total`` / older ``cuda_time_total`` report), and
+    ``activity_type`` where this torch has it.
+    """
+    out = []
+    for e in function_events:
+        on_device = str(e.device_type).rsplit(".", 1)[-1] == "CUDA"
+        if on_device or e.name.startswith(REGION_PREFIX):
+            kind = getattr(e, "activity_type", None)
+            out.append(TraceEvent(e.name, on_device, float(e.time_range.start), float(e.time_range.end),
+                                  None if kind is None else str(kind)))
+    return out
+
+
+class ProfilerTrace:
+    """One torch.profiler session; CPU activity too, because the region markers are host events."""
+
+    def __init__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+    def __enter__(self) -> "ProfilerTrace":
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._profile.__exit__(*exc)
+
+    def region(self, name: str):
+        return torch.profiler.record_function(name)
+
+    def events(self) -> List[TraceEvent]:
+        return trace_events(self._profile.events())
+
+
+def _settle(flush: Callable[[], None], device: torch.device) -> None:
+    """Before a region: flush L2 and let the device drain, so the region starts idle and cold."""
+    flush()
+    _synchronize(device)
+
+
+def trace_phases(trace, impl: str, call: Callable, master: Dict[str, torch.Tensor], grad_outputs,
+                 device: torch.device, flush: Callable[[], None], repeats: int) -> None:
+    """full, fwd and bwd ``repeats`` times each, as the event pass runs them, one region per repeat."""
+    for i in range(repeats):
+        inputs, grads = fresh_inputs(master), clone_all(grad_outputs)
+        _settle(flush, device)
+        with trace.region(region_name(impl, "full", i)):
+            forward_backward(call, inputs, grads)
+            _synchronize(device)
+        del inputs, grads
+    for i in range(repeats):
+        inputs = fresh_inputs(master)
+        _settle(flush, device)
+        with trace.region(region_name(impl, "fwd", i)):
+            outs = call(**inputs)
+            _synchronize(device)
+        del inputs, outs
+    for i in range(repeats):
+        inputs, grads = fresh_inputs(master), clone_all(grad_outputs)
+        outs = as_tuple(call(**inputs))
+        _settle(flush, device)
+        with trace.region(region_name(impl, "bwd", i)):
+            _backward(outs, inputs, grads)
+            _synchronize(device)
+        del inputs, outs, grads
+
+
+def _pad_session_head(trace, device: torch.device, launches: int) -> None:
+    with trace.region(PAD_REGION):
+        scratch = torch.zeros(1, device=device)
+        for _ in range(launches):
+            scratch.add_(1.0)
+        _synchronize(device)
+
+
 # --------------------------------------------------------------------------- rows
 
 
@@ -709,6 +968,18 @@ def fill_measurement(row: Dict[str, Any], m: Measurement, copy_gbps: Optional[fl
         row["tflops_full"] = row["flops_full"] / (stats["median"] * 1e-3) / 1e12
 
 
+def fill_device(row: Dict[str, Any], times: DeviceTimes, copy_gbps: Optional[float]) -> None:
+    """The device-time fields of an ok row, from its profiled repeats."""
+    full = _median(times.full_ms)
+    gbps = _gbps(row["bytes_full"], full)
+    row.update(
+        fwd_device_ms=_median(times.fwd_ms), bwd_device_ms=_median(times.bwd_ms), full_device_ms=full,
+        full_device_times_ms=list(times.full_ms), device_repeats=len(times.full_ms),
+        n_kernels_full=sorted(times.full_events)[len(times.full_events) // 2], gbps_device=gbps,
+        frac_of_copy_device=gbps / copy_gbps if gbps and copy_gbps else None, device_error=None,
+    )
+
+
 def base_row(case: Case, impl: str, dtype_name: str, context: "RunContext") -> Dict[str, Any]:
     spec = SPECS[case.op]
     fwd_bytes, bwd_bytes = spec.bytes_moved(case, DTYPES[dtype_name].itemsize)
@@ -716,14 +987,15 @@ def base_row(case: Case, impl: str, dtype_name: str, context: "RunContext") -> D
     hidden = dims.get("H") or dims.get("I") or dims.get("V") or (dims["Hq"] + dims["Hkv"]) * dims["D"]
     row = empty_kernel_row()
     row.update(context.env_fields)
+    params = dict(case.params, **({"chunk_rows": CHUNK_IMPLS[impl]} if impl in CHUNK_IMPLS else {}))
     row.update(
         run_id=context.run_id, op=case.op, impl=impl, impl_version=impl_version(impl, context.env),
-        dtype=dtype_name, model=case.model, shape=case.shape, dims=dict(dims), params=dict(case.params),
+        dtype=dtype_name, model=case.model, shape=case.shape, dims=dict(dims), params=params,
         tokens=case.tokens, hidden=hidden, point_key=f"{case.op}/{impl}/{dtype_name}/{case.shape}",
         device=context.device.type, timer="cuda_events" if context.device.type == "cuda" else "host_clock",
         bytes_fwd=fwd_bytes, bytes_bwd=bwd_bytes, bytes_full=fwd_bytes + bwd_bytes,
         flops_full=spec.flops_full(case), copy_gbps=context.copy_gbps, l2_flush_bytes=context.flush.nbytes,
-        loss_in_forward=spec.fused_loss and impl in ("optkit", "liger"),
+        loss_in_forward=computes_grad_in_forward(spec, impl),
     )
     return row
 
@@ -782,6 +1054,9 @@ class RunContext:
     copy_gbps: Optional[float]
     compile_cache: CompileCache
     timer_factory: Callable[[torch.device], Any] = PhaseTimer
+    trace_factory: Optional[Callable[[], Any]] = None  # a profiler session (ProfilerTrace); None: no device pass
+    trace_sessions: int = 0  # profiler sessions opened so far in this process
+    device_note: Optional[str] = None  # device_error of ok rows until the device pass fills them
 
 
 def run_impl(case: Case, impl: str, dtype_name: str, master: Dict[str, torch.Tensor],
@@ -807,13 +1082,15 @@ def run_impl(case: Case, impl: str, dtype_name: str, master: Dict[str, torch.Ten
             _release_after_failure(context.device)
         return _failure(row, *failure)
     fill_measurement(row, measurement, context.copy_gbps)
+    row["device_error"] = context.device_note
     return _stamp(row)
 
 
 def run_case(case: Case, dtype_name: str, impls: Sequence[str], context: RunContext,
-             emit: Callable[[Dict[str, Any]], None]) -> None:
+             emit: Callable[[Dict[str, Any]], None]) -> List[Dict[str, Any]]:
+    """The event pass of one case: a row per impl, each emitted as it is made; returns them."""
     torch.manual_seed(0)
-    master, message = None, None
+    master, message, rows = None, None, []
     try:
         master = SPECS[case.op].make_inputs(case, DTYPES[dtype_name], context.device)
     except torch.cuda.OutOfMemoryError as exc:
@@ -821,10 +1098,103 @@ def run_case(case: Case, dtype_name: str, impls: Sequence[str], context: RunCont
     if master is None:
         _release_after_failure(context.device)
         for impl in impls:
-            emit(_failure(base_row(case, impl, dtype_name, context), "oom", message))
-        return
+            rows.append(_failure(base_row(case, impl, dtype_name, context), "oom", message))
+            emit(rows[-1])
+        return rows
     for impl in impls:
-        emit(run_impl(case, impl, dtype_name, master, context))
+        rows.append(run_impl(case, impl, dtype_name, master, context))
+        emit(rows[-1])
+    return rows
+
+
+def measure_device_case(case: Case, dtype_name: str, rows: Sequence[Dict[str, Any]], context: RunContext,
+                        log: Callable[[str], None]) -> None:
+    """Device times of a case's ok rows: warm each impl up, then trace them all in one session."""
+    spec, settings, device = SPECS[case.op], context.settings, context.device
+    torch.manual_seed(0)
+    master = spec.make_inputs(case, DTYPES[dtype_name], device)
+    errors: Dict[str, str] = {}
+    traced = []  # (row, call, grad_outputs)
+    for row in rows:
+        try:
+            call = resolve_impl(row["impl"], spec, case, device, context.compile_cache)
+            grad_outputs = first_step(call, master)
+            for _ in range(settings.device_warmup_steps):
+                forward_backward(call, fresh_inputs(master), clone_all(grad_outputs))
+            traced.append((row, call, grad_outputs))
+        except Exception as exc:  # it ran in the event pass; say what changed rather than stop
+            errors[row["impl"]] = f"device pass warm-up: {_error_text(exc)}"
+    if not traced:
+        for row in rows:
+            row["device_error"] = errors[row["impl"]]
+        return
+    context.trace_sessions += 1
+    pad = PAD_LAUNCHES + 2 * (context.trace_sessions - 1)
+    with context.trace_factory() as trace:
+        _pad_session_head(trace, device, pad)
+        for row, call, grad_outputs in traced:
+            try:
+                trace_phases(trace, row["impl"], call, master, grad_outputs, device, context.flush,
+                             settings.device_repeats)
+            except Exception as exc:
+                errors[row["impl"]] = f"device pass: {_error_text(exc)}"
+    del traced, master
+    if errors:
+        _release_after_failure(device)
+    regions = device_time_by_region(trace.events())
+    pad_seen = regions.get(PAD_REGION, (0.0, 0))[1]
+    if pad_seen < pad:
+        log(f"  profiler session {context.trace_sessions}: {pad - pad_seen} of the {pad} head launches "
+            "came back without a usable timestamp (pytorch#192021); the head pad absorbs them")
+    for row in rows:
+        if row["impl"] in errors:
+            row["device_error"] = errors[row["impl"]]
+        elif pad_seen == 0:
+            row["device_error"] = (f"the profiler session lost all {pad} head launches (pytorch#192021 or no "
+                                   "CUPTI), so the op's own records may be missing too: no device time")
+        else:
+            try:
+                times = device_times(regions, row["impl"], settings.device_repeats)
+            except DeviceTraceError as exc:
+                row["device_error"] = str(exc)
+                continue
+            fill_device(row, times, context.copy_gbps)
+            if times.uneven_phases:  # a deterministic op launches the same kernels every time
+                log(f"  {row['point_key']}: device-event count varies over the {'/'.join(times.uneven_phases)} "
+                    "repeats (records lost?); the medians are kept")
+
+
+def run_device_pass(case_rows: Sequence[Tuple[Case, str, List[Dict[str, Any]]]], context: RunContext,
+                    log: Callable[[str], None]) -> None:
+    """The profiler pass over every case's ok rows (after all event timing: see the module doc)."""
+    for case, dtype_name, rows in case_rows:
+        ok = [r for r in rows if r["status"] == "ok"]
+        if not ok:
+            continue
+        failure = None
+        try:
+            measure_device_case(case, dtype_name, ok, context, log)
+        except Exception as exc:  # inputs that no longer fit, a profiler that fails: rows keep event times
+            failure = f"device pass: {_error_text(exc)}"
+        if failure is not None:
+            _release_after_failure(context.device)
+            for row in ok:
+                if row["full_device_ms"] is None:
+                    row["device_error"] = failure
+        for row in ok:
+            timing = (f"device {row['full_device_ms']:.3f} ms, {row['n_kernels_full']} kernels"
+                      if row["full_device_ms"] is not None else (row["device_error"] or "")[:100])
+            log(f"  {row['point_key']:<60} {timing}")
+
+
+def _rewrite_rows(path: Path, keep_bytes: int, rows: Sequence[Dict[str, Any]]) -> None:
+    """Replace this run's rows (all after the file's first ``keep_bytes``) by their final versions."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(path, "rb") as fh:
+        tmp.write_bytes(fh.read(keep_bytes))
+    for row in rows:
+        append_row(tmp, row)
+    os.replace(tmp, path)  # atomic: a reader sees the old rows or the new ones
 
 
 def _env_fields(env: Dict[str, Any]) -> Dict[str, Any]:
@@ -846,18 +1216,32 @@ def _write_env(run_dir: Path, env: Dict[str, Any]) -> None:
 NO_CUDA_REASON = ("no CUDA device: the kernels suite times GPU kernels; run it on a GPU machine "
                   "(scripts/bench_kernels.py --cpu-smoke checks the plumbing on CPU)")
 SMOKE_COMPILE_REASON = "torch.compile is not timed in the CPU smoke (inductor's C++ build takes minutes)"
+NO_DEVICE_TIME_REASON = "device time needs CUDA (torch.profiler's CUDA activity); this run is on the CPU"
+DEVICE_OFF_REASON = "device pass off (device_repeats=0)"
+DEVICE_PENDING_REASON = ("device pass not run: it follows every event-timed row (see kernel_suite's doc) "
+                         "and this run stopped before it ended")
+
+
+def _device_note(trace_factory: Optional[Callable[[], Any]], settings: Settings) -> Optional[str]:
+    if trace_factory is None:
+        return NO_DEVICE_TIME_REASON
+    return DEVICE_PENDING_REASON if settings.device_repeats > 0 else DEVICE_OFF_REASON
 
 
 def run_suite(run_dir: Path, *, run_id: Optional[str] = None, quick: bool = False, ops: Sequence[str] = OPS,
-              impls: Sequence[str] = IMPLS, dtypes: Sequence[str] = ("bfloat16",), device: Optional[str] = None,
+              impls: Sequence[str] = ALL_IMPLS, dtypes: Sequence[str] = ("bfloat16",), device: Optional[str] = None,
               cpu_smoke: bool = False, timer_factory: Callable[[torch.device], Any] = PhaseTimer,
+              trace_factory: Optional[Callable[[], Any]] = None, device_repeats: Optional[int] = None,
               env: Optional[Dict[str, Any]] = None, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
-    """Measure every case x dtype x impl; append each row to run_dir/results.jsonl as it is made."""
+    """Measure every case x dtype x impl: the event pass appends each row to run_dir/results.jsonl as it is
+    made; the device pass (CUDA, or a given ``trace_factory``) then fills the device fields and rewrites
+    this run's rows. ``device_repeats`` overrides the settings' (0: no device pass)."""
     from optkit.measure.env import capture_env
 
-    bad = sorted(set(impls) - set(IMPLS)) + sorted(set(dtypes) - set(DTYPES))
+    bad = sorted(set(impls) - set(ALL_IMPLS)) + sorted(set(dtypes) - set(DTYPES))
     if bad:
-        raise ValueError(f"unknown impl/dtype {', '.join(bad)}; impls: {', '.join(IMPLS)}; dtypes: {', '.join(DTYPES)}")
+        raise ValueError(f"unknown impl/dtype {', '.join(bad)}; impls: {', '.join(ALL_IMPLS)}; "
+                         f"dtypes: {', '.join(DTYPES)}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     env = capture_env() if env is None else env
@@ -866,6 +1250,7 @@ def run_suite(run_dir: Path, *, run_id: Optional[str] = None, quick: bool = Fals
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device cuda asked for but CUDA is not available; leave device unset to get skipped rows")
     results_path = run_dir / "results.jsonl"
+    keep_bytes = results_path.stat().st_size if results_path.exists() else 0  # earlier runs' rows
     rows: List[Dict[str, Any]] = []
 
     def emit(row: Dict[str, Any]) -> None:
@@ -876,14 +1261,19 @@ def run_suite(run_dir: Path, *, run_id: Optional[str] = None, quick: bool = Fals
 
     cases = smoke_cases(ops) if cpu_smoke else sweep_cases(quick, ops)
     settings = SMOKE_SETTINGS if cpu_smoke else (QUICK_SETTINGS if quick else FULL_SETTINGS)
+    if device_repeats is not None:
+        settings = dataclasses.replace(settings, device_repeats=device_repeats)
+    if trace_factory is None and device.type == "cuda":
+        trace_factory = ProfilerTrace
     context = RunContext(
         run_id=run_id or run_dir.name, device=device, env=env, env_fields=_env_fields(env), settings=settings,
         flush=L2Flush(device), copy_gbps=None,
-        compile_cache=CompileCache(SMOKE_COMPILE_REASON if cpu_smoke else None), timer_factory=timer_factory)
+        compile_cache=CompileCache(SMOKE_COMPILE_REASON if cpu_smoke else None), timer_factory=timer_factory,
+        trace_factory=trace_factory, device_note=_device_note(trace_factory, settings))
     if device.type != "cuda" and not cpu_smoke:
         for case in cases:
             for dtype_name in dtypes:
-                for impl in impls:
+                for impl in impls_for(case.op, impls):
                     emit(_failure(base_row(case, impl, dtype_name, context), "skipped", NO_CUDA_REASON))
         return rows
 
@@ -891,10 +1281,17 @@ def run_suite(run_dir: Path, *, run_id: Optional[str] = None, quick: bool = Fals
     context.copy_gbps = measure_copy_gbps(device, timer_factory)
     log(f"kernels suite: {len(cases)} shapes x {len(dtypes)} dtype(s) x {len(impls)} impls on "
         f"{env.get('gpu_name') or device.type}; copy bandwidth {context.copy_gbps:,.0f} GB/s -> {results_path}")
-    for case in cases:
-        for dtype_name in dtypes:
-            run_case(case, dtype_name, impls, context, emit)
-    log(f"kernels suite: {len(rows)} rows in {time.time() - started:.0f} s")
+    case_rows = [(case, dtype_name, run_case(case, dtype_name, impls_for(case.op, impls), context, emit))
+                 for case in cases for dtype_name in dtypes]
+    event_s = time.time() - started
+    if context.device_note != DEVICE_PENDING_REASON:
+        log(f"kernels suite: {len(rows)} rows in {event_s:.0f} s; no device pass: {context.device_note}")
+        return rows
+    log(f"kernels suite: device pass ({settings.device_repeats} profiled repeats per phase)")
+    run_device_pass(case_rows, context, log)
+    _rewrite_rows(results_path, keep_bytes, rows)
+    log(f"kernels suite: {len(rows)} rows in {time.time() - started:.0f} s "
+        f"(event pass {event_s:.0f} s, device pass {time.time() - started - event_s:.0f} s)")
     return rows
 
 
@@ -915,35 +1312,56 @@ def _fmt_ms(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _fmt_pct(fraction: Optional[float]) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.0f}%"
+
+
+def _flags(r: Dict[str, Any]) -> str:
+    flags = "".join(f" {flag}" for flag, on in (("noisy", r.get("full_ms_noisy")), ("THROTTLED", r.get("throttled")))
+                    if on)
+    expected_none = (None, NO_DEVICE_TIME_REASON, DEVICE_OFF_REASON)
+    if r.get("full_device_ms") is None and r.get("device_error") not in expected_none:
+        flags += " NO-DEVICE-TIME"
+    if r.get("tflops_full"):  # compute-bound op: GB/s is not its measure
+        flags += f" {r['tflops_full']:.0f} TFLOP/s"
+    return flags
+
+
+TABLE_NOTES = (
+    "full ms: CUDA events around forward+backward (launch gaps included); p10-p90 of it; x eager: eager's full ms / "
+    "the row's\ndev ms: profiler time of the op's kernels, memcpys and memsets alone (median); kern: their number; "
+    "%copy ev / dev: bytes_full over full ms / dev ms, as a share of copy bandwidth")
+
+
 def format_table(rows: Iterable[Dict[str, Any]]) -> str:
     """One line per row (rows come grouped by case); "x eager" is eager's full_ms over the row's."""
     rows = list(rows)
     eager_full = {(r["op"], r["shape"], r["dtype"]): r["full_ms"] for r in rows
                   if r["impl"] == "eager" and r["status"] == "ok"}
-    header = (f"{'op':<27} {'shape':<34} {'dtype':<8} {'impl':<8} {'fwd ms':>9} {'bwd ms':>9} {'full ms':>9} "
-              f"{'p10-p90':>17} {'x eager':>7} {'GB/s':>7} {'%copy':>6} {'dpeak MiB':>10}  status")
+    header = (f"{'op':<27} {'shape':<34} {'dtype':<8} {'impl':<12} {'fwd ms':>9} {'bwd ms':>9} {'full ms':>9} "
+              f"{'p10-p90':>17} {'x eager':>7} {'%copy ev':>8} {'dev ms':>9} {'kern':>5} {'%copy dev':>9} "
+              f"{'dpeak MiB':>10}  status")
     lines = [header, "-" * len(header)]
     for r in rows:
+        label = f"{r['op']:<27} {r['shape']:<34} {r['dtype']:<8} {r['impl']:<12}"
         if r["status"] != "ok":
             reason = (r["error"] or "").splitlines()[0][:80] if r["error"] else ""
-            lines.append(f"{r['op']:<27} {r['shape']:<34} {r['dtype']:<8} {r['impl']:<8} {r['status']}: {reason}")
+            lines.append(f"{label} {r['status']}: {reason}")
             continue
         base = eager_full.get((r["op"], r["shape"], r["dtype"]))
         speedup = f"{base / r['full_ms']:.2f}" if base else "-"
         star = "*" if r["loss_in_forward"] else " "
         spread = f"{r['full_ms_p10']:.3f}-{r['full_ms_p90']:.3f}"
-        gbps = "-" if r["gbps_full"] is None else f"{r['gbps_full']:.0f}"
-        frac = "-" if r["frac_of_copy"] is None else f"{100 * r['frac_of_copy']:.0f}%"
+        kernels = "-" if r.get("n_kernels_full") is None else str(r["n_kernels_full"])
         peak = "-" if r["peak_delta_bytes"] is None else f"{r['peak_delta_bytes'] / 2**20:.1f}"
-        flags = "".join(f" {flag}" for flag, on in (("noisy", r.get("full_ms_noisy")),
-                                                     ("THROTTLED", r.get("throttled"))) if on)
-        if r.get("tflops_full"):  # compute-bound op: GB/s is not its measure
-            flags += f" {r['tflops_full']:.0f} TFLOP/s"
-        lines.append(f"{r['op']:<27} {r['shape']:<34} {r['dtype']:<8} {r['impl']:<8} {_fmt_ms(r['fwd_ms']):>8}{star} "
-                     f"{_fmt_ms(r['bwd_ms']):>8}{star} {_fmt_ms(r['full_ms']):>9} {spread:>17} {speedup:>7} "
-                     f"{gbps:>7} {frac:>6} {peak:>10}  ok{flags}")
+        lines.append(f"{label} {_fmt_ms(r['fwd_ms']):>8}{star} {_fmt_ms(r['bwd_ms']):>8}{star} "
+                     f"{_fmt_ms(r['full_ms']):>9} {spread:>17} {speedup:>7} {_fmt_pct(r['frac_of_copy']):>8} "
+                     f"{_fmt_ms(r.get('full_device_ms')):>9} {kernels:>5} {_fmt_pct(r.get('frac_of_copy_device')):>9} "
+                     f"{peak:>10}  ok{_flags(r)}")
+    if any(r["status"] == "ok" for r in rows):
+        lines.append(TABLE_NOTES)
     if any(r.get("loss_in_forward") and r["status"] == "ok" for r in rows):
-        lines.append("* gradient computed in forward (fused loss): compare these rows on full ms only")
+        lines.append("* gradient computed in forward (fused loss): compare these rows on full ms / dev ms only")
     return "\n".join(lines)
 
 

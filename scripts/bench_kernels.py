@@ -2,13 +2,14 @@
 """Per-op kernel benchmark, standalone: optkit vs eager vs torch.compile vs Liger-Kernel.
 
     python scripts/bench_kernels.py --out DIR [--quick] [--ops rms_norm,rope] [--impls optkit,eager]
-                                    [--fp32] [--cpu-smoke]
+                                    [--fp32] [--device-repeats N] [--cpu-smoke]
 
 Writes DIR/env.json and DIR/results.jsonl (one row per op x shape x dtype x impl; see
-optkit/kernel_suite.py for the fields and the byte model) and prints a table. The same
+optkit/kernel_suite.py for the fields, the byte model and the two times: CUDA-event time with
+launch gaps, and profiler device time of the kernels alone) and prints a table. The same
 measurement runs under ``optkit bench suite=kernels``. A full run takes < 5 min on an H100,
 ``--quick`` (one shape per op) < 90 s. ``--cpu-smoke`` times tiny shapes on the CPU with the host
-clock and the Triton interpreter: a plumbing check, not a measurement.
+clock and the Triton interpreter: a plumbing check, not a measurement (no device time).
 """
 from __future__ import annotations
 
@@ -29,8 +30,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="run directory (env.json, results.jsonl)")
     parser.add_argument("--quick", action="store_true", help="one shape per op")
     parser.add_argument("--ops", type=_csv, default=None, help="comma list of ops (default: all)")
-    parser.add_argument("--impls", type=_csv, default=None, help="comma list of optkit,eager,compile,liger")
+    parser.add_argument("--impls", type=_csv, default=None,
+                        help="comma list of optkit,eager,compile,liger and FLCE's optkit-c256,optkit-c512,optkit-c2048")
     parser.add_argument("--fp32", action="store_true", help="also measure float32 inputs")
+    parser.add_argument("--device-repeats", type=int, default=None,
+                        help="profiled repeats per phase for device time (default 5; 0 skips the device pass)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU, host clock")
     return parser.parse_args(argv)
 
@@ -45,8 +49,9 @@ def main(argv=None) -> int:
         print(f"{args.out / 'results.jsonl'} exists; pass a new --out directory so runs are not mixed",
               file=sys.stderr)
         return 2
-    rows = ks.run_suite(args.out, quick=args.quick, ops=args.ops or ks.OPS, impls=args.impls or ks.IMPLS,
-                        dtypes=("bfloat16", "float32") if args.fp32 else ("bfloat16",), cpu_smoke=args.cpu_smoke)
+    rows = ks.run_suite(args.out, quick=args.quick, ops=args.ops or ks.OPS, impls=args.impls or ks.ALL_IMPLS,
+                        dtypes=("bfloat16", "float32") if args.fp32 else ("bfloat16",), cpu_smoke=args.cpu_smoke,
+                        device_repeats=args.device_repeats)
     print()
     print(ks.format_table(rows))
     statuses = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "oom", "error")}

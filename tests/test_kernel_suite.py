@@ -1,11 +1,15 @@
 """CPU tests of the kernel benchmark harness (optkit/kernel_suite.py): the sweep, byte counts, rows,
-implementation discovery, failure rows, fresh inputs per repeat, compile caching, and a tiny run.
+implementation discovery, failure rows, fresh inputs per repeat, compile caching, the device-time
+pass (trace parsing on synthetic events, its plumbing with a scripted trace), the FLCE chunk sweep,
+and a tiny run.
 
 Byte counts are checked against the nbytes of real tensors (inputs, outputs, gradients) rather
-than against the formulas they test. Timing uses a fake timer wherever numbers are asserted.
+than against the formulas they test. Timing uses a fake timer and a fake trace wherever numbers
+are asserted.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import types
@@ -21,7 +25,8 @@ CPU = torch.device("cpu")
 REQUIRED_FIELDS = (
     "schema_version run_id suite kind status error op impl dtype shape tokens hidden fwd_ms bwd_ms full_ms "
     "full_ms_p10 full_ms_p90 full_times_ms bytes_full gbps_full copy_gbps frac_of_copy peak_bytes "
-    "peak_delta_bytes loss_in_forward gpu_name gpu_slug torch triton git_sha point_key timestamp"
+    "peak_delta_bytes loss_in_forward gpu_name gpu_slug torch triton git_sha point_key timestamp "
+    "fwd_device_ms bwd_device_ms full_device_ms gbps_device frac_of_copy_device n_kernels_full device_error"
 ).split()
 FAKE_ENV = {"gpu_name": None, "torch_version": torch.__version__, "triton_version": "x", "git_sha": "abc",
             "git_dirty": False, "liger_kernel_version": None}
@@ -372,7 +377,8 @@ def test_run_without_cuda_gives_skipped_rows_for_the_whole_sweep(tmp_path, monke
     cfg = compose(["suite=kernels"])
     assert cfg.suite.requires_cuda is True
     rows = ks.run(cfg, tmp_path / "run7")
-    assert len(rows) == len(ks.sweep_cases()) * len(ks.IMPLS)
+    cases = ks.sweep_cases()
+    assert len(rows) == len(cases) * len(ks.IMPLS) + len(ks.CHUNK_IMPLS)  # the chunk sweep: one FLCE shape
     assert {r["status"] for r in rows} == {"skipped"} and rows[0]["error"] == ks.NO_CUDA_REASON
     assert {r["run_id"] for r in rows} == {"run7"}
     assert "gradient computed in forward" not in ks.format_table(rows)  # the note is about ok rows
@@ -386,3 +392,253 @@ def test_cpu_smoke_times_optkit_kernels_with_the_host_clock(tmp_path):
         ("rms_norm", "optkit", "ok"), ("rms_norm", "eager", "ok"), ("swiglu", "optkit", "ok"), ("swiglu", "eager", "ok")]
     for row in rows:
         assert row["full_ms"] > 0 and len(row["full_times_ms"]) == row["repeats"] and row["copy_gbps"] > 0
+        assert row["full_device_ms"] is None and row["device_error"] == ks.NO_DEVICE_TIME_REASON
+
+
+# --------------------------------------------------------------------------- FLCE chunk sweep
+
+
+def test_chunk_impls_apply_to_flce_only_and_pass_chunk_rows(monkeypatch):
+    seen = {}
+
+    def fake_flce(**kwargs):
+        seen.update(kwargs)
+        return kwargs["hidden"].sum()
+
+    module = types.ModuleType("optkit.kernels.fused_linear_cross_entropy")
+    module.fused_linear_cross_entropy = fake_flce
+    monkeypatch.setitem(sys.modules, "optkit.kernels.fused_linear_cross_entropy", module)
+    flce = _case(ks.FLCE)
+    inputs = ks.SPECS[ks.FLCE].make_inputs(flce, torch.float32, CPU)
+    cache = ks.CompileCache("unused")
+    for impl, rows in ks.CHUNK_IMPLS.items():
+        ks.resolve_impl(impl, ks.SPECS[ks.FLCE], flce, CPU, cache)(**inputs)
+        assert seen["chunk_rows"] == rows
+    seen.clear()
+    ks.resolve_impl("optkit", ks.SPECS[ks.FLCE], flce, CPU, cache)(**inputs)
+    assert "chunk_rows" not in seen, "plain optkit keeps the kernel's own default"
+    with pytest.raises(ks.ImplUnavailable, match="chunk"):
+        ks.resolve_impl("optkit-c256", ks.SPECS["swiglu"], _case("swiglu"), CPU, cache)
+    assert ks.impls_for("swiglu", ks.ALL_IMPLS) == list(ks.IMPLS)
+    assert ks.impls_for(ks.FLCE, ks.ALL_IMPLS) == list(ks.ALL_IMPLS)
+
+
+def test_chunk_rows_say_what_they_are():
+    context = _context()
+    row = ks.base_row(_case(ks.FLCE), "optkit-c512", "bfloat16", context)
+    assert row["params"]["chunk_rows"] == 512 and row["loss_in_forward"] is True
+    assert row["impl_version"] == "abc" and row["point_key"].startswith(f"{ks.FLCE}/optkit-c512/")
+    assert "chunk_rows" not in ks.base_row(_case(ks.FLCE), "optkit", "bfloat16", context)["params"]
+
+
+# --------------------------------------------------------------------------- device time: trace parsing
+
+E = ks.TraceEvent
+
+
+def _region(impl, phase, i, start, end):
+    return E(ks.region_name(impl, phase, i), False, start, end, "user_annotation")
+
+
+def test_busy_time_counts_overlapping_work_once():
+    assert ks.busy_ms([]) == 0.0
+    assert ks.busy_ms([(0.0, 10.0), (10.0, 30.0)]) == pytest.approx(0.030)  # back to back: the sum
+    assert ks.busy_ms([(20.0, 30.0), (0.0, 10.0), (5.0, 15.0), (6.0, 7.0)]) == pytest.approx(0.025)
+
+
+def test_device_work_is_attributed_to_the_region_it_starts_in():
+    name0 = ks.region_name("optkit", "full", 0)
+    events = [
+        _region("optkit", "full", 0, 100.0, 200.0),
+        _region("optkit", "full", 1, 300.0, 400.0),
+        E("flush: vectorized_elementwise_kernel<FillFunctor>", True, 40.0, 95.0, "kernel"),  # before: excluded
+        E("rms_norm_fwd", True, 110.0, 130.0, "kernel"),
+        E("rms_norm_bwd", True, 140.0, 150.0, "kernel"),
+        E("Memcpy DtoD (Device -> Device)", True, 160.0, 170.0, "gpu_memcpy"),
+        E(name0, True, 105.0, 175.0, "gpu_user_annotation"),  # the marker's device copy
+        E("Context Sync", True, 176.0, 177.0, "cuda_sync"),
+        E("aten::mul", False, 101.0, 120.0, "cpu_op"),  # host ops are not device work
+        E("corrupted head record", True, -1e14, -1e14 + 5.0, "kernel"),  # foreign clock: in no region
+        E("skewed flush tail", True, 99.0, 101.0, "kernel"),  # started before the region: not its work
+        E("stream A", True, 310.0, 330.0, "kernel"),
+        E("stream B", True, 320.0, 340.0, "kernel"),  # overlaps A: counted once
+        E("Memset (Device)", True, 350.0, 351.0, "gpu_memset"),
+        E("next setup copy", True, 401.0, 420.0, "kernel"),  # after the region: excluded
+        E("older torch: no activity type", True, 360.0, 362.0, None),
+    ]
+    regions = ks.device_time_by_region(events)
+    assert regions[name0] == (pytest.approx(0.040), 3)
+    assert regions[ks.region_name("optkit", "full", 1)] == (pytest.approx(0.033), 4)
+    assert set(regions) == {name0, ks.region_name("optkit", "full", 1)}
+
+
+def test_device_times_need_every_region_and_some_work_in_each():
+    events, t = [], 0.0
+    for phase, kernel_us in (("full", 40.0), ("fwd", 10.0), ("bwd", 30.0)):
+        for i in range(2):
+            events += [_region("eager", phase, i, t, t + 100.0), E("k", True, t + 10.0, t + 10.0 + kernel_us, "kernel")]
+            t += 200.0
+    times = ks.device_times(ks.device_time_by_region(events), "eager", repeats=2)
+    assert times.full_ms == [pytest.approx(0.040)] * 2 and times.fwd_ms == [pytest.approx(0.010)] * 2
+    assert times.bwd_ms == [pytest.approx(0.030)] * 2 and times.full_events == [1, 1] and not times.uneven_phases
+    extra = events + [E("one more kernel", True, 210.0, 215.0, "kernel")]  # in full/1 only
+    assert ks.device_times(ks.device_time_by_region(extra), "eager", repeats=2).uneven_phases == ["full"]
+    with pytest.raises(ks.DeviceTraceError, match="lacks 1 of eager's 3 full regions"):
+        ks.device_times(ks.device_time_by_region(events), "eager", repeats=3)
+    emptied = [e for e in events if not (e.on_device and e.start_us == 10.0)]  # full/0 lost its kernel
+    with pytest.raises(ks.DeviceTraceError, match="lost"):
+        ks.device_times(ks.device_time_by_region(emptied), "eager", repeats=2)
+
+
+def test_trace_events_read_torch_function_events():
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    marker = FunctionEvent(id=1, name=ks.region_name("liger", "bwd", 0), thread=0, start_us=1.0, end_us=9.0)
+    kernel = FunctionEvent(id=2, name="triton_red_fused", thread=0, start_us=2.0, end_us=5.5,
+                           device_type=DeviceType.CUDA)
+    host_op = FunctionEvent(id=3, name="aten::add", thread=0, start_us=2.0, end_us=3.0)
+    kernel.activity_type = "kernel"  # torch 2.13 sets it; older FunctionEvents lack it (read as None)
+    got = ks.trace_events([marker, kernel, host_op])
+    assert [(e.name, e.on_device, e.start_us, e.end_us) for e in got] == [
+        (marker.name, False, 1.0, 9.0), ("triton_red_fused", True, 2.0, 5.5)]
+    assert got[1].kind == "kernel" and ks.is_device_work(got[1]) and not ks.is_device_work(got[0])
+
+
+def test_profiler_trace_returns_its_region_markers(recwarn):
+    """The real torch.profiler session (CPU build: no device events) keeps the markers' names."""
+    with ks.ProfilerTrace() as trace:
+        with trace.region(ks.region_name("eager", "fwd", 0)):
+            torch.ones(3).add_(1)
+    markers = [e for e in trace.events() if not e.on_device]
+    assert [e.name for e in markers] == [ks.region_name("eager", "fwd", 0)]
+    assert markers[0].end_us > markers[0].start_us
+
+
+# --------------------------------------------------------------------------- device time: the pass
+
+
+class FakeTrace:
+    """ProfilerTrace's interface with a scripted trace. Every region holds device work by phase (full:
+    kernels of 0.1 and 0.3 ms; fwd: 0.1 ms; bwd: 0.3 ms; the pad: PAD_LAUNCHES launches) and what a real
+    trace adds around it: an L2-flush kernel just before, the marker's device copy, a host op. The first
+    ``lost_head`` device records of the session get a timestamp from another clock (pytorch#192021)."""
+
+    WORK_US = {"full": (100.0, 300.0), "fwd": (100.0,), "bwd": (300.0,)}
+
+    def __init__(self, order=None, lost_head=0):
+        self.order, self.lost_head = order if order is not None else [], lost_head
+        self.clock, self.trace = 0.0, []
+
+    def __enter__(self):
+        self.order.append("trace")
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    @contextlib.contextmanager
+    def region(self, name):
+        self.trace.append(E("flush", True, self.clock + 1.0, self.clock + 40.0, "kernel"))
+        start = self.clock = self.clock + 50.0
+        yield
+        phase = name.split("/")[-2] if name != ks.PAD_REGION else "pad"
+        work = self.WORK_US.get(phase, (1.0,) * ks.PAD_LAUNCHES)
+        t = start + 5.0
+        for us in work:
+            self.trace.append(E(f"{phase}_kernel", True, t, t + us, "kernel"))
+            t += us + 2.0
+        self.trace += [E(name, True, start + 4.0, t, "gpu_user_annotation"),
+                       E("aten::mul", False, start + 1.0, t, "cpu_op"),
+                       E(name, False, start, t + 10.0, "user_annotation")]
+        self.clock = t + 10.0
+
+    def events(self):
+        device = sorted((e for e in self.trace if e.on_device and e.kind == "kernel"), key=lambda e: e.start_us)
+        lost = set(map(id, device[:self.lost_head]))
+        return [E(e.name, True, e.start_us - 1e14, e.end_us - 1e14, e.kind) if id(e) in lost else e
+                for e in self.trace]
+
+
+class OrderedTimer(FakeTimer):
+    order = None
+
+    def begin_step(self):
+        self.order.append("event")
+
+
+def _smoke_with_trace(tmp_path, trace_factory, **kwargs):
+    return ks.run_suite(tmp_path, run_id="d", cpu_smoke=True, ops=("swiglu",), impls=("eager",), env=FAKE_ENV,
+                        timer_factory=FakeTimer, trace_factory=trace_factory, log=lambda m: None, **kwargs)
+
+
+def test_device_pass_fills_rows_after_every_event_timed_row(tmp_path):
+    order = []
+    OrderedTimer.order = order
+    (tmp_path / "results.jsonl").write_text('{"run_id": "earlier"}\n')  # another run's row stays
+    rows = ks.run_suite(tmp_path, run_id="d", cpu_smoke=True, ops=("swiglu", "rms_norm"), impls=("eager",),
+                        env=FAKE_ENV, timer_factory=OrderedTimer, trace_factory=lambda: FakeTrace(order),
+                        log=lambda m: None)
+    assert "trace" in order and "event" not in order[order.index("trace"):], "a profiler session preceded timing"
+    assert order.count("trace") == 2, "one session per case"
+    for row in rows:
+        assert row["status"] == "ok" and row["device_error"] is None
+        assert row["full_device_ms"] == pytest.approx(0.4) and row["fwd_device_ms"] == pytest.approx(0.1)
+        assert row["bwd_device_ms"] == pytest.approx(0.3) and row["n_kernels_full"] == 2
+        assert row["device_repeats"] == ks.SMOKE_SETTINGS.device_repeats == len(row["full_device_times_ms"])
+        assert row["gbps_device"] == pytest.approx(row["bytes_full"] / 0.4e-3 / 1e9)
+        assert row["frac_of_copy_device"] == pytest.approx(row["gbps_device"] / row["copy_gbps"])
+        assert row["full_ms"] == 2.0, "the event time is FakeTimer's, untouched by the device pass"
+    written = read_rows(tmp_path / "results.jsonl")
+    assert written[0] == {"run_id": "earlier"} and written[1:] == json.loads(json.dumps(rows))
+    table = ks.format_table(rows)
+    assert "dev ms" in table and "0.400" in table and "NO-DEVICE-TIME" not in table
+
+
+def test_a_killed_device_pass_leaves_event_rows_that_say_so(tmp_path):
+    class Killed(BaseException):
+        pass
+
+    def killed_trace():
+        raise Killed()
+
+    with pytest.raises(Killed):
+        _smoke_with_trace(tmp_path, killed_trace)
+    (row,) = read_rows(tmp_path / "results.jsonl")
+    assert row["status"] == "ok" and row["full_ms"] == 2.0
+    assert row["full_device_ms"] is None and row["device_error"] == ks.DEVICE_PENDING_REASON
+
+
+def test_lost_head_records_are_absorbed_by_the_pad(tmp_path):
+    (row,) = _smoke_with_trace(tmp_path, lambda: FakeTrace(lost_head=ks.PAD_LAUNCHES - 1))
+    assert row["full_device_ms"] == pytest.approx(0.4) and row["device_error"] is None
+
+
+def test_a_session_that_lost_its_whole_pad_gives_no_device_time(tmp_path):
+    (row,) = _smoke_with_trace(tmp_path, lambda: FakeTrace(lost_head=ks.PAD_LAUNCHES + 1))
+    assert row["status"] == "ok" and row["full_device_ms"] is None and "pytorch#192021" in row["device_error"]
+    assert "NO-DEVICE-TIME" in ks.format_table([row])
+
+
+def test_device_pass_off_or_without_cuda(tmp_path):
+    (row,) = _smoke_with_trace(tmp_path / "off", lambda: FakeTrace(), device_repeats=0)
+    assert row["full_device_ms"] is None and row["device_error"] == ks.DEVICE_OFF_REASON
+    (row,) = _smoke_with_trace(tmp_path / "cpu", None)
+    assert row["full_device_ms"] is None and row["device_error"] == ks.NO_DEVICE_TIME_REASON
+    assert "NO-DEVICE-TIME" not in ks.format_table([row]), "an expected absence is not flagged"
+
+
+def test_an_impl_failing_in_the_device_pass_is_noted_on_its_row_only(monkeypatch):
+    case = _case("swiglu")
+    context = _context()
+    context.trace_factory = FakeTrace
+    rows = [ks.base_row(case, impl, "float32", context) for impl in ("eager", "liger")]
+    eager = ks._eager_call(ks.SPECS["swiglu"], case, CPU)
+
+    def broken(**tensors):
+        raise RuntimeError("boom in the device pass")
+
+    monkeypatch.setattr(ks, "resolve_impl", lambda impl, *a: eager if impl == "eager" else broken)
+    ks.measure_device_case(case, "float32", rows, context, log=lambda m: None)
+    assert rows[0]["full_device_ms"] == pytest.approx(0.4) and rows[0]["device_error"] is None
+    assert rows[1]["full_device_ms"] is None and "boom in the device pass" in rows[1]["device_error"]
