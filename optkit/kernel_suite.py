@@ -776,6 +776,7 @@ PAD_LAUNCHES = 32
 # excluded by name), synchronization records (only with Kineto's sync events on), profiler ranges.
 NOT_WORK_KINDS = ("gpu_user_annotation", "cuda_sync", "cuda_profiler_range")
 PHASES = ("full", "fwd", "bwd")
+DEVICE_OVER_EVENTS_TOLERANCE = 1.1  # full_device_ms above this x full_ms is flagged in the table
 
 
 @dataclass(frozen=True)
@@ -1107,54 +1108,73 @@ def run_case(case: Case, dtype_name: str, impls: Sequence[str], context: RunCont
     return rows
 
 
-def measure_device_case(case: Case, dtype_name: str, rows: Sequence[Dict[str, Any]], context: RunContext,
-                        log: Callable[[str], None]) -> None:
-    """Device times of a case's ok rows: warm each impl up, then trace them all in one session."""
-    spec, settings, device = SPECS[case.op], context.settings, context.device
-    torch.manual_seed(0)
-    master = spec.make_inputs(case, DTYPES[dtype_name], device)
-    errors: Dict[str, str] = {}
-    traced = []  # (row, call, grad_outputs)
+def _warm_up_for_trace(case: Case, rows: Sequence[Dict[str, Any]], master: Dict[str, torch.Tensor],
+                       context: RunContext, errors: Dict[str, str]) -> List[Tuple[Dict[str, Any], Callable, Any]]:
+    """(row, call, grad_outputs) of each impl that warms up again; a failure goes to ``errors``."""
+    spec, device = SPECS[case.op], context.device
+    traced = []
     for row in rows:
         try:
             call = resolve_impl(row["impl"], spec, case, device, context.compile_cache)
             grad_outputs = first_step(call, master)
-            for _ in range(settings.device_warmup_steps):
+            for _ in range(context.settings.device_warmup_steps):
                 forward_backward(call, fresh_inputs(master), clone_all(grad_outputs))
             traced.append((row, call, grad_outputs))
         except Exception as exc:  # it ran in the event pass; say what changed rather than stop
             errors[row["impl"]] = f"device pass warm-up: {_error_text(exc)}"
-    if not traced:
-        for row in rows:
-            row["device_error"] = errors[row["impl"]]
-        return
+    return traced
+
+
+def _trace_session(traced, master: Dict[str, torch.Tensor], context: RunContext, pad: int,
+                   errors: Dict[str, str]) -> Dict[str, Tuple[float, int]]:
+    """One profiler session: the head pad, then every phase of every impl; returns its regions."""
     context.trace_sessions += 1
-    pad = PAD_LAUNCHES + 2 * (context.trace_sessions - 1)
     with context.trace_factory() as trace:
-        _pad_session_head(trace, device, pad)
+        _pad_session_head(trace, context.device, pad)
         for row, call, grad_outputs in traced:
+            if row["impl"] in errors:
+                continue
             try:
-                trace_phases(trace, row["impl"], call, master, grad_outputs, device, context.flush,
-                             settings.device_repeats)
+                trace_phases(trace, row["impl"], call, master, grad_outputs, context.device, context.flush,
+                             context.settings.device_repeats)
             except Exception as exc:
                 errors[row["impl"]] = f"device pass: {_error_text(exc)}"
+    return device_time_by_region(trace.events())
+
+
+def measure_device_case(case: Case, dtype_name: str, rows: Sequence[Dict[str, Any]], context: RunContext,
+                        log: Callable[[str], None]) -> None:
+    """Device times of a case's ok rows: warm each impl up, then trace them all in one session (a second,
+    with a longer head pad, if the first lost the whole pad)."""
+    torch.manual_seed(0)
+    master = SPECS[case.op].make_inputs(case, DTYPES[dtype_name], context.device)
+    errors: Dict[str, str] = {}
+    traced = _warm_up_for_trace(case, rows, master, context, errors)
+    pad = PAD_LAUNCHES + 2 * context.trace_sessions
+    regions, pad_seen = {}, 0
+    for attempt in range(2 if traced else 0):
+        regions = _trace_session(traced, master, context, pad, errors)
+        pad_seen = regions.get(PAD_REGION, (0.0, 0))[1]
+        if pad_seen:
+            break
+        log(f"  profiler session {context.trace_sessions} lost all {pad} head launches (pytorch#192021)"
+            + ("; tracing the case again with a longer pad" if attempt == 0 else ""))
+        pad *= 8
     del traced, master
     if errors:
-        _release_after_failure(device)
-    regions = device_time_by_region(trace.events())
-    pad_seen = regions.get(PAD_REGION, (0.0, 0))[1]
-    if pad_seen < pad:
-        log(f"  profiler session {context.trace_sessions}: {pad - pad_seen} of the {pad} head launches "
-            "came back without a usable timestamp (pytorch#192021); the head pad absorbs them")
+        _release_after_failure(context.device)
+    if 0 < pad_seen < pad:
+        log(f"  profiler session {context.trace_sessions}: {pad - pad_seen} of the {pad} head launches came back "
+            "without a usable timestamp (pytorch#192021); the head pad absorbed them")
     for row in rows:
         if row["impl"] in errors:
             row["device_error"] = errors[row["impl"]]
         elif pad_seen == 0:
-            row["device_error"] = (f"the profiler session lost all {pad} head launches (pytorch#192021 or no "
-                                   "CUPTI), so the op's own records may be missing too: no device time")
+            row["device_error"] = ("two profiler sessions lost their whole head pad (pytorch#192021 or no CUPTI), "
+                                   "so the op's own records may be missing too: no device time")
         else:
             try:
-                times = device_times(regions, row["impl"], settings.device_repeats)
+                times = device_times(regions, row["impl"], context.settings.device_repeats)
             except DeviceTraceError as exc:
                 row["device_error"] = str(exc)
                 continue
@@ -1322,6 +1342,10 @@ def _flags(r: Dict[str, Any]) -> str:
     expected_none = (None, NO_DEVICE_TIME_REASON, DEVICE_OFF_REASON)
     if r.get("full_device_ms") is None and r.get("device_error") not in expected_none:
         flags += " NO-DEVICE-TIME"
+    # The kernels cannot run longer than the event window around them: if they seem to, the trace
+    # attributed work that is not the op's (a self-check of the device pass; 10% for repeat noise).
+    if r.get("full_device_ms") and r["full_device_ms"] > DEVICE_OVER_EVENTS_TOLERANCE * r["full_ms"]:
+        flags += " DEVICE>EVENTS"
     if r.get("tflops_full"):  # compute-bound op: GB/s is not its measure
         flags += f" {r['tflops_full']:.0f} TFLOP/s"
     return flags
@@ -1330,7 +1354,9 @@ def _flags(r: Dict[str, Any]) -> str:
 TABLE_NOTES = (
     "full ms: CUDA events around forward+backward (launch gaps included); p10-p90 of it; x eager: eager's full ms / "
     "the row's\ndev ms: profiler time of the op's kernels, memcpys and memsets alone (median); kern: their number; "
-    "%copy ev / dev: bytes_full over full ms / dev ms, as a share of copy bandwidth")
+    "%copy ev / dev: bytes_full over full ms / dev ms, as a share of copy bandwidth\n"
+    "flags: noisy (IQR > 10% of median), THROTTLED, NO-DEVICE-TIME (see the row's device_error), "
+    "DEVICE>EVENTS (dev ms > 1.1 x full ms: the device pass misattributed work)")
 
 
 def format_table(rows: Iterable[Dict[str, Any]]) -> str:

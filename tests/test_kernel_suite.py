@@ -592,7 +592,8 @@ def test_device_pass_fills_rows_after_every_event_timed_row(tmp_path):
     written = read_rows(tmp_path / "results.jsonl")
     assert written[0] == {"run_id": "earlier"} and written[1:] == json.loads(json.dumps(rows))
     table = ks.format_table(rows)
-    assert "dev ms" in table and "0.400" in table and "NO-DEVICE-TIME" not in table
+    assert "dev ms" in table and "0.400" in table and "NO-DEVICE-TIME" not in table and "DEVICE>" not in table
+    assert "DEVICE>EVENTS" in ks.format_table([dict(rows[0], full_device_ms=2.5)]), "kernels outlasting events"
 
 
 def test_a_killed_device_pass_leaves_event_rows_that_say_so(tmp_path):
@@ -614,7 +615,13 @@ def test_lost_head_records_are_absorbed_by_the_pad(tmp_path):
     assert row["full_device_ms"] == pytest.approx(0.4) and row["device_error"] is None
 
 
-def test_a_session_that_lost_its_whole_pad_gives_no_device_time(tmp_path):
+def test_a_session_that_lost_its_whole_pad_is_traced_again(tmp_path):
+    sessions = iter([FakeTrace(lost_head=ks.PAD_LAUNCHES + 1), FakeTrace()])
+    (row,) = _smoke_with_trace(tmp_path, lambda: next(sessions))
+    assert row["full_device_ms"] == pytest.approx(0.4) and row["device_error"] is None
+
+
+def test_two_sessions_that_lost_their_whole_pad_give_no_device_time(tmp_path):
     (row,) = _smoke_with_trace(tmp_path, lambda: FakeTrace(lost_head=ks.PAD_LAUNCHES + 1))
     assert row["status"] == "ok" and row["full_device_ms"] is None and "pytorch#192021" in row["device_error"]
     assert "NO-DEVICE-TIME" in ks.format_table([row])
