@@ -640,3 +640,15 @@ def apply_liger(model: nn.Module, opt_cfg: OptConfig) -> List[str]:
             model, {"apply_rotary_pos_emb": changed_globals["apply_rotary_pos_emb"]}, by="liger")
         log.append(f"liger: {count} attention modules call liger's rotary (instance forwards, HF globals restored)")
     return log
+
+
+class _CallablePatchModule(types.ModuleType):
+    """``optkit.patch(model, "full")`` is the documented one-liner, and ``optkit.patch`` is also this
+    module: making the module callable keeps both true (importing the submodule would otherwise
+    replace a function of that name on the package)."""
+
+    def __call__(self, model, opt_cfg="full"):
+        return patch(model, opt_cfg)
+
+
+sys.modules[__name__].__class__ = _CallablePatchModule

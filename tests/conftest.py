@@ -19,6 +19,10 @@ def _cuda_available() -> bool:
 
 if not _cuda_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Tiny CPU models: a second intra-op thread only spins (about 50x slower on a shared 2-core box).
+    import torch
+
+    torch.set_num_threads(1)
 
 HAS_CUDA = _cuda_available()
 

@@ -50,15 +50,7 @@ def _presets_turning_on(config_key):
     return on
 
 
-# conf/opt/ is the lead's: no preset turns kernels.cross_entropy on yet (asked for it in full.yaml and
-# kernels.yaml). strict: once a preset does, this xfail fails and the mark must go.
-_NO_PRESET_YET = {"cross_entropy"}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="no conf/opt preset turns it on yet"))
-    if n in _NO_PRESET_YET else n for n in REGISTRY
-])
+@pytest.mark.parametrize("name", list(REGISTRY))
 def test_every_optimization_has_config_field_yaml_and_description(name):
     opt = REGISTRY[name]
     assert opt.name == name
