@@ -58,15 +58,16 @@ def expand_points(suite_cfg, user_overrides: Sequence[str], family_of_model=None
             user.remove(item)
     base = [f"suite={suite_cfg.name}"] + [f"{k}={_fmt(v)}" for k, v in fixed.items()]
     keys = list(axes)
+    explicit = OmegaConf.to_container(suite_cfg.points, resolve=True)
     points: List[List[str]] = []
-    for values in itertools.product(*(axes[k] for k in keys)):
+    grid = itertools.product(*(axes[k] for k in keys)) if (keys or not explicit) else ()
+    for values in grid:
         chosen = dict(zip(keys, values))
         if chosen.get("opt") == AXIS_ABLATION:
             points.extend(base + _axis_overrides(chosen, skip="opt") + opt + user
                           for opt in ablation_opt_overrides(chosen.get("model"), family_of_model))
             continue
         points.append(base + _axis_overrides(chosen) + user)
-    explicit = OmegaConf.to_container(suite_cfg.points, resolve=True)
     points.extend(base + [f"{k}={_fmt(v)}" for k, v in p.items()] + user for p in explicit)
     return points
 
