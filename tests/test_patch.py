@@ -79,7 +79,8 @@ def test_presets_load_without_hydra_and_enable_what_they_say():
     assert enabled_names("baseline") == []
     assert enabled_names("liger") == ["liger"]
     assert enabled_names("compile") == ["compile"]
-    assert enabled_names("kernels") == ["rms_norm", "rope", "swiglu", "geglu", "fused_linear_cross_entropy"]
+    assert enabled_names("kernels") == ["rms_norm", "rope", "swiglu", "geglu", "cross_entropy",
+                                        "fused_linear_cross_entropy"]
     assert "compile" not in enabled_names("full") and enabled_names("full_compile")[-1] == "compile"
     # every accepted form of the same config gives the same answer
     dict_cfg = {"kernels": {"rope": True}, "compile": True}
