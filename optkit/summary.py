@@ -32,6 +32,9 @@ def summary_lines(rows: Iterable[Dict[str, Any]], baseline_opt: str = "baseline"
         lines.append(f"{r['model']:<18} {r['opt']:<26} {shape:>10} {'ok':<8} {r['tokens_per_s']:>11,.0f} "
                      f"{speedup:>8} {split:>22} {(peak or 0) / GIB:>9.2f} {mfu:>6}")
     lines.append("peak GiB: NVML device-wide on a GPU, else the allocator's reserved, else host peak RSS (CPU)")
+    if any(r.get("device") == "cpu" for r in rows):
+        lines.append("CPU: optkit's Triton kernels run under Triton's interpreter here, so their speed says nothing; "
+                     "this run checks the pipeline, a GPU run measures")
     return lines
 
 
