@@ -53,17 +53,25 @@ def quantize_for_qlora(model: nn.Module, train_cfg) -> List[str]:
 def add_lora(model: nn.Module, train_cfg) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    # "experts" names the 3D MoE expert weights: peft cannot wrap them, optkit's grouped path carries
+    # their adapters (optkit.train.moe), added after peft has frozen the base weights.
+    targets = [t for t in train_cfg.lora_targets if t != "experts"]
     config = LoraConfig(
         r=train_cfg.lora_r, lora_alpha=train_cfg.lora_alpha, lora_dropout=train_cfg.lora_dropout,
-        target_modules=list(train_cfg.lora_targets), bias="none", task_type="CAUSAL_LM",
+        target_modules=targets, bias="none", task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise ValueError(
             f"peft could not add LoRA to {type(model).__name__} with train.lora_targets="
             f"{list(train_cfg.lora_targets)}: {exc}. Set train.lora_targets to module names of this model"
         ) from exc
+    if "experts" in train_cfg.lora_targets:
+        from optkit.train.moe import apply_expert_lora
+
+        apply_expert_lora(peft_model.get_base_model(), train_cfg)
+    return peft_model
 
 
 def apply_training_method(model: nn.Module, train_cfg) -> nn.Module:

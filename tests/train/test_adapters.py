@@ -81,3 +81,22 @@ def test_decoder_layers_found_through_peft():
     assert isinstance(layers, nn.ModuleList) and len(layers) == cfg.model.hf_config.num_hidden_layers
     with pytest.raises(ValueError, match="decoder layers"):
         decoder_layers(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_experts_in_lora_targets_adds_expert_adapters_that_train():
+    """train.lora_targets=[..., experts] puts LoRA on the 3D MoE expert weights (optkit's grouped path)."""
+    from optkit.compose import compose
+    from optkit.models import build_model
+    from optkit.train.adapters import apply_training_method
+
+    cfg = compose(["model=tiny_qwen3_moe", "train.lora_targets=[q_proj,v_proj,experts]"])
+    model = apply_training_method(build_model(cfg.model), cfg.train)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    expert_adapters = [n for n in trainable if "experts" in n]
+    assert expert_adapters, f"no expert adapters among trainable params: {sorted(trainable)[:8]}"
+    assert all(trainable[n].grad is not None for n in expert_adapters)
+    assert any(trainable[n].grad.abs().sum() > 0 for n in expert_adapters)
+    frozen_expert_weights = [n for n, p in model.named_parameters() if n.endswith("experts.gate_up_proj")]
+    assert all(not dict(model.named_parameters())[n].requires_grad for n in frozen_expert_weights)
