@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from optkit.results import config_hash, empty_row, point_key, setting_key
+from optkit.results import empty_row, identity_fields
 
 N_DISTINCT_BATCHES = 4  # cycled, so no step re-reads the exact tensors of the previous one
 
@@ -44,7 +44,7 @@ def run_point(cfg, overrides: List[str], run_id: str = "adhoc", repeat: int = 0)
     started = time.time()
     config = OmegaConf.to_container(cfg, resolve=True)
     row = empty_row()
-    row.update(_identity(config, overrides, run_id, repeat))
+    row.update(identity_fields(config, overrides, run_id, repeat))
     sampler = None
     try:
         device = resolve_device(cfg.bench.device)
@@ -65,19 +65,6 @@ def run_point(cfg, overrides: List[str], run_id: str = "adhoc", repeat: int = 0)
     row["duration_s"] = round(time.time() - started, 3)
     row["timestamp"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return row
-
-
-def _identity(config: Dict[str, Any], overrides: List[str], run_id: str, repeat: int) -> Dict[str, Any]:
-    m, t, d, o = config["model"], config["train"], config["data"], config["opt"]
-    return {
-        "run_id": run_id, "suite": config["suite"]["name"], "point_key": point_key(config),
-        "setting_key": setting_key(config),
-        "config_hash": config_hash(config), "overrides": list(overrides), "repeat": repeat,
-        "model": m["name"], "family": m["family"], "opt": o["name"], "train_method": t["method"],
-        "batch_size": t["batch_size"], "seq_len": d["seq_len"], "dtype": m["dtype"],
-        "checkpointing": t["checkpointing"], "optimizer": t["optimizer"], "packing": d["packing"],
-        "warmup_steps": t["warmup_steps"], "timed_steps": t["steps"], "config": config,
-    }
 
 
 def _failure_fields(exc: BaseException) -> Dict[str, Any]:
@@ -287,15 +274,10 @@ def _nvml_fields(report) -> Dict[str, Any]:
     }
 
 
-_ENV_CACHE: Dict[str, Any] = {}
-
-
 def _env_fields() -> Dict[str, Any]:
     from optkit.measure.env import capture_env, env_fingerprint, gpu_slug
 
-    if not _ENV_CACHE:
-        _ENV_CACHE.update(capture_env())
-    env = _ENV_CACHE
+    env = capture_env()
     return {
         "gpu_name": env.get("gpu_name"), "gpu_slug": gpu_slug(env), "driver": env.get("driver_version"),
         "torch": env.get("torch_version"), "triton": env.get("triton_version"),

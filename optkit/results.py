@@ -133,6 +133,20 @@ def point_key(config: Dict[str, Any]) -> str:
     return f"{setting_key(config)}/{opt_key(config)}"
 
 
+def identity_fields(config: Dict[str, Any], overrides: List[str], run_id: str, repeat: int) -> Dict[str, Any]:
+    """The fields that say which point a row is, from its resolved config (ok and failed rows alike)."""
+    m, t, d, o = config["model"], config["train"], config["data"], config["opt"]
+    return {
+        "run_id": run_id, "suite": config["suite"]["name"], "point_key": point_key(config),
+        "setting_key": setting_key(config),
+        "config_hash": config_hash(config), "overrides": list(overrides), "repeat": repeat,
+        "model": m["name"], "family": m["family"], "opt": o["name"], "train_method": t["method"],
+        "batch_size": t["batch_size"], "seq_len": d["seq_len"], "dtype": m["dtype"],
+        "checkpointing": t["checkpointing"], "optimizer": t["optimizer"], "packing": d["packing"],
+        "warmup_steps": t["warmup_steps"], "timed_steps": t["steps"], "config": config,
+    }
+
+
 def append_row(path: Path, row: Dict[str, Any]) -> None:
     """Append one row and fsync, so a killed sweep loses at most the point in flight."""
     path.parent.mkdir(parents=True, exist_ok=True)

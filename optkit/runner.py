@@ -163,9 +163,9 @@ def run_sweep(overrides: Sequence[str]) -> Path:
     _log(f"optkit: {len(points)} point(s) x {cfg.bench.repeats} repeat(s) -> {run_dir}")
     progress = Progress(len(points) * cfg.bench.repeats, enabled=cfg.bench.progress)
     for point, point_cfg in zip(points, point_cfgs):
+        point_hash = _hash_of(point_cfg)
         for repeat in range(cfg.bench.repeats):
-            key = (_hash_of(point_cfg), repeat)
-            if key in done:
+            if (point_hash, repeat) in done:
                 progress.skip(f"{_label(point)} (done)")
                 continue
             progress.start(_label(point))
@@ -219,18 +219,14 @@ def _failed_row(point, run_id, repeat, status, message, stderr, point_cfg) -> Di
     """A row for a point whose process died without writing one (crash, kill, timeout)."""
     from omegaconf import OmegaConf
 
-    from optkit.results import config_hash, point_key, setting_key
+    from optkit.results import identity_fields
 
     row = empty_row()
+    if point_cfg is not None:
+        row.update(identity_fields(OmegaConf.to_container(point_cfg, resolve=True), point, run_id, repeat))
     row.update(run_id=run_id, repeat=repeat, overrides=list(point), status=status,
                error=f"{message}\n--- stderr tail ---\n{stderr[-STDERR_TAIL_CHARS:]}",
                timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    if point_cfg is not None:
-        config = OmegaConf.to_container(point_cfg, resolve=True)
-        row.update(config=config, config_hash=config_hash(config), point_key=point_key(config), setting_key=setting_key(config),
-                   suite=config["suite"]["name"], model=config["model"]["name"], opt=config["opt"]["name"],
-                   train_method=config["train"]["method"], batch_size=config["train"]["batch_size"],
-                   seq_len=config["data"]["seq_len"])
     return row
 
 
