@@ -1,0 +1,85 @@
+"""Diagnose a gradient gap of the offload checkpointing modes on a GPU (issue 5).
+
+    python scripts/gpu_ckpt_diag.py [--layers 4] [--method lora]
+
+For Llama-3-8B shapes cut to --layers (bf16, 2 x 2048), prints for each mode and variant the max relative
+gradient error against no checkpointing, and (debug variant) whether the tensor each layer recomputes
+from equals the input that layer saw in forward (a stale or overwritten reload shows there):
+
+- plain:  the mode as shipped.
+- synced: every copy followed by a device synchronize (no stream can race another). If plain is off and
+          synced is not, the stream ordering is wrong; if both are off, the recomputation itself differs.
+- check:  forward inputs kept on the device (clones), compared with what backward reloads, per layer.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from optkit.train import checkpointing as ck  # noqa: E402
+from tests.train._tiny import loss_and_grads, max_relative_error, tiny_model  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--method", default="lora")
+    args = parser.parse_args()
+    net, _ = tiny_model("llama3_8b", args.method, f"model.num_layers={args.layers}", "model.dtype=bfloat16",
+                        device="cuda")
+    ids = torch.randint(0, 128256, (2, 2048), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    _, ref = loss_and_grads(net, ids)
+    noise = max_relative_error(loss_and_grads(net, ids)[1], ref)
+    print(f"no checkpointing run-to-run: {noise:.3g}")
+
+    real_copy, real_offload, real_reload = ck.LayerInputOffloader._copy, ck.LayerInputOffloader.offload, \
+        ck.LayerInputOffloader.reload
+    kept, mismatches = {}, []
+
+    def synced_copy(self, dst, src, after, device):
+        done = real_copy(self, dst, src, after, device)
+        torch.cuda.synchronize()
+        return done
+
+    def keeping_offload(self, index, hidden):
+        kept[index] = hidden.detach().clone()
+        return real_offload(self, index, hidden)
+
+    def checking_reload(self, index, like):
+        out = real_reload(self, index, like)
+        torch.cuda.current_stream().synchronize()
+        diff = (out.float() - kept[index].float()).abs().max().item()
+        if diff != 0:
+            mismatches.append((index, diff))
+        return out
+
+    for mode in ("standard", "offload", "offload_double_buffer"):
+        for variant in ("plain", "synced", "check"):
+            if mode == "standard" and variant != "plain":
+                continue
+            if variant == "synced":
+                ck.LayerInputOffloader._copy = synced_copy
+            if variant == "check":
+                ck.LayerInputOffloader.offload, ck.LayerInputOffloader.reload = keeping_offload, checking_reload
+            mismatches.clear()
+            errs = []
+            try:
+                info = ck.enable_checkpointing(net, mode)
+                for _ in range(3):
+                    errs.append(max_relative_error(loss_and_grads(net, ids)[1], ref))
+            finally:
+                ck.disable_checkpointing(net)
+                ck.LayerInputOffloader._copy = real_copy
+                ck.LayerInputOffloader.offload, ck.LayerInputOffloader.reload = real_offload, real_reload
+            extra = f" reload mismatches (layer, max abs diff): {mismatches[:8]}" if variant == "check" else ""
+            print(f"{mode:22s} {variant:6s} rel err per step: {['%.3g' % e for e in errs]}{extra} "
+                  f"hits={info.get('offload_prefetch_hits')} blocking={info.get('offload_blocking_reloads')}")
+
+
+if __name__ == "__main__":
+    main()
