@@ -282,6 +282,26 @@ class NvmlSampler:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    # ----------------------------------------------------------------- marks on the series' clock
+    def now_ms(self) -> Optional[float]:
+        """Now, in ms on the clock of ``series_t_ms`` (ms since sampling began); None if not sampling.
+
+        Mark a window with it (before its first step, after its last synchronize) to cut the series
+        or take a peak over that window only."""
+        if not self._t0_ns:
+            return None
+        return (time.perf_counter_ns() - self._t0_ns) / 1e6
+
+    def samples_between(self, start_ms: float, end_ms: float) -> list[list]:
+        """Every raw sample [t_ms, device used bytes] with start_ms <= t_ms <= end_ms (not downsampled)."""
+        with self._lock:
+            return [[t, used] for t, used in zip(self._t_ms, self._used) if start_ms <= t <= end_ms]
+
+    def peak_device_used_between(self, start_ms: float, end_ms: float) -> Optional[int]:
+        """Peak device-wide used bytes over [start_ms, end_ms]; None when no sample fell inside it."""
+        used = [b for _, b in self.samples_between(start_ms, end_ms)]
+        return max(used) if used else None
+
     # ----------------------------------------------------------------- reading
     def _read_start_state(self) -> None:
         nv, h, r = self._nvml, self._handle, self._report

@@ -202,6 +202,33 @@ def test_throttling_during_the_window_is_marked(fake):
     assert report.throttle_reasons_stop == ["gpu_idle"]
 
 
+def test_peak_over_a_marked_window_excludes_what_came_before(fake):
+    """A spike before the window (QLoRA's bf16 model before quantizing) is not the window's peak."""
+    sampler = NvmlSampler(device_index=0, interval_ms=1.0)
+    assert sampler.now_ms() is None, "no clock before start()"
+    sampler.start()
+    with fake.lock:
+        fake.used = 12 * GIB  # the build's spike
+    fake.wait_for_samples()
+    with fake.lock:
+        fake.used = 4 * GIB
+    fake.wait_for_samples()
+    start = sampler.now_ms()
+    with fake.lock:
+        fake.used = 5 * GIB
+    fake.wait_for_samples()
+    end = sampler.now_ms()
+    fake.wait_for_samples()
+    report = sampler.stop()
+    assert 0 < start < end <= report.duration_ms
+    assert report.peak_device_used_bytes == 12 * GIB
+    assert sampler.peak_device_used_between(start, end) == 5 * GIB
+    inside = sampler.samples_between(start, end)
+    assert inside and all(start <= t <= end for t, _ in inside)
+    assert {b for _, b in inside} <= {4 * GIB, 5 * GIB}
+    assert sampler.peak_device_used_between(end + 1e6, end + 2e6) is None
+
+
 def test_decode_and_downsample():
     assert decode_throttle_reasons(0) == []
     assert decode_throttle_reasons(0x4 | 0x100 | 0x10000) == ["sw_power_cap", "display_clock_setting",
