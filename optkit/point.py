@@ -1,23 +1,29 @@
 """Run ONE benchmark point in this process and return its result row.
 
 The runner starts ``python -m optkit.point`` in a fresh subprocess per point (fresh CUDA context,
-patched modules never leak between points) and reads the row it writes. Every failure becomes a
-row: an OOM -> ``oom``, a missing requirement -> ``skipped``, anything else -> ``error``.
+patched modules never leak between points) and reads the rows it writes: one per measurement
+window (``--repeats 0,1,2`` measures three windows back to back after one warm-up; the runner
+passes one index per process with ``bench.isolate_repeats=true``). Every failure becomes a row: an
+OOM -> ``oom``, a missing requirement -> ``skipped``, anything else -> ``error``; windows measured
+before a failure keep their ok rows.
 
 Order of work: build model -> training method (LoRA / QLoRA / full) -> optkit.patch -> gradient
-checkpointing -> optimizer -> warm-up steps (untimed; compile happens here) -> timed steps.
+checkpointing -> optimizer -> warm-up steps (untimed; compile happens here) -> timed windows ->
+(bench.count_syncs) one untimed step counting syncs -> (bench.profile) one untimed step under
+torch.profiler, last because a profiler session slows every later launch in the process.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -38,33 +44,58 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run_point(cfg, overrides: List[str], run_id: str = "adhoc", repeat: int = 0) -> Dict[str, Any]:
+def run_point(cfg, overrides: List[str], run_id: str = "adhoc", repeats: Sequence[int] = (0,),
+              run_dir: Optional[Path] = None) -> List[Dict[str, Any]]:
+    """Measure one point: one row per index in ``repeats`` (a measurement window each).
+
+    ``run_dir`` is where bench.profile writes its trace (``traces/`` below it); rows name it relative."""
     from omegaconf import OmegaConf
 
     started = time.time()
     config = OmegaConf.to_container(cfg, resolve=True)
-    row = empty_row()
-    row.update(identity_fields(config, overrides, run_id, repeat))
+    base = empty_row()
+    base.update(identity_fields(config, overrides, run_id, repeats[0]))
+    base.update(pid=os.getpid(), windows_in_process=len(repeats))
+    windows: List[Dict[str, Any]] = []  # fields of each finished window
+    failure: Dict[str, Any] = {"status": "error", "error": "window not measured"}
     sampler = None
+    nvml_report = None
     try:
         device = resolve_device(cfg.bench.device)
-        row["device"] = device.type
+        base["device"] = device.type
         if cfg.suite.requires_cuda and device.type != "cuda":
             raise SkipPoint(f"suite {cfg.suite.name!r} needs a CUDA GPU; on CPU run suite=smoke")
         sampler = _start_nvml(cfg, device)
-        row.update(_train_and_measure(cfg, device))
-        row["status"] = "ok"
+        trace = _trace_file(run_dir, base, repeats[-1]) if cfg.bench.profile else None
+        _train_and_measure(cfg, device, len(repeats), windows, sampler, trace)
     except SkipPoint as exc:
-        row.update(status="skipped", error=str(exc))
+        failure = {"status": "skipped", "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - every failure must become a row
-        row.update(_failure_fields(exc))
+        failure = _failure_fields(exc)
     finally:
         if sampler is not None:
-            row.update(_nvml_fields(sampler.stop()))
-    row.update(_env_fields())
-    row["duration_s"] = round(time.time() - started, 3)
-    row["timestamp"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return row
+            nvml_report = sampler.stop()
+    shared = _nvml_fields(nvml_report) if nvml_report is not None else {}
+    shared.update(_env_fields())
+    shared["duration_s"] = round(time.time() - started, 3)
+    shared["timestamp"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows = []
+    for i, repeat in enumerate(repeats):
+        row = dict(base, repeat=repeat, **shared)
+        if i < len(windows):
+            row.update(windows[i], status="ok")
+            row.update(_window_nvml_fields(sampler, windows[i]))
+        else:
+            row.update(failure)
+        rows.append(row)
+    return rows
+
+
+def _trace_file(run_dir: Optional[Path], row: Dict[str, Any], repeat: int) -> Tuple[Path, str]:
+    """(absolute path, path relative to the run dir) of the point's trace."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{row['model']}-{row['opt']}-{row['config_hash'][:8]}")
+    relative = f"traces/{stem}-r{repeat}.json.gz"
+    return Path(run_dir or ".") / relative, relative
 
 
 def _failure_fields(exc: BaseException) -> Dict[str, Any]:
@@ -99,7 +130,10 @@ def _inject_fault(cfg) -> None:
         time.sleep(3600)
 
 
-def _train_and_measure(cfg, device: torch.device) -> Dict[str, Any]:
+def _train_and_measure(cfg, device: torch.device, n_windows: int, windows: List[Dict[str, Any]], sampler,
+                       trace: Optional[Tuple[Path, str]]) -> None:
+    """Build, warm up once, then measure ``n_windows`` windows; each window's fields are appended to
+    ``windows`` as soon as it is done (a later failure keeps them)."""
     from optkit import patch as patcher
     from optkit.data import make_batches
     from optkit.measure.memory import allocator_peaks, peak_rss_bytes, reset_allocator_peaks
@@ -129,26 +163,70 @@ def _train_and_measure(cfg, device: torch.device) -> Dict[str, Any]:
 
     losses: List[torch.Tensor] = []
     warm = _warmup(model, optimizer, batches, cfg.train.warmup_steps, device, losses)
-    reset_allocator_peaks(device)
-    step_records = _timed_steps(model, optimizer, batches, cfg.train.warmup_steps, cfg.train.steps, device, losses)
+    shared: Dict[str, Any] = dict(warm)
+    shared["compile_s"] = warm["first_step_s"] if cfg.opt.compile else None
+    shared["patch_log"] = patcher.patch_log(model)
+    shared["enabled_optimizations"] = patcher.enabled_names(cfg.opt)
+    shared["loss_in_forward"] = bool(cfg.opt.kernels.fused_linear_cross_entropy or cfg.opt.liger)
+    shared.update(count_parameters(model))
+    shared["checkpointing_info"] = ckpt_info
+    steps_done = cfg.train.warmup_steps
+    for _ in range(n_windows):
+        reset_allocator_peaks(device)
+        window_start_ms = _now_ms(sampler)
+        step_records = _timed_steps(model, optimizer, batches, steps_done, cfg.train.steps, device, losses)
+        window_end_ms = _now_ms(sampler)  # after the timer's synchronize: the window's device work is done
+        steps_done += cfg.train.steps
+        fields = dict(shared)
+        fields.update(_timing_fields(step_records, device))
+        fields.update(allocator_peaks(device))
+        fields["peak_rss_bytes"] = peak_rss_bytes()
+        fields["nvml_timed_window_ms"] = None if window_start_ms is None else [window_start_ms, window_end_ms]
+        loss_curve = [float(x) for x in torch.stack(losses).float().cpu()] if losses else []
+        fields["loss_curve"] = loss_curve
+        fields["loss_last"] = loss_curve[-1] if loss_curve else None
+        fields.update(_throughput_fields(cfg, model, batches, fields, device))
+        if len(windows) == n_windows - 1:  # the extra untimed steps follow the last window only
+            fields.update(_untimed_extras(cfg, model, optimizer, batches[steps_done % len(batches)], device,
+                                          sampler, trace))
+        windows.append(fields)
+    for fields in windows:  # counted once per process, true of every window
+        fields["device_syncs_per_step"] = windows[-1].get("device_syncs_per_step")
+
+
+def _untimed_extras(cfg, model, optimizer, batch, device, sampler, trace) -> Dict[str, Any]:
     fields: Dict[str, Any] = {}
-    fields.update(warm)
-    fields["compile_s"] = warm["first_step_s"] if cfg.opt.compile else None
-    fields.update(_timing_fields(step_records, device))
-    fields.update(allocator_peaks(device))
-    fields["peak_rss_bytes"] = peak_rss_bytes()
-    loss_curve = [float(x) for x in torch.stack(losses).float().cpu()] if losses else []
-    fields["loss_curve"] = loss_curve
-    fields["loss_last"] = loss_curve[-1] if loss_curve else None
-    fields["patch_log"] = patcher.patch_log(model)
-    fields["enabled_optimizations"] = patcher.enabled_names(cfg.opt)
-    fields["loss_in_forward"] = bool(cfg.opt.kernels.fused_linear_cross_entropy or cfg.opt.liger)
-    fields.update(count_parameters(model))
-    fields.update(_throughput_fields(cfg, model, batches, fields, device))
-    fields["checkpointing_info"] = ckpt_info
     if cfg.bench.count_syncs and device.type == "cuda":
-        fields["device_syncs_per_step"] = _count_syncs(model, optimizer, batches[0])
+        fields["device_syncs_per_step"] = _count_syncs(model, optimizer, batch)
+    if trace is not None:
+        fields.update(_profiled_step(model, optimizer, batch, device, sampler, trace))
     return fields
+
+
+def _profiled_step(model, optimizer, batch, device, sampler, trace: Tuple[Path, str]) -> Dict[str, Any]:
+    """One step under torch.profiler; a profiler failure is recorded, never fails the measured point."""
+    from optkit.measure.profile import profile_step
+
+    marks: List[Optional[float]] = []
+
+    def step():
+        marks.append(_now_ms(sampler))
+        _one_step(model, optimizer, batch)
+        _sync(device)
+        marks.append(_now_ms(sampler))
+
+    path, relative = trace
+    try:
+        fields = profile_step(step, device, path)
+    except Exception as exc:  # noqa: BLE001 - the timed windows are already measured (an OOM too)
+        return {"profile_error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+    fields["trace_path"] = relative
+    fields["nvml_profiled_step_ms"] = marks if marks and marks[0] is not None else None
+    return fields
+
+
+def _now_ms(sampler) -> Optional[float]:
+    return sampler.now_ms() if sampler is not None else None
 
 
 def _one_step(model, optimizer, batch, timer=None) -> torch.Tensor:
@@ -274,6 +352,26 @@ def _nvml_fields(report) -> Dict[str, Any]:
     }
 
 
+def _window_nvml_fields(sampler, fields: Dict[str, Any]) -> Dict[str, Any]:
+    """A window's own NVML figures, from the raw samples: its peak, and one step's samples at full rate
+    (the profiled step when there is one, else the window's last step: its end is the synchronize
+    after the window, so ``[end - its step_ms, end]`` is where it ran)."""
+    window = fields.get("nvml_timed_window_ms")
+    if sampler is None or not window:
+        return {}
+    out: Dict[str, Any] = {"peak_nvml_timed_device_bytes": sampler.peak_device_used_between(*window)}
+    step, of = fields.get("nvml_profiled_step_ms"), "profiled_step"
+    if not step:
+        step, of = [window[1] - fields["step_times_ms"][-1], window[1]], "last_timed_step"
+    # one sample either side, so a step shorter than the sampling interval still has a line to draw
+    margin = sampler.interval_ms
+    samples = sampler.samples_between(step[0] - margin, step[1] + margin)
+    if samples:
+        out["nvml_step_series"] = [[round(t - step[0], 1), used] for t, used in samples]
+        out["nvml_step_series_of"] = of
+    return out
+
+
 def _env_fields() -> Dict[str, Any]:
     from optkit.measure.env import capture_env, env_fingerprint, gpu_slug
 
@@ -290,18 +388,23 @@ def _env_fields() -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m optkit.point", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="file the row is written to (JSON)")
+    parser.add_argument("--out", required=True, help="file the rows are written to (a JSON list)")
     parser.add_argument("--run-id", default="adhoc")
-    parser.add_argument("--repeat", type=int, default=0)
+    parser.add_argument("--repeats", default="0", help="comma-separated repeat indexes: one measurement window "
+                        "each, back to back after one warm-up (default: 0)")
+    parser.add_argument("--run-dir", default=None, help="run directory (bench.profile writes traces/ below it; "
+                        "default: the --out file's folder)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     from optkit.compose import compose
 
     cfg = compose(args.overrides)
-    row = run_point(cfg, args.overrides, run_id=args.run_id, repeat=args.repeat)
+    repeats = [int(r) for r in args.repeats.split(",") if r.strip()]
+    run_dir = Path(args.run_dir) if args.run_dir else Path(args.out).resolve().parent
+    rows = run_point(cfg, args.overrides, run_id=args.run_id, repeats=repeats, run_dir=run_dir)
     from optkit.results import _finite, _json_default
 
-    Path(args.out).write_text(json.dumps(_finite(row), default=_json_default))
+    Path(args.out).write_text(json.dumps(_finite(rows), default=_json_default))
     return 0
 
 

@@ -31,6 +31,9 @@ ROW_FIELDS: Dict[str, str] = {
     "status": "ok | oom | error | skipped | timeout",
     "error": "message (and stderr tail) when status != ok, else None",
     "repeat": "index of the measurement window (bench.repeats)",
+    "pid": "process id of the point's process: rows of one process (bench.isolate_repeats=false) share it",
+    "windows_in_process": "measurement windows this row's process measured back to back after one warm-up "
+                          "(1 with bench.isolate_repeats=true); warm-up, energy, duration, loss curve are the process's",
     # what was run
     "model": "zoo name", "family": "model family", "opt": "opt-set name", "train_method": "full | lora | qlora",
     "batch_size": "rows per step", "seq_len": "tokens per row", "dtype": "model dtype",
@@ -76,15 +79,30 @@ ROW_FIELDS: Dict[str, str] = {
     "throttled": "a performance-limiting NVML clock-event reason was seen during the point",
     "sm_clock_mhz_min": "lowest SM clock seen while sampling",
     "other_gpu_processes": "other processes on the GPU when the point started", "peak_rss_bytes": "host peak RSS of the point's process",
-    "energy_mj": "NVML energy counter delta over the whole point (build + warm-up + timed), or None",
+    "energy_mj": "NVML energy counter delta over the whole point's process (build + warm-up + every window), or None",
     "nvml_series": "NVML device-used samples [[t_ms, bytes], ...] over the point, downsampled",
+    "nvml_timed_window_ms": "[start, end] of this row's timed steps on nvml_series' clock (ms since sampling began)",
+    "nvml_profiled_step_ms": "[start, end] of the profiled step (bench.profile) on nvml_series' clock, or None",
+    "peak_nvml_timed_device_bytes": "NVML device-wide used, peak over the timed steps only (not the model build, "
+                                    "e.g. QLoRA's bf16 load before quantizing; compare peak_nvml_device_bytes)",
+    "nvml_step_series": "NVML device-used samples [[ms since the step began, bytes], ...] of one step at full "
+                        "sampling rate, one sample either side",
+    "nvml_step_series_of": "which step nvml_step_series shows: profiled_step | last_timed_step",
     "throttle_reasons": "NVML clock-event reasons seen during the point",
     "sm_clock_mhz": "SM clock sampled at the end of the timed steps",
     "device_syncs_per_step": "device->host syncs in one step (bench.count_syncs) or None",
+    # profile (bench.profile): one extra step after the timed windows, not in any timing field
+    "trace_path": "torch.profiler Chrome/Perfetto trace (.json.gz) of the profiled step, relative to the run dir",
+    "profile_time_source": "cuda_kernels: device time of the step's kernels + memcpys + memsets | "
+                           "cpu_op_self_time: host op self time (no CUDA; Python outside ops not counted)",
+    "profile_step_ms": "sum of that time in the profiled step (the 100% of profile_kernel_share)",
+    "profile_kernel_share": "[{category, time_ms, share_pct}] per optkit.measure.profile.CATEGORIES",
+    "profile_top_kernels": "[{name (truncated), category, calls, total_ms}] the top 15 by time",
+    "profile_error": "why the profile failed (the timed windows are unaffected), else None",
     # sanity
     "checkpointing_info": "what enable_checkpointing reported (e.g. extra buffer bytes)",
-    "loss_last": "loss of the last timed step", "loss_curve": "loss per step (warm-up included)",
-    "duration_s": "wall time of the whole point incl. model build",
+    "loss_last": "loss of the last timed step", "loss_curve": "loss per step (warm-up and earlier windows of the process included)",
+    "duration_s": "wall time of the whole point's process incl. model build",
 }
 
 

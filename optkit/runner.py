@@ -3,6 +3,11 @@
 Why a subprocess per point: a fresh CUDA context (an OOM or a sticky CUDA error cannot poison the
 next point, allocator peaks start clean) and patched modules can never leak between points.
 Hydra's own multirun launcher runs jobs in one process, which is exactly what we avoid.
+
+``bench.repeats=R`` measures R windows per point: back to back in one process after one warm-up
+(default), or one process each with ``bench.isolate_repeats=true`` (process-to-process spread: a
+new CUDA context, allocator and autotuning each time). Resume skips every (config_hash, repeat)
+already in results.jsonl and measures only the missing windows.
 """
 from __future__ import annotations
 
@@ -164,14 +169,17 @@ def run_sweep(overrides: Sequence[str]) -> Path:
     progress = Progress(len(points) * cfg.bench.repeats, enabled=cfg.bench.progress)
     for point, point_cfg in zip(points, point_cfgs):
         point_hash = _hash_of(point_cfg)
-        for repeat in range(cfg.bench.repeats):
-            if (point_hash, repeat) in done:
-                progress.skip(f"{_label(point)} (done)")
-                continue
+        todo = [r for r in range(cfg.bench.repeats) if (point_hash, r) not in done]
+        for _ in range(cfg.bench.repeats - len(todo)):
+            progress.skip(f"{_label(point)} (done)")
+        # One process measures every pending window back to back, or one process per window.
+        for repeats in ([[r] for r in todo] if cfg.bench.isolate_repeats else [todo] if todo else []):
             progress.start(_label(point))
-            row = run_isolated(point, run_id, repeat, timeout_s=cfg.bench.timeout_s, point_cfg=point_cfg)
-            append_row(results, row)
-            progress.finish(row)
+            rows = run_isolated(point, run_id, repeats, timeout_s=cfg.bench.timeout_s, point_cfg=point_cfg,
+                                run_dir=run_dir)
+            for row in rows:
+                append_row(results, row)
+            progress.finish(rows)
     from optkit.summary import print_summary
 
     print_summary(read_rows(results), baseline_opt=cfg.suite.baseline_opt)
@@ -187,26 +195,30 @@ def _hash_of(cfg) -> str:
     return config_hash(OmegaConf.to_container(cfg, resolve=True))
 
 
-def run_isolated(point: List[str], run_id: str, repeat: int, timeout_s: float, point_cfg=None) -> Dict[str, Any]:
-    """Run one point in a fresh Python process; always returns a row."""
+def run_isolated(point: List[str], run_id: str, repeats: Sequence[int], timeout_s: float, point_cfg=None,
+                 run_dir: Optional[Path] = None) -> List[Dict[str, Any]]:
+    """Run one point in a fresh Python process, one measurement window per index in ``repeats``;
+    always returns one row per index (failure rows when the process died)."""
+    repeats = [int(r) for r in repeats]
     with tempfile.TemporaryDirectory(prefix="optkit-point-") as tmp:
-        out = Path(tmp) / "row.json"
+        out = Path(tmp) / "rows.json"
         cmd = [sys.executable, "-m", "optkit.point", "--out", str(out), "--run-id", run_id,
-               "--repeat", str(repeat), *point]
+               "--repeats", ",".join(map(str, repeats)), *(["--run-dir", str(Path(run_dir).resolve())] if run_dir else []), *point]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if not _cuda_available():  # no GPU: optkit's Triton kernels run under Triton's interpreter
             env.setdefault("TRITON_INTERPRET", "1")
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
         except subprocess.TimeoutExpired as exc:
-            return _failed_row(point, run_id, repeat, "timeout", f"point exceeded bench.timeout_s={timeout_s}",
-                               _as_text(exc.stderr), point_cfg)
+            return [_failed_row(point, run_id, r, "timeout", f"point exceeded bench.timeout_s={timeout_s}",
+                                _as_text(exc.stderr), point_cfg) for r in repeats]
         if out.exists():
-            return json.loads(out.read_text())
+            written = json.loads(out.read_text())
+            return written if isinstance(written, list) else [written]  # a single row: older optkit.point
         stderr = proc.stderr or ""
         status = "oom" if "out of memory" in stderr.lower() else "error"
-        return _failed_row(point, run_id, repeat, status, f"point process exited with code {proc.returncode}",
-                           stderr, point_cfg)
+        return [_failed_row(point, run_id, r, status, f"point process exited with code {proc.returncode}",
+                            stderr, point_cfg) for r in repeats]
 
 
 def _as_text(data) -> str:
@@ -264,13 +276,17 @@ class Progress:
         if self.enabled:
             _log(f"[{self.done}/{self.total}] skip {label}")
 
-    def finish(self, row: Dict[str, Any]) -> None:
-        self.done += 1
+    def finish(self, rows: List[Dict[str, Any]]) -> None:
+        """The rows one point process returned (one per measurement window)."""
+        self.done += len(rows)
         elapsed = time.time() - self.point_started
-        self.durations.append(elapsed)
+        self.durations.extend([elapsed / max(1, len(rows))] * len(rows))
         if not self.enabled:
             return
         remaining = (self.total - self.done) * (sum(self.durations) / len(self.durations))
-        tps = row.get("tokens_per_s")
-        result = f"{tps:,.0f} tok/s" if tps else (row.get("error") or "").splitlines()[0][:120] if row.get("error") else ""
-        _log(f"    {row.get('status')}  {result}  ({elapsed:.1f}s, ETA {remaining / 60:.1f} min)")
+        for row in rows:
+            tps = row.get("tokens_per_s")
+            error = (row.get("error") or "").splitlines()[0][:120] if row.get("error") else ""
+            result = f"{tps:,.0f} tok/s" if tps else error
+            _log(f"    r{row.get('repeat')} {row.get('status')}  {result}")
+        _log(f"    ({elapsed:.1f}s, ETA {remaining / 60:.1f} min)")

@@ -77,11 +77,11 @@ def test_timeout_becomes_a_row(tmp_path, monkeypatch):
 def test_killed_sweep_resumes_without_redoing_points(tmp_path, monkeypatch):
     calls = []
 
-    def fake_run_isolated(point, run_id, repeat, timeout_s, point_cfg=None):
+    def fake_run_isolated(point, run_id, repeats, timeout_s, **kw):
         calls.append(point)
         if len(calls) == 3:
             raise KeyboardInterrupt  # the sweep is killed while the third point runs
-        return real_run_isolated(point, run_id, repeat, timeout_s, point_cfg)
+        return real_run_isolated(point, run_id, repeats, timeout_s, **kw)
 
     real_run_isolated = runner.run_isolated
     monkeypatch.setattr(runner, "run_isolated", fake_run_isolated)

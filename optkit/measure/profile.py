@@ -23,12 +23,15 @@ the step's wall time.
 from __future__ import annotations
 
 import bisect
+import gzip
+import json
 import re
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 PROFILED_STEP_REGION = "optkit/profiled_step"
 CATEGORIES = ("attention", "matmul", "optkit", "other triton", "optimizer", "copy/memset", "elementwise/other")
@@ -40,12 +43,16 @@ DEVICE_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_KINDS = ("cpu_op", "user_annotation")
 LAUNCH_KINDS = ("cuda_runtime", "cuda_driver")
 OPTIMIZER_RANGE_PREFIX = "Optimizer.step#"
+# Throw-away launches before the region: a new profiler session returns a few kernel records at its
+# head with timestamps from another clock (pytorch/pytorch#192021); these absorb them.
+PAD_LAUNCHES = 32
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
 
 # Name patterns, checked in CATEGORIES' precedence order (see categorize). Lower-cased names.
 _ATTENTION = re.compile(r"flash|fmha|attention|sdpa|scaled_dot_product")
 _MATMUL = re.compile(r"gemm|gemv|xmma|nvjet|cutlass|cublas|matmul|s16816|h16816|wgmma|splitk"
-                     r"|^aten::(mm|addmm|bmm|baddbmm|addbmm|_addmm_activation|linear)$")
+                     r"|^aten::(mm|addmm|bmm|baddbmm|addbmm|_addmm_activation|linear)$"
+                     r"|(^|: )(mm|addmm|bmm|baddbmm)backward")  # autograd's nodes of those ops (CPU profile)
 _OPTIMIZER = re.compile(r"multi_tensor_apply|adam|^aten::_foreach_|^aten::_fused_|koptimizer|optimizer")
 _COPY = re.compile(r"memcpy|memset|copy_kernel|catarraybatchedcopy|fill_kernel|fillfunctor"
                    r"|^aten::(copy_|_to_copy|fill_|zero_|clone|cat|contiguous)$")
@@ -219,3 +226,32 @@ def summarize_trace(trace: Dict[str, Any], on_cuda: bool, region: str = PROFILED
         "profile_kernel_share": kernel_share(timed),
         "profile_top_kernels": top_kernels(timed),
     }
+
+
+def profile_step(step: Callable[[], Any], device, trace_path: Path) -> Dict[str, Any]:
+    """Run ``step()`` once under torch.profiler (CPU + CUDA activity on a GPU, CPU only otherwise),
+    write its Chrome/Perfetto trace gzip-compressed to ``trace_path`` and return the summary fields.
+
+    ``step`` must finish its device work before returning (synchronize) so the region holds it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with tempfile.TemporaryDirectory(prefix="optkit-trace-") as tmp:
+        raw = Path(tmp) / "trace.json"
+        with profile(activities=activities) as prof:
+            if on_cuda:
+                pad = torch.zeros(1, device=device)
+                for _ in range(PAD_LAUNCHES):
+                    pad.add_(1)
+                torch.cuda.synchronize(device)
+            with record_function(PROFILED_STEP_REGION):
+                step()
+        prof.export_chrome_trace(str(raw))
+        text = raw.read_bytes()
+    trace_path = Path(trace_path)
+    trace_path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(trace_path, "wb", compresslevel=6) as fh:
+        fh.write(text)
+    return summarize_trace(json.loads(text), on_cuda)

@@ -21,6 +21,8 @@ OURS = frozenset({"_rms_norm_fwd_kernel", "_rope_kernel"})
     ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT", "kernel", False, "matmul"),
     ("aten::addmm", "cpu_op", False, "matmul"),
     ("aten::add", "cpu_op", False, "elementwise/other"),
+    ("autograd::engine::evaluate_function: AddmmBackward0", "cpu_op", False, "matmul"),
+    ("CommBackward0", "cpu_op", False, "elementwise/other"),
     ("triton_poi_fused_add_mul_0", "kernel", False, "other triton"),
     ("_swiglu_forward_kernel", "kernel", False, "other triton"),  # Liger's: a Triton kernel, not ours
     ("void at::native::multi_tensor_apply_kernel<TensorListMetadata<4>, FusedAdamMathFunctor>(...)", "kernel",
