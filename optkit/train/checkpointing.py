@@ -186,7 +186,12 @@ class LayerInputOffloader:
         if self.buffers:  # shape changed: let queued copies into the old buffers finish before freeing them
             self._wait(self._mark(like["device"], self._stream(like["device"])), like["device"])
         self.buffers = [torch.empty(like["shape"], dtype=like["dtype"], device=like["device"]) for _ in range(2)]
-        self.ready, self.free, self.loaded = [None, None], [None, None], [-1, -1]
+        # The caching allocator may hand out blocks that compute work still queued on the compute stream
+        # writes to (it orders reuse for that stream only); the copy stream must not write them before
+        # that work is done. Without this the first reloads after allocation raced (H100: layers 2-3 got
+        # corrupted inputs on the first step, gradients off by 1e4).
+        allocated = self._mark(like["device"])
+        self.ready, self.free, self.loaded = [None, None], [allocated, allocated], [-1, -1]
         self.info["offload_device_buffer_bytes"] = sum(t.numel() * t.element_size() for t in self.buffers)
 
     @staticmethod
