@@ -282,6 +282,31 @@ def vram_timeline(series: Dict[str, Sequence[Sequence[float]]], title: str, stem
     return _save(fig, stem, formats)
 
 
+def vram_step(series: Dict[str, Sequence[Sequence[float]]], title: str, stem: Path,
+              formats: Sequence[str] = FORMATS) -> List[Path]:
+    """NVML device memory within one training step ([ms since the step began, bytes]), one line per
+    opt-set on one axis (the first is the baseline); line style and markers tell them apart in grey."""
+    series = {k: v for k, v in series.items() if v and len(v) >= 2}
+    if not series:
+        return []
+    with matplotlib.rc_context(RC):
+        fig, axes = _figure(7.0, 3.6)
+        ax = axes[0][0]
+        for i, (label, samples) in enumerate(series.items()):
+            t = [s[0] for s in samples]
+            used = [s[1] / GIB for s in samples]
+            style = _line(i)
+            ax.plot(t, used, label=f"{label} (peak {max(used):.2f} GiB)", linewidth=1.8 if i == 0 else 1.3,
+                    markevery=max(1, len(t) // 12), markersize=5, **style)
+        ax.set_xlabel("time since the step began (ms)")
+        ax.set_ylabel("GPU memory used, NVML (GiB)")
+        ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.05)  # from 0: differences between opt-sets at true scale
+        ax.grid(alpha=0.3)
+        ax.set_title(title)
+        fig.legend(loc="outside lower center", ncols=min(len(series), 3))
+    return _save(fig, stem, formats)
+
+
 def cross_gpu_bars(labels: Sequence[str], panels: Sequence[tuple], title: str, stem: Path,
                    formats: Sequence[str] = FORMATS) -> List[Path]:
     """Grouped horizontal bars, one group per point and one bar per GPU kind, one panel per metric."""

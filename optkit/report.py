@@ -10,7 +10,8 @@ Pure functions of the result files: no GPU, no torch. Definitions the tables use
   suite.baseline_opt``, default "baseline") at the same point (key minus model and opt). Its 95% CI
   is a bootstrap of the ratio of median step times (stats_ci.ratio_ci: steps resampled within each
   measurement window, windows resampled when there are repeats). Kernels: vs the eager impl.
-- peak NVML: this process's peak when NVML could see it, else device-wide (marked *).
+- peak NVML: this process's peak when NVML could see it, else device-wide (marked *); peak NVML
+  timed: device-wide, over the timed steps only (not the model build).
 - mem saving: 1 - peak / baseline's peak, on NVML when both have it, else on the allocator peak.
 A point that failed (oom, error, skipped, timeout) keeps its line, with its status and error.
 """
@@ -188,6 +189,7 @@ def train_entry(point: Point, base: Optional[Point]) -> Dict[str, Any]:
                      peak_nvml_bytes=nvml,
                      peak_nvml_source="process" if nvml_process is not None else "device",
                      peak_allocated_bytes=point.median("peak_allocated_bytes"),
+                     peak_nvml_timed_bytes=point.median("peak_nvml_timed_device_bytes"),
                      noisy=any(r.get("step_ms_noisy") for r in point.ok))
     if base is None:
         return entry
@@ -318,6 +320,8 @@ TRAIN_COLUMNS = [
     Column("peak_nvml_bytes", "peak NVML GiB",
            lambda e: DASH if e.get("peak_nvml_bytes") is None else
            f"{e['peak_nvml_bytes'] / GIB:.2f}" + ("*" if e.get("peak_nvml_source") == "device" else ""), "low"),
+    Column("peak_nvml_timed_bytes", "peak NVML timed GiB",
+           _num("peak_nvml_timed_bytes", lambda v: f"{v / GIB:.2f}"), "low"),
     Column("peak_allocated_bytes", "peak alloc GiB", _num("peak_allocated_bytes", lambda v: f"{v / GIB:.2f}"), "low"),
     Column("mem_saving", "mem saving", _num("mem_saving", lambda v: f"{100 * v:.1f}%"), "high"),
 ]
@@ -527,7 +531,9 @@ def train_section(model: str, points: List[Point], baseline_opt: str, figure: Fi
     series = {labels[p.key]: p.head["nvml_series"] for p in points if p.head.get("nvml_series")}
     md += figure(plots.vram_timeline, series, f"{model}: GPU memory over time (NVML)", name=f"{model}_vram",
                  caption="VRAM over time")
-    return md
+    from optkit.report_profile import profile_section
+
+    return md + profile_section(model, points, labels, baseline_opt, figure)
 
 
 def _base_curve(points: Sequence[Point], point: Point, baseline_opt: str) -> Optional[List[float]]:
