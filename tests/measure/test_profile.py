@@ -140,3 +140,38 @@ def test_a_trace_without_the_region_is_an_error_that_says_so():
     empty_region = {"traceEvents": [_host(P.PROFILED_STEP_REGION, 0, 10, cat="user_annotation")]}
     with pytest.raises(P.ProfileError, match="no device events"):
         P.summarize_trace(empty_region, on_cuda=True)
+
+
+@pytest.mark.gpu
+def test_profile_step_on_cuda_attributes_matmuls_and_the_optimizer(tmp_path):
+    """A real profiled step (Llama-8B-sized MLP block, bf16, fused AdamW): the trace's device events
+    land in matmul and optimizer, the pad launches before the region are not counted."""
+    import gzip
+    import json
+
+    import torch
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(4096, 14336, bias=False), torch.nn.SiLU(),
+                              torch.nn.Linear(14336, 4096, bias=False)).to(device, torch.bfloat16)
+    optimizer = torch.optim.AdamW(mlp.parameters(), lr=1e-4, fused=True)
+    x = torch.randn(8192, 4096, device=device, dtype=torch.bfloat16)
+
+    def step():
+        mlp(x).float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+
+    step()  # warm-up: cuBLAS handles, optimizer state
+    fields = P.profile_step(step, device, tmp_path / "traces" / "mlp-r0.json.gz")
+    with gzip.open(tmp_path / "traces" / "mlp-r0.json.gz", "rt") as fh:
+        assert json.load(fh)["traceEvents"]
+    share = {s["category"]: s["share_pct"] for s in fields["profile_kernel_share"]}
+    assert fields["profile_time_source"] == P.TIME_SOURCE_CUDA
+    assert sum(share.values()) == pytest.approx(100, abs=0.1)
+    assert share["matmul"] > 60, share  # 3 matmuls fwd+bwd of 8192x4096x14336 dominate
+    assert share["optimizer"] > 0, share
+    assert all("pad" not in t["name"] for t in fields["profile_top_kernels"])
+    assert fields["profile_top_kernels"][0]["category"] == "matmul"
