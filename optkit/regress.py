@@ -188,6 +188,10 @@ def check_inputs(baseline: Run, candidate: Run, strict_env: bool) -> List[str]:
             f"baseline ran on '{baseline.gpu_slug}', candidate on '{candidate.gpu_slug}': compare runs of one GPU "
             f"kind (results/{candidate.gpu_slug}/<suite>/...), or use `optkit report` for a cross-GPU table")
     diffs = stack_differences(baseline, candidate)
+    schemas = ({r.get("schema_version") for r in baseline.rows}, {r.get("schema_version") for r in candidate.rows})
+    if schemas[0] != schemas[1]:
+        diffs.append(f"row schema {sorted(schemas[0], key=str)} -> {sorted(schemas[1], key=str)} (what changed: "
+                     "the history in optkit/results.py)")
     if diffs and strict_env:
         raise ReportInputError("software stack differs (--strict-env): " + "; ".join(diffs))
     return [f"software stack differs, the verdict includes its effect: {'; '.join(diffs)}"] if diffs else []

@@ -1,6 +1,9 @@
 """Result rows: one self-describing JSON object per measured point, appended to results.jsonl.
 
 A row never changes meaning silently: when what a field measures changes, bump SCHEMA_VERSION.
+History: 1 first rows; 2 the allocator's setup cache (e.g. the bf16 weights a QLoRA model was
+quantized from) is released before warm-up, so NVML figures of the timed window are the training
+footprint (v1 rows of QLoRA points counted ~16 GiB of that cache at Llama-3-8B).
 Field names carry their unit. A failed point is still a row (status != "ok", with ``error``).
 
 Layout of a run: ``<results_dir>/<gpu-slug>/<suite>/<run_id>/{env.json, results.jsonl}``.
@@ -13,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 STATUSES = ("ok", "oom", "error", "skipped", "timeout")
 

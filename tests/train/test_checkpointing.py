@@ -128,8 +128,9 @@ def test_gradients_equal_no_checkpointing_llama3_8b_gpu(method):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("method", ["lora", "qlora"])
 @pytest.mark.parametrize("mode", ["offload", "offload_double_buffer"])
-def test_offload_reloads_exactly_the_forward_inputs_gpu(mode, monkeypatch):
+def test_offload_reloads_exactly_the_forward_inputs_gpu(mode, method, monkeypatch):
     """Bitwise: the tensor each layer recomputes from equals the input it saw in forward, on the first
     steps after enabling (where fresh reload buffers once raced with queued compute) and later ones."""
     from optkit.train import checkpointing
@@ -150,7 +151,7 @@ def test_offload_reloads_exactly_the_forward_inputs_gpu(mode, monkeypatch):
 
     monkeypatch.setattr(checkpointing.LayerInputOffloader, "offload", keeping_offload)
     monkeypatch.setattr(checkpointing.LayerInputOffloader, "reload", checking_reload)
-    net, ids = _llama3_8b_4_layers_gpu("lora")
+    net, ids = _llama3_8b_4_layers_gpu(method)
     enable_checkpointing(net, mode)
     try:
         for _ in range(3):
