@@ -71,14 +71,17 @@ def main() -> None:
             try:
                 info = ck.enable_checkpointing(net, mode)
                 for _ in range(3):
-                    errs.append(max_relative_error(loss_and_grads(net, ids)[1], ref))
+                    grads = loss_and_grads(net, ids)[1]
+                    errs.append(max_relative_error(grads, ref))
+                worst = sorted(((max_relative_error({k: grads[k]}, {k: ref[k]}), k) for k in ref), reverse=True)[:3]
             finally:
                 ck.disable_checkpointing(net)
                 ck.LayerInputOffloader._copy = real_copy
                 ck.LayerInputOffloader.offload, ck.LayerInputOffloader.reload = real_offload, real_reload
             extra = f" reload mismatches (layer, max abs diff): {mismatches[:8]}" if variant == "check" else ""
             print(f"{mode:22s} {variant:6s} rel err per step: {['%.3g' % e for e in errs]}{extra} "
-                  f"hits={info.get('offload_prefetch_hits')} blocking={info.get('offload_blocking_reloads')}")
+                  f"hits={info.get('offload_prefetch_hits')} blocking={info.get('offload_blocking_reloads')}"
+                  f" worst (last step): {[(f'{e:.2g}', k.replace('base_model.model.model.', '')) for e, k in worst]}")
 
 
 if __name__ == "__main__":
