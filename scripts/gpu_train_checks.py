@@ -13,7 +13,7 @@ Sections:
          the offloader's buffer bytes; a torch.profiler trace of one step per offload mode, from which the
          copy stream's busy time and the part of it that overlaps compute-stream kernels are computed
          (offload_double_buffer should overlap most host->device time, offload almost none); gradients
-         of every mode vs no checkpointing, bounded by 2x max(run-to-run noise, HF checkpointing's gap) + 1e-3.
+         of every mode vs no checkpointing, bounded by 2x max(run-to-run noise, HF checkpointing's gap), at least 1e-2.
 Times are medians (IQR) of --steps CUDA-event-timed forward+backward steps after --warmup steps.
 """
 from __future__ import annotations
@@ -231,7 +231,7 @@ def _grads_ok(mode: str, diff: float, noise: float, out: Dict) -> bool:
     """Same bound as the GPU test: 2x the larger of no checkpointing's run-to-run difference and HF's own
     checkpointing's difference (recomputation is not bitwise on a GPU), + 1e-3."""
     standard = out.get("standard", {}).get("max_rel_grad_diff", 0.0) if mode != "standard" else 0.0
-    return diff <= 2 * max(noise, standard) + 1e-3
+    return diff <= max(2 * max(noise, standard), 1e-2)  # the GPU test's BF16_RECOMPUTE_FLOOR
 
 
 def section_ckpt(args) -> Dict:

@@ -16,6 +16,7 @@ from tests.train._tiny import BATCH, SEQ_LEN, loss_and_grads, max_relative_error
 
 MODES = ("standard", "offload", "offload_double_buffer")
 RTOL = 1e-6
+BF16_RECOMPUTE_FLOOR = 1e-2  # 2.5 bf16 epsilons of a tensor's largest gradient (the race it guards against: 1e4)
 
 
 def _second_step_grads(net, mode, seed=0):
@@ -106,11 +107,13 @@ def _llama3_8b_4_layers_gpu(method):
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_gradients_equal_no_checkpointing_llama3_8b_gpu(method):
-    """Llama-3-8B shapes cut to 4 layers, bf16, 2 x 2048 tokens. GPU recomputation is not bitwise equal
-    (attention backward is not deterministic; H100: HF's own checkpointing differs from none by ~0.4%
-    per tensor in bf16), so each offload mode is bounded by 2x the larger of no checkpointing's
-    run-to-run difference and HF checkpointing's difference, + 1e-3. The exact check of what the
-    offload modes reload is test_offload_reloads_exactly_the_forward_inputs_gpu."""
+    """Llama-3-8B shapes cut to 4 layers, bf16, 2 x 2048 tokens. GPU recomputation is not bitwise equal:
+    on the H100 some steps of no checkpointing, of HF's checkpointing and of the offload modes alike
+    differ from a reference step by up to 0.6% of a tensor's largest gradient, sporadically (attention
+    backward is not deterministic; results/h100/gpu-tests/ckpt-diag-*.log), so one sampled rerun can
+    read 0 noise. Bound: 2x the larger of the sampled noise and HF checkpointing's gap, and at least
+    BF16_RECOMPUTE_FLOOR. The exact checks are test_offload_reloads_exactly_the_forward_inputs_gpu
+    (bitwise reloads) and, on CPU, test_forward_runs_in_grad_mode_as_without_checkpointing."""
     net, ids = _llama3_8b_4_layers_gpu(method)
     _, ref_grads = loss_and_grads(net, ids)
     noise = max_relative_error(loss_and_grads(net, ids)[1], ref_grads)
@@ -123,7 +126,7 @@ def test_gradients_equal_no_checkpointing_llama3_8b_gpu(method):
             disable_checkpointing(net)
         if mode == "offload_double_buffer":
             assert info["offload_prefetch_hits"] == 2 * 3 and info["offload_device_buffer_bytes"] == 2 * 2 * 2048 * 4096 * 2
-    bound = 2 * max(noise, errors["standard"]) + 1e-3
+    bound = max(2 * max(noise, errors["standard"]), BF16_RECOMPUTE_FLOOR)
     assert errors["offload"] <= bound and errors["offload_double_buffer"] <= bound, (noise, errors)
 
 
