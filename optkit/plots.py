@@ -243,7 +243,13 @@ def loss_curves(curves: Dict[str, Sequence[float]], base_curves: Dict[str, Optio
             if label in compared:
                 diff = [a - b if a is not None and b is not None else None for a, b in zip(curve, base_curves[label])]
                 axes[1][0].plot(range(len(diff)), diff, markevery=every, markersize=4, **style)
-        top.set_ylabel("training loss")
+        values = [x for v in curves.values() for x in v if x is not None]
+        if values and min(values) > 0 and max(values) / min(values) > 100:
+            # a loss that falls by orders of magnitude: on a linear axis the learning phase is a spike
+            top.set_yscale("log")
+            top.set_ylabel("training loss (log scale)")
+        else:
+            top.set_ylabel("training loss")
         top.legend()
         top.set_title(title)
         bottom = axes[-1][0]

@@ -506,7 +506,8 @@ def train_section(model: str, points: List[Point], baseline_opt: str, figure: Fi
     common = label_entries(entries, "opt", "setting")
     labels = {e["point_key"]: e["label"] for e in entries}
     varies = any(e["setting_short"] for e in entries)
-    md = [f"## {model}", "", f"All points: `{common}`" + ("; the setting column gives the rest." if varies else ""), "",
+    shared = f"All points: `{common}`" if common else "The points share no setting prefix"
+    md = [f"## {model}", "", shared + ("; the setting column gives the rest." if varies else ""), "",
           write_tables(out_dir, model, TRAIN_COLUMNS, entries, "setting"), ""]
     md += [table_notes(entries), ""] if table_notes(entries) else []
     failed = [e for e in entries if e["error"]]
@@ -596,6 +597,14 @@ def suite_baseline_opt(rows: Sequence[Dict[str, Any]], override: Optional[str]) 
     return "baseline"
 
 
+def model_baseline_opt(baseline_opt: str, points: Sequence[Point]) -> str:
+    """``baseline_opt`` may list several opt-sets (``packed_per_layer,hf_loop``): a model's sections use the
+    first of them that its points have (a suite mixing experiments has one reference per model)."""
+    names = [n.strip() for n in baseline_opt.split(",") if n.strip()]
+    present = {p.head.get("opt") for p in points}
+    return next((n for n in names if n in present), names[0] if names else "baseline")
+
+
 def write_report(runs: Sequence[Run], out_root: Path, baseline_opt: Optional[str] = None,
                  formats: Sequence[str] = ("png", "pdf")) -> Path:
     """reports/<slug>/<suite>/report.md (+ tables, figures) for runs of one GPU kind and suite."""
@@ -610,12 +619,15 @@ def write_report(runs: Sequence[Run], out_root: Path, baseline_opt: Optional[str
         if p.kind == "train":
             by_model[str(p.head.get("model"))].append(p)
     md = [f"# optkit report: suite `{suite}` on {runs[0].value('gpu_name') or 'CPU'}", "", environment_block(runs), "",
-          f"Speedup: tokens/s vs opt-set `{base_opt}` at the same point (kernels: vs the {KERNEL_BASELINE_IMPL} "
+          f"Speedup: tokens/s vs opt-set `{base_opt.split(',')[0]}` at the same point (kernels: vs the {KERNEL_BASELINE_IMPL} "
           "impl), with a 95% bootstrap CI over step times and measurement windows. "
           "Bold: the best value of its column among the points of one setting.", ""]
     figure = FigureWriter(out_dir, formats)
     for model, model_points in by_model.items():
-        md += train_section(model, model_points, base_opt, figure)
+        model_base = model_baseline_opt(base_opt, model_points)
+        if model_base != base_opt.split(",")[0]:
+            md += [f"({model}: speedups vs `{model_base}`.)", ""]
+        md += train_section(model, model_points, model_base, figure)
     kernels = [p for p in points if p.kind == "kernel"]
     if kernels:
         md += kernel_section(kernels, figure)

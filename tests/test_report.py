@@ -263,3 +263,15 @@ def test_unusable_input_exits_2(tmp_path, capsys):
     assert "no results.jsonl" in capsys.readouterr().err
     assert report.main([str(GOLDEN / "h100"), "--out", str(tmp_path)]) == 2
     assert "golden-ablation" in capsys.readouterr().err  # lists the run directories below it
+
+
+def test_a_baseline_list_gives_each_model_its_own_reference():
+    class P:
+        def __init__(self, opt):
+            self.head = {"opt": opt}
+
+    moe = [P("hf_loop"), P("hf_grouped_mm"), P("optkit_sorted")]
+    packing = [P("packed_per_layer"), P("packed_cached")]
+    assert report.model_baseline_opt("packed_per_layer,hf_loop", moe) == "hf_loop"
+    assert report.model_baseline_opt("packed_per_layer,hf_loop", packing) == "packed_per_layer"
+    assert report.model_baseline_opt("baseline", moe) == "baseline"  # absent: no speedups, as before
