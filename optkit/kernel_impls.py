@@ -1,0 +1,155 @@
+"""The implementations the kernels suite times against each other, resolved to a callable per case:
+optkit's Triton kernels, eager PyTorch (optkit/kernel_cases.py), torch.compile of that eager code and
+Liger-Kernel (a peer, never a dependency). Each resolves to ``call(**inputs) -> Tensor | tuple of
+Tensors``, or raises ``ImplUnavailable``, which becomes a skipped row.
+
+Defaults only (e.g. not cross_entropy's overwrite_logits): correctness lives in tests/kernels. One
+exception, a sweep: fused_linear_cross_entropy also runs as ``optkit-c256``, ``optkit-c512`` and
+``optkit-c2048`` (``chunk_rows`` fixed; plain ``optkit`` picks 1024 at the suite's shape), to show
+chunk size against speed and peak memory.
+
+Fused cross-entropy implementations (optkit and its chunk sweep, Liger) compute the gradient inside
+forward: their fwd_ms holds backward work and their bwd_ms is a mere scale, so the row says
+``loss_in_forward`` and they are compared on ``full_ms`` / ``full_device_ms`` only.
+
+torch.compile compiles each op once per non-token shape with the token dimension marked dynamic
+(as training with varying sequence lengths sees it), so token sweeps reuse one compiled graph and
+the suite fits its time budget (< 5 min on an H100, quick mode < 90 s). Dynamo is reset between
+shapes so that a second hidden size never turns the feature dimension dynamic; the device pass,
+which revisits the shapes, compiles each once more (Inductor's caches make that quick).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from optkit.kernel_cases import FLCE, IGNORE_INDEX, Case, OpSpec
+
+IMPLS = ("optkit", "eager", "compile", "liger")  # every op
+# FLCE's chunk-size sweep: optkit with fixed rows per chunk (its default is 1024 at the suite's shape;
+# Liger budgets 256 rows here). Fewer rows: a smaller logits buffer, more grad_weight traffic.
+CHUNK_IMPLS: Dict[str, int] = {f"optkit-c{rows}": rows for rows in (256, 512, 2048)}
+ALL_IMPLS = IMPLS + tuple(CHUNK_IMPLS)
+
+
+class ImplUnavailable(Exception):
+    """This implementation cannot run here (not installed, wrong device); becomes a skipped row."""
+
+
+def impls_for(op: str, impls: Sequence[str]) -> List[str]:
+    """The impls of ``impls`` that apply to ``op``: the chunk sweep applies to FLCE only."""
+    return [impl for impl in impls if impl in IMPLS or (op == FLCE and impl in CHUNK_IMPLS)]
+
+
+def computes_grad_in_forward(spec: OpSpec, impl: str) -> bool:
+    return spec.fused_loss and (impl == "liger" or impl.startswith("optkit"))
+
+
+def _optkit_call(spec: OpSpec, case: Case, device: torch.device, chunk_rows: Optional[int] = None) -> Callable:
+    module_name = f"optkit.kernels.{spec.name}"
+    try:
+        fn = getattr(importlib.import_module(module_name), spec.optkit_fn)
+    except (ImportError, AttributeError) as exc:
+        raise ImplUnavailable(f"{module_name}.{spec.optkit_fn} is not importable: {exc}") from None
+    params = dict(case.params)
+    if spec.name == "rms_norm":
+        return lambda x, weight: fn(x, weight, eps=params["eps"], offset=params["offset"],
+                                    cast_mode=params["cast_mode"])
+    if spec.name in ("cross_entropy", FLCE):
+        extra = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
+        return lambda **t: fn(**t, ignore_index=IGNORE_INDEX, reduction="mean", softcap=params["softcap"], **extra)
+    return lambda **t: fn(**t, **params)
+
+
+def _eager_call(spec: OpSpec, case: Case, device: torch.device) -> Callable:
+    params = dict(case.params)
+
+    def call(**tensors):
+        return spec.eager(**tensors, **params)
+
+    return call
+
+
+def _liger_call(spec: OpSpec, case: Case, device: torch.device) -> Callable:
+    if device.type != "cuda":
+        raise ImplUnavailable("Liger-Kernel runs on CUDA only")
+    try:
+        functional = importlib.import_module("liger_kernel.transformers.functional")
+    except ImportError as exc:
+        raise ImplUnavailable(f"liger-kernel is not importable ({exc}); it is a peer, never a dependency: "
+                              "pip install liger-kernel to compare against it") from None
+    fn = getattr(functional, spec.liger_fn, None)
+    if fn is None:
+        raise ImplUnavailable(f"this liger-kernel has no liger_kernel.transformers.functional.{spec.liger_fn}")
+    p = case.params
+    if spec.name == "rms_norm":
+        # in_place left at Liger's default, as LigerRMSNorm users get it (dy is fresh every repeat)
+        return lambda x, weight: fn(x, weight, p["eps"], offset=p["offset"], casting_mode=p["cast_mode"])
+    if spec.name == "rope":  # Liger wants cos/sin as (1 or B, S, D)
+        return lambda q, k, cos, sin: fn(q, k, cos.unsqueeze(0), sin.unsqueeze(0))
+    if spec.name == "geglu":
+        if p.get("approximate") != "tanh":
+            raise ImplUnavailable("Liger's GEGLU computes the tanh approximation only")
+        return lambda gate, up: fn(gate, up)
+    loss_kwargs = {"ignore_index": IGNORE_INDEX, "reduction": "mean", "softcap": p.get("softcap")}
+    if spec.name == "cross_entropy":
+        return lambda logits, target: fn(logits, target, **loss_kwargs)
+    if spec.name == "fused_linear_cross_entropy":
+        return lambda hidden, weight, target: fn(hidden, weight, target, **loss_kwargs)
+    return lambda gate, up: fn(gate, up)
+
+
+class CompileCache:
+    """torch.compile of the eager code, one compiled graph per compile group (token dim dynamic).
+
+    ``disabled_reason`` turns the impl into skipped rows; ``backend`` is torch.compile's (tests pass
+    a counting backend to check that a token sweep compiles once).
+    """
+
+    def __init__(self, disabled_reason: Optional[str] = None, backend: Any = "inductor"):
+        self.disabled_reason = disabled_reason
+        self.backend = backend
+        self._group: Optional[Tuple[str, str]] = None
+        self._compiled: Optional[Callable] = None
+
+    def call_for(self, spec: OpSpec, case: Case, device: torch.device) -> Callable:
+        if self.disabled_reason:
+            raise ImplUnavailable(self.disabled_reason)
+        if case.compile_group != self._group:
+            torch._dynamo.reset()  # a new feature size must compile static, not turn dynamic
+            self._compiled = torch.compile(_eager_call(spec, case, device), backend=self.backend)
+            self._group = case.compile_group
+        compiled = self._compiled
+
+        def call(**tensors):
+            for name, dims in spec.token_dims.items():
+                for dim in dims:
+                    torch._dynamo.maybe_mark_dynamic(tensors[name], dim)
+            return compiled(**tensors)
+
+        return call
+
+
+def resolve_impl(impl: str, spec: OpSpec, case: Case, device: torch.device, compile_cache: CompileCache) -> Callable:
+    if impl == "optkit":
+        return _optkit_call(spec, case, device)
+    if impl == "eager":
+        return _eager_call(spec, case, device)
+    if impl == "compile":
+        return compile_cache.call_for(spec, case, device)
+    if impl == "liger":
+        return _liger_call(spec, case, device)
+    if impl in CHUNK_IMPLS:
+        if spec.name != FLCE:
+            raise ImplUnavailable(f"{impl} is {FLCE}'s chunk-size sweep; {spec.name} has no chunks")
+        return _optkit_call(spec, case, device, chunk_rows=CHUNK_IMPLS[impl])
+    raise ValueError(f"impl {impl!r} unknown; choose one of: {', '.join(ALL_IMPLS)}")
+
+
+def impl_version(impl: str, env: Dict[str, Any]) -> Optional[str]:
+    if impl.startswith("optkit"):
+        return env.get("git_sha")
+    return {"eager": env.get("torch_version"), "compile": env.get("torch_version"),
+            "liger": env.get("liger_kernel_version")}.get(impl)

@@ -1,0 +1,211 @@
+"""Event timing of one differentiable call: forward, backward and forward+backward, each repeat on
+fresh inputs, from a cold L2, with a graph of its own.
+
+``measure`` warms the call up (by steps and by time), takes the allocator peak of one
+forward+backward, then times two loops with a ``PhaseTimer`` (CUDA events on the stream, or the
+host clock on the CPU): forward+backward with a mark between the phases, and backward alone. Before
+every timed repeat ``L2Flush`` writes a buffer of at least 2x the L2 size; every repeat gets fresh
+copies of the inputs (an implementation that writes into its inputs cannot skew the next repeat)
+and builds its own autograd graph; gradients come from ``torch.autograd.grad`` w.r.t. every
+differentiable input (weights included), so nothing accumulates and no graph is replayed with
+retain_graph. ``measure_copy_gbps`` gives the device's copy bandwidth the op's GB/s is set beside.
+
+The profiler's device time of the same calls lives in optkit/measure/device_trace.py.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from optkit.measure.stats import percentile
+from optkit.measure.timing import PhaseTimer, WallClock
+
+COPY_BYTES = {"cuda": 1 << 30, "cpu": 16 << 20}  # copy-bandwidth buffer: >> L2 on any GPU
+MIN_FLUSH_BYTES = 256 << 20  # triton.testing's flush size; 2x L2 when that is larger
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long each implementation is measured; ``loop_ms`` of timed work per loop, clamped."""
+
+    warmup_steps: int = 3  # at least this many forward+backward steps ...
+    warmup_ms: float = 50.0  # ... and at least this much wall time (after the first, compiling, call)
+    loop_ms: float = 200.0  # target timed work of each loop (full, backward-only)
+    min_repeats: int = 20
+    max_repeats: int = 200
+    max_warmup_steps: int = 50
+    device_repeats: int = 5  # profiled repeats per phase in the device pass; 0 skips that pass
+    device_warmup_steps: int = 2  # forward+backward steps before the profiler session (after the first)
+
+
+
+def fresh_inputs(master: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Copies of the inputs, leaves again, with the strides of the master copies."""
+    return {name: t.detach().clone().requires_grad_(t.requires_grad) for name, t in master.items()}
+
+
+def as_tuple(out) -> Tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def grad_outputs_like(outs: Tuple[torch.Tensor, ...]) -> Optional[Tuple[torch.Tensor, ...]]:
+    """Random upstream gradients for tensor outputs; None (implicit 1) for a scalar loss."""
+    if len(outs) == 1 and outs[0].numel() == 1:
+        return None
+    return tuple(torch.randn_like(o) for o in outs)
+
+
+def clone_all(grads):
+    return None if grads is None else tuple(g.clone() for g in grads)  # dy may be written in place
+
+
+def backward_wrt_inputs(outs, inputs, grad_outputs) -> None:
+    """Gradients of ``outs`` w.r.t. every differentiable input, returned and dropped: nothing accumulates."""
+    wrt = [t for t in inputs.values() if t.requires_grad]
+    torch.autograd.grad(outs, wrt, grad_outputs=grad_outputs)
+
+
+def forward_backward(call: Callable, inputs: Dict[str, torch.Tensor], grad_outputs) -> None:
+    """One untimed-by-itself step: a new graph, gradients w.r.t. every differentiable input."""
+    backward_wrt_inputs(as_tuple(call(**inputs)), inputs, grad_outputs)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def first_step(call: Callable, master: Dict[str, torch.Tensor]) -> Optional[Tuple[torch.Tensor, ...]]:
+    """The first forward+backward (compile / JIT); returns the upstream gradients every later step reuses."""
+    inputs = fresh_inputs(master)
+    outs = as_tuple(call(**inputs))
+    torch.manual_seed(0)
+    grad_outputs = grad_outputs_like(outs)
+    backward_wrt_inputs(outs, inputs, clone_all(grad_outputs))
+    return grad_outputs
+
+
+class L2Flush:
+    """Writes a buffer of >= 2x L2 (at least 256 MiB) so each repeat starts from DRAM."""
+
+    def __init__(self, device: torch.device):
+        self.nbytes = 0
+        self._buffer = None
+        if device.type == "cuda":
+            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0
+            self.nbytes = max(2 * l2, MIN_FLUSH_BYTES)
+            self._buffer = torch.empty(self.nbytes, dtype=torch.int8, device=device)
+
+    def __call__(self) -> None:
+        if self._buffer is not None:
+            self._buffer.zero_()
+
+
+@dataclass
+class Measurement:
+    compile_s: float
+    warmup_steps: int
+    repeats: int
+    fwd_ms: List[float]
+    bwd_ms: List[float]
+    full_ms: List[float]
+    peak_bytes: Optional[int]
+    peak_delta_bytes: Optional[int]
+    peak_reserved_bytes: Optional[int]
+
+
+def _peak_memory(call, master, grad_outputs, device) -> Tuple[Optional[int], Optional[int], Optional[int]]:
+    if device.type != "cuda":
+        return None, None, None
+    inputs, grads = fresh_inputs(master), clone_all(grad_outputs)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    forward_backward(call, inputs, grads)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return peak, peak - before, torch.cuda.max_memory_reserved(device)
+
+
+def _repeats_for(step_ms: float, settings: Settings) -> int:
+    wanted = math.ceil(settings.loop_ms / step_ms) if step_ms > 0 else settings.max_repeats
+    return int(min(settings.max_repeats, max(settings.min_repeats, wanted)))
+
+
+def measure(call: Callable, master: Dict[str, torch.Tensor], device: torch.device, settings: Settings,
+            flush: Callable[[], None], timer_factory: Callable[[torch.device], Any] = PhaseTimer) -> Measurement:
+    """Warm up, take the memory peak, then time the full loop and the backward-only loop."""
+    first = WallClock(device).start()
+    grad_outputs = first_step(call, master)
+    compile_s = first.stop() / 1e3
+
+    # Warm-up by steps and by time; its mean step (input copies included) sizes the timed loops. Each
+    # step is waited for: a host that queues ahead would see 50 ms pass only after the step cap (50
+    # steps of a 50 ms op: 2.5 s of warm-up per impl).
+    warm = WallClock(device).start()
+    warm_started = time.perf_counter()
+    steps = 1
+    while steps < settings.max_warmup_steps:
+        inputs = fresh_inputs(master)
+        forward_backward(call, inputs, clone_all(grad_outputs))
+        synchronize(device)
+        steps += 1
+        enough_time = (time.perf_counter() - warm_started) * 1e3 >= settings.warmup_ms
+        if steps >= settings.warmup_steps and enough_time:
+            break
+    repeats = _repeats_for(warm.stop() / (steps - 1), settings)
+    del inputs
+
+    peak, peak_delta, peak_reserved = _peak_memory(call, master, grad_outputs, device)
+
+    full_timer = timer_factory(device)
+    for _ in range(repeats):
+        inputs, grads = fresh_inputs(master), clone_all(grad_outputs)
+        flush()
+        full_timer.begin_step()
+        outs = as_tuple(call(**inputs))
+        full_timer.mark("forward")
+        backward_wrt_inputs(outs, inputs, grads)
+        full_timer.mark("backward")
+        full_timer.end_step()
+        del inputs, outs, grads
+    full = full_timer.results()
+
+    bwd_timer = timer_factory(device)
+    for _ in range(repeats):
+        inputs, grads = fresh_inputs(master), clone_all(grad_outputs)
+        outs = as_tuple(call(**inputs))
+        flush()
+        bwd_timer.begin_step()
+        backward_wrt_inputs(outs, inputs, grads)
+        bwd_timer.mark("backward")
+        bwd_timer.end_step()
+        del inputs, outs, grads
+    bwd = bwd_timer.results()
+
+    return Measurement(
+        compile_s=compile_s, warmup_steps=steps, repeats=repeats,
+        fwd_ms=[r["forward_ms"] for r in full], bwd_ms=[r["backward_ms"] for r in bwd],
+        full_ms=[r["step_ms"] for r in full], peak_bytes=peak, peak_delta_bytes=peak_delta,
+        peak_reserved_bytes=peak_reserved,
+    )
+
+
+def measure_copy_gbps(device: torch.device, timer_factory: Callable[[torch.device], Any] = PhaseTimer,
+                      repeats: int = 20) -> float:
+    """Device copy bandwidth: median over ``repeats`` copies of a buffer >> L2, read + written bytes."""
+    nbytes = COPY_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up
+    timer = timer_factory(device)
+    for _ in range(repeats):
+        timer.begin_step()
+        dst.copy_(src)
+        timer.end_step()
+    median_ms = percentile(sorted(r["step_ms"] for r in timer.results()), 50)
+    return 2 * nbytes / (median_ms * 1e-3) / 1e9
