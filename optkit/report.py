@@ -29,8 +29,8 @@ from pathlib import Path
 from statistics import median
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from optkit.measure.stats import pooled_median, ratio_ci
 from optkit.results import read_run
-from optkit.stats_ci import pooled_median, ratio_ci
 
 GIB, MIB = 1024 ** 3, 1024 ** 2
 DASH = "—"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from optkit import regress
-from optkit.stats_ci import mann_whitney_p, median_ci, ratio_ci
+from optkit.measure.stats import mann_whitney_p, median_ci, ratio_ci
 
 GOLDEN = Path(__file__).parent / "golden"
 E2E_H100 = GOLDEN / "h100/e2e/golden-e2e-h100"
