@@ -48,7 +48,19 @@ def compose(overrides: Iterable[str] = ()) -> DictConfig:
         OmegaConf.to_object(cfg)
     except (ValueError, OmegaConfBaseException) as exc:
         raise ConfigError(str(exc)) from exc
+    _check_across_groups(cfg)
     return cfg
+
+
+def _check_across_groups(cfg: DictConfig) -> None:
+    """Checks that need two groups at once (each dataclass only sees its own fields)."""
+    hf = cfg.model.get("hf_config") or {}
+    max_positions = hf.get("max_position_embeddings")
+    if max_positions and cfg.data.seq_len > max_positions:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model {cfg.model.name!r}'s max_position_embeddings="
+            f"{max_positions}: lower data.seq_len, or raise model.hf_config.max_position_embeddings if the model "
+            "really supports longer sequences (RoPE scaling)")
 
 
 def _check_group_choices(overrides: List[str]) -> None:

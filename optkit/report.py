@@ -8,7 +8,7 @@ and suite the newest is reported; ``--merge`` pools them (rows of one point beco
 Pure functions of the result files: no GPU, no torch. Definitions the tables use:
 - speedup: tokens/s of an opt-set over tokens/s of the suite's baseline opt-set (``opt ==
   suite.baseline_opt``, default "baseline") at the same point (key minus model and opt). Its 95% CI
-  is a bootstrap of the ratio of median step times (stats_ci.ratio_ci: steps resampled within each
+  is a bootstrap of the ratio of median step times (measure.stats.ratio_ci: steps resampled within each
   measurement window, windows resampled when there are repeats). Kernels: vs the eager impl.
 - peak NVML: this process's peak when NVML could see it, else device-wide (marked *); peak NVML
   timed: device-wide, over the timed steps only (not the model build).

@@ -5,7 +5,7 @@
                                     [--fp32] [--device-repeats N] [--cpu-smoke]
 
 Writes DIR/env.json and DIR/results.jsonl (one row per op x shape x dtype x impl; see
-optkit/kernel_suite.py for the fields, the byte model and the two times: CUDA-event time with
+optkit/kernel_rows.py for the fields, optkit/kernel_cases.py for the byte model and the two times: CUDA-event time with
 launch gaps, and profiler device time of the kernels alone) and prints a table. The same
 measurement runs under ``optkit bench suite=kernels``. A full run takes < 5 min on an H100,
 ``--quick`` (one shape per op) < 90 s. ``--cpu-smoke`` times tiny shapes on the CPU with the host

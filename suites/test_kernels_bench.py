@@ -8,7 +8,7 @@ Not part of the main test run (pyproject's testpaths = tests); run it explicitly
 What it is for: pytest-benchmark's stored-run comparison as a quick gate on kernel times (time is
 "larger is worse" here, which is what its compare assumes). The numbers of record (CUDA events,
 fwd/bwd split, GB/s, memory) come from ``optkit bench suite=kernels``; this suite reuses that
-suite's shapes, inputs and implementations (optkit/kernel_suite.py) so the two cannot drift.
+suite's shapes, inputs and implementations (optkit/kernel_cases.py, optkit/kernel_impls.py) so the two cannot drift.
 
 Timing is pytest-benchmark's host clock around one step that ends in ``torch.cuda.synchronize``;
 the setup of every round (untimed) copies fresh inputs, flushes L2 and synchronizes, so a round

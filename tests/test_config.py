@@ -64,3 +64,9 @@ def test_model_zoo_has_the_required_entries():
                 "qwen3_moe_30b_a3b", "gemma2_9b", "tiny_llama", "tiny_qwen3", "tiny_qwen3_moe", "tiny_gemma2"}
     assert required <= set(group_choices("model"))
     assert (CONF_DIR / "config.yaml").exists()
+
+
+def test_seq_len_beyond_the_models_positions_is_a_config_error():
+    with pytest.raises(ConfigError, match="max_position_embeddings=8192"):
+        compose(["model=llama3_8b", "data.seq_len=16384"])
+    assert compose(["model=llama3_8b", "data.seq_len=8192"]).data.seq_len == 8192

@@ -217,7 +217,7 @@ def test_judge_is_direction_aware():
     assert overlapping["verdict"] == "noise"
 
 
-# --------------------------------------------------------------------------- optkit.stats_ci
+# --------------------------------------------------------------------------- optkit.measure.stats (bootstrap, Mann-Whitney)
 
 
 def test_mann_whitney_matches_scipy_with_ties():

@@ -224,8 +224,8 @@ def apply_moe_sorted_routing(model, opt_cfg) -> List[str]:
         return []
     swapped = _swap_experts(model)
     if not swapped:
-        if any(isinstance(m, SortedExperts) for m in model.modules()):  # expert LoRA swapped them already
-            return ["moe_sorted_routing: experts already run SortedExperts (swapped in for expert LoRA)"]
+        if any(isinstance(m, SortedExperts) for m in model.modules()):  # swapped already (e.g. by expert LoRA)
+            return ["moe_sorted_routing: the experts already run SortedExperts; nothing changed"]
         return ["moe_sorted_routing: no MoE experts in this model; nothing changed"]
     first = swapped[0]
     return [f"moe_sorted_routing: {len(swapped)} experts modules ({first}, ...) -> SortedExperts "
