@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from optkit.measure.stats import mann_whitney_p, pooled_median, ratio_ci
-from optkit.report import DASH, GIB, Point, ReportInputError, Run, group_points, load_run, sig
+from optkit.report_load import Point, ReportInputError, Run, group_points, load_run
+from optkit.report_tables import DASH, GIB, sig
 
 MIN_SAMPLES = 6  # smallest n per side at which Mann-Whitney can reach p < 0.01 (normal approximation)
 ALPHA = 0.01
