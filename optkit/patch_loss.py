@@ -1,0 +1,127 @@
+"""Loss swaps: HF's causal-LM loss on optkit's Triton cross-entropy (logits materialized), or the
+whole CausalLM forward with the loss fused into the LM head (logits never materialized in training).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Callable, List
+
+import torch
+from torch import nn
+
+from optkit.config import OptConfig
+from optkit.patch_state import _is_moe, hf_model_of, override_attr
+
+
+def shifted_targets(labels: torch.Tensor, ignore_index: int = -100, shift_labels=None) -> torch.Tensor:
+    """HF ForCausalLMLoss's targets: labels padded with ignore_index and shifted left, flattened."""
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return shift_labels.reshape(-1)
+
+
+def _normalize(loss_sum_or_mean: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    if num_items_in_batch is None:
+        return loss_sum_or_mean
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss_sum_or_mean.device)
+    return loss_sum_or_mean / num_items_in_batch
+
+
+def _causal_lm_loss(cross_entropy: Callable) -> Callable:
+    """HF's ForCausalLMLoss (same arguments, same mean over non-ignored tokens) on optkit's kernel."""
+
+    def loss_function(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
+                      shift_labels=None, **kwargs):
+        targets = shifted_targets(labels, ignore_index, shift_labels).to(logits.device)
+        reduction = "sum" if num_items_in_batch is not None else "mean"
+        loss = cross_entropy(logits.reshape(-1, vocab_size), targets, ignore_index=ignore_index, reduction=reduction)
+        return _normalize(loss.float(), num_items_in_batch)
+
+    return loss_function
+
+
+def apply_cross_entropy(model: nn.Module, opt_cfg: OptConfig) -> List[str]:
+    from optkit.kernels.cross_entropy import cross_entropy
+
+    hf = hf_model_of(model)
+    if not hasattr(type(hf), "loss_function"):
+        return [f"cross_entropy: skipped ({type(hf).__name__} has no loss_function to replace)"]
+    # HF's loss_function property returns the instance's _loss_function when set (5.17 and 5.24).
+    override_attr(model, hf, "_loss_function", _causal_lm_loss(cross_entropy), by="cross_entropy")
+    return ["cross_entropy: loss_function -> optkit cross_entropy on materialized logits"]
+
+
+def _fused_loss_forward(self, *args, labels=None, return_logits=None, **kwargs):
+    """The CausalLM forward with the training loss fused into the LM head (instance method).
+
+    With labels (and ``return_logits`` not True; None means "only in eval mode"), the loss comes from
+    ``fused_linear_cross_entropy`` on the final hidden states and logits is None; otherwise it is
+    HF's own forward, unchanged.
+    """
+    if len(args) == 1:  # model(input_ids, labels=...)
+        kwargs["input_ids"], args = args[0], ()
+    wants_logits = (not self.training) if return_logits is None else return_logits
+    if labels is None or wants_logits or args or kwargs.get("logits_to_keep", 0) not in (0, None):
+        before = self.__dict__.get("_optkit_forward_before_fused_loss")
+        if before is not None:
+            return before(*args, labels=labels, **kwargs)
+        return type(self).forward(self, *args, labels=labels, **kwargs)
+    from optkit.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    output_router_logits = kwargs.pop("output_router_logits", None)
+    if _is_moe(self) and output_router_logits is None:
+        output_router_logits = getattr(self.config, "output_router_logits", False)
+    return_dict = kwargs.pop("return_dict", None)
+    body_kwargs = {k: v for k, v in kwargs.items() if k != "logits_to_keep"}
+    if output_router_logits:
+        body_kwargs["output_router_logits"] = True
+    outputs = getattr(self, self.base_model_prefix)(**body_kwargs)  # HF passes its kwargs to the body too
+
+    hidden = outputs.last_hidden_state
+    ignore_index = kwargs.get("ignore_index", -100)
+    targets = shifted_targets(labels, ignore_index, kwargs.get("shift_labels")).to(hidden.device)
+    num_items = kwargs.get("num_items_in_batch")
+    loss = fused_linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets, bias=self.lm_head.bias,
+        ignore_index=ignore_index, reduction="sum" if num_items is not None else "mean",
+        softcap=getattr(self.config, "final_logit_softcapping", None),
+    )
+    loss = _normalize(loss.float(), num_items)
+    return _causal_lm_output(self, outputs, loss, output_router_logits, kwargs.get("attention_mask"), return_dict)
+
+
+def _causal_lm_output(hf, outputs, loss, output_router_logits, attention_mask, return_dict):
+    from transformers import modeling_outputs
+
+    moe = _is_moe(hf)
+    fields = {"loss": loss, "logits": None}
+    if moe and output_router_logits:  # HF's MoE auxiliary load-balancing loss, as its own forward adds it
+        balancing_loss = sys.modules[type(hf).__module__].load_balancing_loss_func
+        aux = balancing_loss(outputs.router_logits, hf.num_experts, hf.num_experts_per_tok, attention_mask)
+        fields["aux_loss"] = aux
+        fields["loss"] = loss + hf.router_aux_loss_coef * aux.to(loss.device)
+    output_cls = modeling_outputs.MoeCausalLMOutputWithPast if moe else modeling_outputs.CausalLMOutputWithPast
+    for name in output_cls.__dataclass_fields__:  # cache / past_key_values, hidden_states, ... (version-safe)
+        if name not in fields and name in outputs.__dataclass_fields__:
+            fields[name] = getattr(outputs, name)
+    result = output_cls(**fields)
+    return result.to_tuple() if return_dict is False else result
+
+
+def apply_fused_linear_cross_entropy(model: nn.Module, opt_cfg: OptConfig) -> List[str]:
+    importlib.import_module("optkit.kernels.fused_linear_cross_entropy")  # fail now, not at the first step
+    hf = hf_model_of(model)
+    lm_head = getattr(hf, "lm_head", None)
+    if type(lm_head) is not nn.Linear:  # peft-wrapped or quantized heads have no plain weight to fuse
+        kind = type(lm_head).__name__ if lm_head is not None else "no lm_head"
+        return [f"fused_linear_cross_entropy: skipped (lm_head is {kind}, not a plain nn.Linear)"]
+    previous = hf.__dict__.get("forward")
+    if previous is not None:  # someone (accelerate hooks, another tool) replaced it on the instance first
+        override_attr(model, hf, "_optkit_forward_before_fused_loss", previous, by="fused_linear_cross_entropy")
+    override_attr(model, hf, "forward", types.MethodType(_fused_loss_forward, hf), by="fused_linear_cross_entropy")
+    softcap = getattr(hf.config, "final_logit_softcapping", None)
+    return [f"fused_linear_cross_entropy: {type(hf).__name__}.forward fuses lm_head + loss when labels are given"
+            + (f" (final_logit_softcapping={softcap})" if softcap else "")]

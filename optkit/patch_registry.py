@@ -1,0 +1,148 @@
+"""The optimizations optkit can patch in: one registry entry per optimization (its config switch, its
+``optkit list`` line, what it needs, the families it applies to, where its apply function lives), and
+what an opt config enables and what this machine lacks for it.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from optkit.config import OptConfig
+
+
+@dataclass(frozen=True)
+class Optimization:
+    name: str  # "rms_norm"
+    config_key: str  # dotted path inside OptConfig: "kernels.rms_norm", "fused_lora", "compile", ...
+    description: str  # one line, shown by `optkit list`
+    requires: tuple  # subset of ("cuda", "triton", "bitsandbytes", "liger", "moe", "packing", "lora")
+    families: Optional[tuple]  # families it applies to (None = all)
+    apply: str  # "module:function", imported lazily: fn(model, opt_cfg) -> list[str]
+    # "module:function" that undoes ``apply`` (fn(model)), for applies that change the model other than
+    # through replace_module / override_attr (which unpatch reverts by itself); None: nothing to call
+    unapply: Optional[str] = None
+
+
+SILU_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
+_KERNEL = ("triton",)
+_ALL = (
+    Optimization("rms_norm", "kernels.rms_norm", "RMSNorm modules (Qwen3 q/k norms too) -> optkit's Triton RMSNorm",
+                 _KERNEL, None, "optkit.patch_modules:apply_rms_norm"),
+    Optimization("rope", "kernels.rope", "rotary embedding in every attention module -> optkit's Triton RoPE",
+                 _KERNEL, None, "optkit.patch_modules:apply_rope"),
+    Optimization("swiglu", "kernels.swiglu", "SiLU-gated MLPs -> optkit's fused SwiGLU",
+                 _KERNEL, SILU_FAMILIES, "optkit.patch_modules:apply_swiglu"),
+    Optimization("geglu", "kernels.geglu", "GELU-gated MLPs (Gemma) -> optkit's fused GeGLU",
+                 _KERNEL, ("gemma2",), "optkit.patch_modules:apply_geglu"),
+    Optimization("cross_entropy", "kernels.cross_entropy", "loss on materialized logits -> optkit's Triton cross-entropy",
+                 _KERNEL, None, "optkit.patch_loss:apply_cross_entropy"),
+    Optimization("fused_linear_cross_entropy", "kernels.fused_linear_cross_entropy",
+                 "training loss from hidden states and lm_head, logits never materialized",
+                 _KERNEL, None, "optkit.patch_loss:apply_fused_linear_cross_entropy"),
+    Optimization("fused_lora", "fused_lora", "LoRA MLP / QKV / O projections as fused autograd functions",
+                 ("lora",), None, "optkit.train.fused_lora:apply_fused_lora"),
+    Optimization("packed_metadata_cache", "packed_metadata_cache",
+                 "packed-sequence boundary metadata built once per batch, not per layer",
+                 ("packing",), None, "optkit.train.packing:apply_packed_metadata_cache",
+                 "optkit.train.packing:remove_packed_attention"),
+    Optimization("moe_sorted_routing", "moe_sorted_routing", "MoE routing by one sort + grouped GEMM, not per expert",
+                 ("moe",), None, "optkit.train.moe:apply_moe_sorted_routing", "optkit.train.moe:remove_moe_sorted_routing"),
+    Optimization("liger", "liger", "peer: Liger-Kernel's own patching (RoPE, RMSNorm, SwiGLU/GeGLU, fused linear CE)",
+                 ("liger",), None, "optkit.patch_peers:apply_liger"),
+    Optimization("compile", "compile", "peer: torch.compile of the whole model (opt.compile_mode)",
+                 (), None, "optkit.patch_peers:apply_compile"),
+)
+REGISTRY: Dict[str, Optimization] = {o.name: o for o in _ALL}  # insertion order = application order
+
+# Class-name prefix of each family's HF modules: <prefix>RMSNorm, <prefix>MLP, <prefix>Attention.
+FAMILY_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+                       "qwen3_moe": "Qwen3Moe", "gemma2": "Gemma2"}
+# Conditions on the model, not the machine: an optimization whose condition fails is skipped with a
+# log line. ("packing" cannot be seen on the model: that apply function decides for itself.)
+_MODEL_CONDITIONS = ("moe", "lora", "packing")
+
+
+class MissingRequirement(RuntimeError):
+    """An enabled optimization needs something this machine lacks; the runner records a skipped row."""
+
+
+
+# ---- config ------------------------------------------------------------------------------------
+
+def load_opt_config(opt_cfg: Any) -> OptConfig:
+    """An OptConfig from a preset name (conf/opt/<name>.yaml), an OptConfig, a DictConfig or a dict."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(opt_cfg, OptConfig):
+        return opt_cfg
+    if isinstance(opt_cfg, str):
+        from optkit.compose import CONF_DIR, group_choices
+
+        path = CONF_DIR / "opt" / f"{opt_cfg}.yaml"
+        if not path.is_file():
+            raise ValueError(f"opt preset {opt_cfg!r} unknown; choose one of: {', '.join(group_choices('opt'))}")
+        opt_cfg = OmegaConf.load(path)
+    if not isinstance(opt_cfg, (dict, DictConfig)):
+        raise TypeError(f"opt_cfg must be a preset name, OptConfig, DictConfig or dict, not {type(opt_cfg).__name__}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptConfig), opt_cfg))
+    except OmegaConfBaseException as exc:
+        raise ValueError(f"bad opt config: {exc}") from exc
+
+
+def _config_value(cfg: OptConfig, dotted: str) -> Any:
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def enabled_names(opt_cfg: Any) -> List[str]:
+    """Registry names switched on in ``opt_cfg``, in application order."""
+    cfg = load_opt_config(opt_cfg)
+    return [name for name, opt in REGISTRY.items() if _config_value(cfg, opt.config_key)]
+
+
+def _machine_problem(requirement: str, device: Optional[torch.device]) -> Optional[str]:
+    if requirement == "cuda" and not torch.cuda.is_available():
+        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    if requirement == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        if device is not None and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return f"optkit's Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU); device is {device}"
+    if requirement == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install bitsandbytes)"
+    if requirement == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    return None
+
+
+def missing_requirements(opt_cfg: Any, model: Optional[nn.Module] = None, device=None) -> List[str]:
+    """What this machine lacks for the enabled optimizations, one message per problem ([] when nothing)."""
+    if device is None and model is not None:
+        device = next(iter(model.parameters()), torch.empty(0)).device
+    device = torch.device(device) if device is not None else None
+    names_by_problem: Dict[str, List[str]] = {}  # one message per problem, naming every optimization it stops
+    for name in enabled_names(opt_cfg):
+        for requirement in REGISTRY[name].requires:
+            problem = None if requirement in _MODEL_CONDITIONS else _machine_problem(requirement, device)
+            if problem:
+                names_by_problem.setdefault(problem, []).append(name)
+    return [f"{', '.join(names)}: {problem}" for problem, names in names_by_problem.items()]
+
+
+
+def _resolve(spec: str) -> Callable:
+    module_name, _, fn_name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"{spec} could not be imported ({exc}); is optkit fully installed?") from exc
