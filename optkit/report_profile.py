@@ -8,7 +8,7 @@ Per model, ``profile_section`` writes:
   opt-set of one setting on one axis. The step is the profiled one; without a profile, the last timed
   step of a window, cut from the NVML series by the window's end mark and its step time.
 
-Pure functions of result rows, like optkit.report (which calls this module).
+Pure functions of result rows, like the other report_* modules (report_sections calls this one).
 """
 from __future__ import annotations
 
@@ -69,13 +69,13 @@ def share_entries(points: Sequence[Any], labels: Dict[str, str], out_dir: Path) 
     return entries
 
 
-def _share_columns(report, entries):
+def _share_columns(report_tables, entries):
     cpu = any(e.get("profile_time_source") == TIME_SOURCE_CPU for e in entries)
     total_header = "host op ms" if cpu else "device ms"
-    columns = [report.text_col("label", "point")]
-    columns += [report.Column(f"share:{c}", f"{c} %", report._num(f"share:{c}", lambda v: f"{v:.1f}"))
+    columns = [report_tables.text_col("label", "point")]
+    columns += [report_tables.Column(f"share:{c}", f"{c} %", report_tables._num(f"share:{c}", lambda v: f"{v:.1f}"))
                 for c in CATEGORIES]
-    columns.append(report.Column("profile_step_ms", total_header, report._num("profile_step_ms", report.sig)))
+    columns.append(report_tables.Column("profile_step_ms", total_header, report_tables._num("profile_step_ms", report_tables.sig)))
     return columns
 
 
@@ -106,30 +106,30 @@ def profile_section(model: str, points: Sequence[Any], labels: Dict[str, str], b
                     figure) -> List[str]:
     """Markdown (and files) of the kernel-share table and the VRAM-over-one-step figure; [] if no data."""
     from optkit import plots
-    from optkit import report
+    from optkit import report_load, report_tables
 
     out_dir = figure.out_dir
     md: List[str] = []
     entries = share_entries(points, labels, out_dir)
     if entries:
-        columns = _share_columns(report, entries)
-        report.write_csv(out_dir / f"{model}_kernel_share.csv", [{k: v for k, v in e.items() if k != "top"}
+        columns = _share_columns(report_tables, entries)
+        report_tables.write_csv(out_dir / f"{model}_kernel_share.csv", [{k: v for k, v in e.items() if k != "top"}
                                                                   for e in entries])
-        (out_dir / f"{model}_kernel_share.tex").write_text(report.render_latex(columns, entries, "setting"))
-        link = report.Column("trace_link", "trace", lambda e: f"[trace]({e['trace_link']})" if e.get("trace_link")
-                             else report.DASH, numeric=False)
+        (out_dir / f"{model}_kernel_share.tex").write_text(report_tables.render_latex(columns, entries, "setting"))
+        link = report_tables.Column("trace_link", "trace", lambda e: f"[trace]({e['trace_link']})" if e.get("trace_link")
+                             else report_tables.DASH, numeric=False)
         source = ("host op self time (no CUDA: Python outside ops not counted)"
                   if any(e.get("profile_time_source") == TIME_SOURCE_CPU for e in entries)
                   else "device time of the step's kernels, memcpys and memsets (summed over streams)")
         md += [f"### {model}: where one step's time goes (profiled)", "",
                f"Share of one extra, untimed step profiled after the timed windows; 100% = its {source}. "
                "optkit = optkit's Triton kernels; optimizer = everything launched in the optimizer's step.", "",
-               report.render_markdown(columns + [link], entries, "setting"), "",
+               report_tables.render_markdown(columns + [link], entries, "setting"), "",
                f"Tables: [{model}_kernel_share.csv]({model}_kernel_share.csv), "
                f"[{model}_kernel_share.tex]({model}_kernel_share.tex)", ""]
         for entry in entries:
             md += _top_kernels_block(entry)
-    series, setting = _vram_series_by_label(points, labels, baseline_opt, report.setting_of)
+    series, setting = _vram_series_by_label(points, labels, baseline_opt, report_load.setting_of)
     if series:
         md += figure(plots.vram_step, series, f"{model}: VRAM over one step ({setting})", name=f"{model}_vram_step",
                      caption="VRAM over one step")
