@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from optkit.compose import compose  # noqa: E402
+from optkit.measure.device_trace import merge_intervals  # noqa: E402
 from optkit.models import build_model  # noqa: E402
 from optkit.train.adapters import apply_training_method  # noqa: E402
 from optkit.train.checkpointing import disable_checkpointing, enable_checkpointing  # noqa: E402
@@ -162,16 +163,6 @@ def section_fused(args) -> Dict:
 
 
 # ----------------------------------------------------------------------------- checkpointing
-def _merge(intervals: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
-    merged: List[List[float]] = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return [(s, e) for s, e in merged]
-
-
 def _overlap(intervals: List[Tuple[float, float]], union: List[Tuple[float, float]]) -> float:
     total = 0.0
     for start, end in sorted(intervals):
@@ -198,10 +189,10 @@ def copy_overlap_from_trace(path: str) -> Dict[str, float]:
             kernels.append(span)
         elif cat == "gpu_memcpy" and "Pinned" in name:
             copies["HtoD" if "HtoD" in name else "DtoH"].append(span)
-    compute = _merge(kernels)
+    compute = merge_intervals(kernels)
     result = {}
     for direction, spans in copies.items():
-        busy = sum(e - s for s, e in _merge(spans))
+        busy = sum(e - s for s, e in merge_intervals(spans))
         result[f"{direction}_busy_ms"] = busy / 1e3
         result[f"{direction}_overlap_ms"] = _overlap(spans, compute) / 1e3
         result[f"{direction}_overlap_fraction"] = (result[f"{direction}_overlap_ms"] / result[f"{direction}_busy_ms"]

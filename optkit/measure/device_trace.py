@@ -62,6 +62,17 @@ def is_device_work(event: TraceEvent) -> bool:
     return event.kind not in NOT_WORK_KINDS
 
 
+def merge_intervals(intervals: Iterable[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    """Sorted, disjoint union of (start, end) intervals (touching ones are joined)."""
+    merged: List[List[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(s, e) for s, e in merged]
+
+
 def busy_ms(intervals: Iterable[Tuple[float, float]]) -> float:
     """Length of the union of (start_us, end_us) intervals, in ms: on one stream, the summed durations."""
     total, reach = 0.0, -math.inf

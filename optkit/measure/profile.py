@@ -33,6 +33,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from optkit.measure.device_trace import merge_intervals
+
 PROFILED_STEP_REGION = "optkit/profiled_step"
 CATEGORIES = ("attention", "matmul", "optkit", "other triton", "optimizer", "copy/memset", "elementwise/other")
 TIME_SOURCE_CUDA = "cuda_kernels"
@@ -128,12 +130,7 @@ class _Intervals:
     """Sorted, possibly nested host intervals; ``contains(t)``: t lies in at least one."""
 
     def __init__(self, intervals: Iterable[Tuple[float, float]]):
-        merged: List[List[float]] = []
-        for start, end in sorted(intervals):
-            if merged and start <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], end)
-            else:
-                merged.append([start, end])
+        merged = merge_intervals(intervals)
         self._starts = [m[0] for m in merged]
         self._ends = [m[1] for m in merged]
 
