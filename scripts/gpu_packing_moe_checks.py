@@ -43,6 +43,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from optkit.compose import compose  # noqa: E402
+from scripts._tables import table  # noqa: E402
 from optkit.data.packing import packed_batch  # noqa: E402
 from optkit.measure.stats import summarize  # noqa: E402
 from optkit.measure.syncs import count_device_syncs  # noqa: E402
@@ -107,14 +108,6 @@ def gain_pct(baseline: dict, candidate: dict, phase: str) -> float:
 
 def gains(baseline: dict, candidate: dict) -> Dict[str, float]:
     return {phase: gain_pct(baseline, candidate, phase) for phase in ("fwd", "bwd", "step")}
-
-
-def table(title: str, header: List[str], rows: List[list]) -> None:
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
 
 
 def timing_rows(results: Dict[str, dict], baseline: str) -> List[list]:

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from optkit.compose import compose  # noqa: E402
+from scripts._tables import table  # noqa: E402
 from optkit.measure.device_trace import merge_intervals  # noqa: E402
 from optkit.models import build_model  # noqa: E402
 from optkit.train.adapters import apply_training_method  # noqa: E402
@@ -43,14 +44,6 @@ FUSED_ON = OmegaConf.create({"fused_lora": True})
 
 
 # ----------------------------------------------------------------------------- helpers
-def table(title: str, header: List[str], rows: List[List]) -> None:
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
-
-
 def median_iqr(values: List[float]) -> Tuple[float, float]:
     q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
     return statistics.median(values), q[2] - q[0]
