@@ -199,7 +199,6 @@ def run_isolated(point: List[str], run_id: str, repeats: Sequence[int], timeout_
                  run_dir: Optional[Path] = None) -> List[Dict[str, Any]]:
     """Run one point in a fresh Python process, one measurement window per index in ``repeats``;
     always returns one row per index (failure rows when the process died)."""
-    repeats = [int(r) for r in repeats]
     with tempfile.TemporaryDirectory(prefix="optkit-point-") as tmp:
         out = Path(tmp) / "rows.json"
         cmd = [sys.executable, "-m", "optkit.point", "--out", str(out), "--run-id", run_id,
