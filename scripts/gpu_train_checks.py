@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from optkit.compose import compose  # noqa: E402
 from scripts._tables import table  # noqa: E402
-from optkit.measure.device_trace import merge_intervals  # noqa: E402
+from optkit.measure.profile import merge_intervals  # noqa: E402
 from optkit.models import build_model  # noqa: E402
 from optkit.train.adapters import apply_training_method  # noqa: E402
 from optkit.train.checkpointing import disable_checkpointing, enable_checkpointing  # noqa: E402

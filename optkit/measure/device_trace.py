@@ -62,17 +62,6 @@ def is_device_work(event: TraceEvent) -> bool:
     return event.kind not in NOT_WORK_KINDS
 
 
-def merge_intervals(intervals: Iterable[Tuple[float, float]]) -> List[Tuple[float, float]]:
-    """Sorted, disjoint union of (start, end) intervals (touching ones are joined)."""
-    merged: List[List[float]] = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return [(s, e) for s, e in merged]
-
-
 def busy_ms(intervals: Iterable[Tuple[float, float]]) -> float:
     """Length of the union of (start_us, end_us) intervals, in ms: on one stream, the summed durations."""
     total, reach = 0.0, -math.inf
@@ -198,9 +187,15 @@ def trace_phases(trace, impl: str, call: Callable, master: Dict[str, torch.Tenso
         del inputs, outs, grads
 
 
+def pad_launches(device: torch.device, launches: int = PAD_LAUNCHES) -> None:
+    """``launches`` throw-away kernels, finished: the head records a new profiler session returns with
+    timestamps from another clock (pytorch/pytorch#192021) land on them, not on measured work."""
+    scratch = torch.zeros(1, device=device)
+    for _ in range(launches):
+        scratch.add_(1.0)
+    synchronize(device)
+
+
 def pad_session_head(trace, device: torch.device, launches: int) -> None:
     with trace.region(PAD_REGION):
-        scratch = torch.zeros(1, device=device)
-        for _ in range(launches):
-            scratch.add_(1.0)
-        synchronize(device)
+        pad_launches(device, launches)

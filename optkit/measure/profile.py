@@ -33,8 +33,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from optkit.measure.device_trace import merge_intervals
-
 PROFILED_STEP_REGION = "optkit/profiled_step"
 CATEGORIES = ("attention", "matmul", "optkit", "other triton", "optimizer", "copy/memset", "elementwise/other")
 TIME_SOURCE_CUDA = "cuda_kernels"
@@ -45,9 +43,6 @@ DEVICE_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_KINDS = ("cpu_op", "user_annotation")
 LAUNCH_KINDS = ("cuda_runtime", "cuda_driver")
 OPTIMIZER_RANGE_PREFIX = "Optimizer.step#"
-# Throw-away launches before the region: a new profiler session returns a few kernel records at its
-# head with timestamps from another clock (pytorch/pytorch#192021); these absorb them.
-PAD_LAUNCHES = 32
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
 
 # Name patterns, checked in CATEGORIES' precedence order (see categorize). Lower-cased names.
@@ -124,6 +119,17 @@ class ProfileError(ValueError):
 def _interval(event: Dict[str, Any]) -> Tuple[float, float]:
     start = float(event.get("ts", 0.0))
     return start, start + float(event.get("dur", 0.0))
+
+
+def merge_intervals(intervals: Iterable[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    """Sorted, disjoint union of (start, end) intervals (touching ones are joined)."""
+    merged: List[List[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(s, e) for s, e in merged]
 
 
 class _Intervals:
@@ -230,8 +236,9 @@ def profile_step(step: Callable[[], Any], device, trace_path: Path) -> Dict[str,
     write its Chrome/Perfetto trace gzip-compressed to ``trace_path`` and return the summary fields.
 
     ``step`` must finish its device work before returning (synchronize) so the region holds it."""
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
+
+    from optkit.measure.device_trace import pad_launches
 
     on_cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
@@ -239,10 +246,7 @@ def profile_step(step: Callable[[], Any], device, trace_path: Path) -> Dict[str,
         raw = Path(tmp) / "trace.json"
         with profile(activities=activities) as prof:
             if on_cuda:
-                pad = torch.zeros(1, device=device)
-                for _ in range(PAD_LAUNCHES):
-                    pad.add_(1)
-                torch.cuda.synchronize(device)
+                pad_launches(device)
             with record_function(PROFILED_STEP_REGION):
                 step()
         prof.export_chrome_trace(str(raw))
