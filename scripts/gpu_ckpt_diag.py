@@ -14,6 +14,7 @@ from equals the input that layer saw in forward (a stale or overwritten reload s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -22,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from optkit.train import checkpointing as ck  # noqa: E402
+from tests.train._reload_check import reload_mismatches  # noqa: E402
 from tests.train._tiny import loss_and_grads, max_relative_error, tiny_model  # noqa: E402
 
 
@@ -37,52 +39,43 @@ def main() -> None:
     noise = max_relative_error(loss_and_grads(net, ids)[1], ref)
     print(f"no checkpointing run-to-run: {noise:.3g}")
 
-    real_copy, real_offload, real_reload = ck.LayerInputOffloader._copy, ck.LayerInputOffloader.offload, \
-        ck.LayerInputOffloader.reload
-    kept, mismatches = {}, []
+    for mode in ("standard", "offload", "offload_double_buffer"):
+        for variant in ("plain", "synced", "check"):
+            if mode == "standard" and variant != "plain":
+                continue
+            errs, mismatches = [], []
+            with contextlib.ExitStack() as stack:
+                if variant == "synced":
+                    stack.enter_context(synced_copies())
+                if variant == "check":
+                    mismatches = stack.enter_context(reload_mismatches())
+                info = ck.enable_checkpointing(net, mode)
+                stack.callback(ck.disable_checkpointing, net)
+                for _ in range(3):
+                    grads = loss_and_grads(net, ids)[1]
+                    errs.append(max_relative_error(grads, ref))
+            worst = sorted(((max_relative_error({k: grads[k]}, {k: ref[k]}), k) for k in ref), reverse=True)[:3]
+            extra = f" reload mismatches (layer, max abs diff): {mismatches[:8]}" if variant == "check" else ""
+            print(f"{mode:22s} {variant:6s} rel err per step: {['%.3g' % e for e in errs]}{extra} "
+                  f"hits={info.get('offload_prefetch_hits')} blocking={info.get('offload_blocking_reloads')}"
+                  f" worst (last step): {[(f'{e:.2g}', k.replace('base_model.model.model.', '')) for e, k in worst]}")
+
+
+@contextlib.contextmanager
+def synced_copies():
+    """Every offloader copy followed by a device synchronize: no stream can race another."""
+    real_copy = ck.LayerInputOffloader._copy
 
     def synced_copy(self, dst, src, after, device):
         done = real_copy(self, dst, src, after, device)
         torch.cuda.synchronize()
         return done
 
-    def keeping_offload(self, index, hidden):
-        kept[index] = hidden.detach().clone()
-        return real_offload(self, index, hidden)
-
-    def checking_reload(self, index, like):
-        out = real_reload(self, index, like)
-        torch.cuda.current_stream().synchronize()
-        diff = (out.float() - kept[index].float()).abs().max().item()
-        if diff != 0:
-            mismatches.append((index, diff))
-        return out
-
-    for mode in ("standard", "offload", "offload_double_buffer"):
-        for variant in ("plain", "synced", "check"):
-            if mode == "standard" and variant != "plain":
-                continue
-            if variant == "synced":
-                ck.LayerInputOffloader._copy = synced_copy
-            if variant == "check":
-                ck.LayerInputOffloader.offload, ck.LayerInputOffloader.reload = keeping_offload, checking_reload
-            mismatches.clear()
-            errs = []
-            try:
-                info = ck.enable_checkpointing(net, mode)
-                for _ in range(3):
-                    grads = loss_and_grads(net, ids)[1]
-                    errs.append(max_relative_error(grads, ref))
-                worst = sorted(((max_relative_error({k: grads[k]}, {k: ref[k]}), k) for k in ref), reverse=True)[:3]
-            finally:
-                ck.disable_checkpointing(net)
-                ck.LayerInputOffloader._copy = real_copy
-                ck.LayerInputOffloader.offload, ck.LayerInputOffloader.reload = real_offload, real_reload
-            extra = f" reload mismatches (layer, max abs diff): {mismatches[:8]}" if variant == "check" else ""
-            print(f"{mode:22s} {variant:6s} rel err per step: {['%.3g' % e for e in errs]}{extra} "
-                  f"hits={info.get('offload_prefetch_hits')} blocking={info.get('offload_blocking_reloads')}"
-                  f" worst (last step): {[(f'{e:.2g}', k.replace('base_model.model.model.', '')) for e, k in worst]}")
-
+    ck.LayerInputOffloader._copy = synced_copy
+    try:
+        yield
+    finally:
+        ck.LayerInputOffloader._copy = real_copy
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from optkit.train.checkpointing import OffloadedLayerForward, disable_checkpointing, enable_checkpointing
 from optkit.train.fused_lora import apply_fused_lora
+from tests.train._reload_check import reload_mismatches
 from tests.train._tiny import BATCH, SEQ_LEN, loss_and_grads, max_relative_error, one_thread, tiny_model, token_batch  # noqa: F401
 
 MODES = ("standard", "offload", "offload_double_buffer")
@@ -133,32 +134,15 @@ def test_gradients_equal_no_checkpointing_llama3_8b_gpu(method):
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 @pytest.mark.parametrize("mode", ["offload", "offload_double_buffer"])
-def test_offload_reloads_exactly_the_forward_inputs_gpu(mode, method, monkeypatch):
+def test_offload_reloads_exactly_the_forward_inputs_gpu(mode, method):
     """Bitwise: the tensor each layer recomputes from equals the input it saw in forward, on the first
     steps after enabling (where fresh reload buffers once raced with queued compute) and later ones."""
-    from optkit.train import checkpointing
-
-    kept, mismatches = {}, []
-    real_offload, real_reload = checkpointing.LayerInputOffloader.offload, checkpointing.LayerInputOffloader.reload
-
-    def keeping_offload(self, index, hidden):
-        kept[index] = hidden.detach().clone()
-        return real_offload(self, index, hidden)
-
-    def checking_reload(self, index, like):
-        out = real_reload(self, index, like)
-        torch.cuda.current_stream().synchronize()  # what the recomputation will read, once the copy is done
-        if not torch.equal(out, kept[index]):
-            mismatches.append((index, (out.float() - kept[index].float()).abs().max().item()))
-        return out
-
-    monkeypatch.setattr(checkpointing.LayerInputOffloader, "offload", keeping_offload)
-    monkeypatch.setattr(checkpointing.LayerInputOffloader, "reload", checking_reload)
     net, ids = _llama3_8b_4_layers_gpu(method)
     enable_checkpointing(net, mode)
     try:
-        for _ in range(3):
-            loss_and_grads(net, ids)
+        with reload_mismatches() as mismatches:
+            for _ in range(3):
+                loss_and_grads(net, ids)
     finally:
         disable_checkpointing(net)
     assert not mismatches, f"{mode}: reloaded layer inputs differ from the forward inputs (layer, max abs diff): {mismatches}"
