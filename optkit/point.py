@@ -131,19 +131,16 @@ def _inject_fault(cfg) -> None:
         time.sleep(3600)
 
 
-def _train_and_measure(cfg, device: torch.device, n_windows: int, windows: List[Dict[str, Any]], sampler,
-                       trace: Optional[Tuple[Path, str]]) -> None:
-    """Build, warm up once, then measure ``n_windows`` windows; each window's fields are appended to
-    ``windows`` as soon as it is done (a later failure keeps them)."""
+def build_training(cfg, device: torch.device):
+    """Model -> training method -> optkit.patch -> checkpointing -> optimizer -> batches, exactly as a
+    measured point builds them (diagnosis scripts reuse it). Returns (model, optimizer, batches, ckpt_info)."""
     from optkit import patch as patcher
     from optkit.data import make_batches
-    from optkit.measure.memory import allocator_peaks, peak_rss_bytes, reset_allocator_peaks
-    from optkit.models import build_model, count_parameters
+    from optkit.models import build_model
     from optkit.train.adapters import apply_training_method
     from optkit.train.checkpointing import enable_checkpointing
     from optkit.train.optim import build_optimizer
 
-    _inject_fault(cfg)
     missing = patcher.missing_requirements(cfg.opt, device=device)
     if missing:
         raise SkipPoint("; ".join(missing))
@@ -161,6 +158,19 @@ def _train_and_measure(cfg, device: torch.device, n_windows: int, windows: List[
     batches = [b.to(device) for b in make_batches(cfg.data, cfg.train.batch_size, vocab_size,
                                                      N_DISTINCT_BATCHES, cfg.train.seed)]
     model.train()
+    return model, optimizer, batches, ckpt_info
+
+
+def _train_and_measure(cfg, device: torch.device, n_windows: int, windows: List[Dict[str, Any]], sampler,
+                       trace: Optional[Tuple[Path, str]]) -> None:
+    """Build, warm up once, then measure ``n_windows`` windows; each window's fields are appended to
+    ``windows`` as soon as it is done (a later failure keeps them)."""
+    from optkit import patch as patcher
+    from optkit.measure.memory import allocator_peaks, peak_rss_bytes, reset_allocator_peaks
+    from optkit.models import count_parameters
+
+    _inject_fault(cfg)
+    model, optimizer, batches, ckpt_info = build_training(cfg, device)
     _release_setup_cache(device)
 
     losses: List[torch.Tensor] = []

@@ -201,12 +201,21 @@ def _torch_gated(fn: Callable[[Tensor, Tensor], Tensor], label: str) -> GatedAct
 
 def _kernel_or_torch(op: str, extra: tuple, torch_fn: Callable[[Tensor, Tensor], Tensor], math: str):
     try:
-        importlib.import_module(f"optkit.kernels.{op}")  # registers torch.ops.optkit.<op>_fwd / <op>_bwd
+        kernel = importlib.import_module(f"optkit.kernels.{op}")  # registers torch.ops.optkit.<op>_fwd / _bwd
     except ImportError:
         return _torch_gated(torch_fn, f"torch {math} (optkit.kernels.{op} missing)")
-    fwd, bwd = getattr(torch.ops.optkit, f"{op}_fwd"), getattr(torch.ops.optkit, f"{op}_bwd")
-    return GatedActivation(lambda g, u: fwd(g, u, *extra), lambda dh, g, u: bwd(dh, g, u, *extra),
-                           f"optkit {op} kernel: {math}")
+    # Eager calls go straight to the launchers: a custom op's dispatch costs host time on every call
+    # (see the micro table of scripts/gpu_host_overhead.py); compiled graphs need the opaque op.
+    op_fwd, op_bwd = getattr(torch.ops.optkit, f"{op}_fwd"), getattr(torch.ops.optkit, f"{op}_bwd")
+    raw_fwd, raw_bwd = getattr(kernel, f"_{op}_fwd"), getattr(kernel, f"_{op}_bwd")
+
+    def fwd(g: Tensor, u: Tensor) -> Tensor:
+        return (op_fwd if torch.compiler.is_compiling() else raw_fwd)(g, u, *extra)
+
+    def bwd(dh: Tensor, g: Tensor, u: Tensor) -> Tuple[Tensor, Tensor]:
+        return (op_bwd if torch.compiler.is_compiling() else raw_bwd)(dh, g, u, *extra)
+
+    return GatedActivation(fwd, bwd, f"optkit {op} kernel: {math}")
 
 
 def gated_activation(name: Optional[str]) -> Union[GatedActivation, str]:
