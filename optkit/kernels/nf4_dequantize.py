@@ -153,29 +153,68 @@ def _(packed, absmax, nested_absmax, nested_code, offset, code, blocksize, neste
     return packed.new_empty(shape, dtype=_CODE_DTYPES[dtype_code])
 
 
-def nf4_dequantize(weight_packed: torch.Tensor, quant_state, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+class NF4Dequantizer:
+    """One NF4 weight's dequantization, prepared once and run many times (fused LoRA: 3 times a step).
+
+    Everything ``nf4_dequantize`` derives per call (the packed bytes as a plain uint8 tensor, the nested
+    state's pieces, the float offset, the launch arguments) is derived here once, so a call is the launch
+    and nothing else: that host time is paid per projection per pass, hundreds of times a step.
+    ``is_for(weight, quant_state)`` says whether the preparation still describes that weight (moving the
+    model re-creates the tensors); callers rebuild the dequantizer when it does not.
+    """
+
+    def __init__(self, weight_packed: torch.Tensor, quant_state):
+        _check_nf4(quant_state)
+        self.quant_state, self.absmax = quant_state, quant_state.absmax
+        compiling = torch.compiler.is_compiling()  # Dynamo traces neither .data nor data_ptr(); nothing is reused there
+        data = weight_packed.data if isinstance(weight_packed, torch.nn.Parameter) and not compiling else weight_packed
+        self.data_ptr = None if compiling else data.data_ptr()
+        self.packed = _as_bytes(data)  # a plain tensor: no Params4bit __torch_function__ on every call
+        nested = quant_state.state2 if quant_state.nested else None
+        self.args = (
+            self.packed, quant_state.absmax,
+            nested.absmax if nested is not None else None,
+            nested.code if nested is not None else None,
+            quant_state.offset.reshape(1).float() if nested is not None else None,
+            quant_state.code, int(quant_state.blocksize), int(nested.blocksize) if nested is not None else 1,
+        )
+        self.shape = tuple(quant_state.shape)
+        self.n_out = int(torch.Size(self.shape).numel())
+        self.triton = _use_triton(self.packed.device)
+        self.weight_packed = weight_packed
+
+    def is_for(self, weight_packed: torch.Tensor, quant_state) -> bool:
+        return (quant_state is self.quant_state and quant_state.absmax is self.absmax
+                and weight_packed.data_ptr() == self.data_ptr)
+
+    def __call__(self, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weight in ``dtype``; written into ``out`` (contiguous, the weight's shape) when given."""
+        if out is not None and (tuple(out.shape) != self.shape or out.dtype != dtype or not out.is_contiguous()):
+            raise ValueError(f"nf4 dequantize out= must be a contiguous {dtype} tensor of shape {self.shape}, "
+                             f"got {out.dtype} {tuple(out.shape)}")
+        if not self.triton:
+            result = reference_nf4_dequantize(self.weight_packed, self.quant_state).to(dtype)
+            return result if out is None else out.copy_(result)
+        if torch.compiler.is_compiling():  # the op is opaque to Dynamo and has a fake implementation
+            result = _nf4_dequantize_op(*self.args, list(self.shape), _DTYPE_CODES[dtype])
+            return result if out is None else out.copy_(result)
+        if out is None:
+            out = torch.empty(self.shape, dtype=dtype, device=self.packed.device)
+        _launch(*self.args, self.n_out, out)
+        return out
+
+
+def nf4_dequantize(weight_packed: torch.Tensor, quant_state, dtype: Optional[torch.dtype] = None,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dequantize a bitsandbytes NF4 weight (``Params4bit`` data + its ``QuantState``) in one kernel.
 
     Returns a tensor of ``quant_state.shape`` in ``dtype`` (default ``quant_state.dtype``), equal bit for
-    bit to ``bitsandbytes.functional.dequantize_4bit(weight_packed, quant_state)``. On a CPU tensor without
-    the Triton interpreter it runs the PyTorch reference instead.
+    bit to ``bitsandbytes.functional.dequantize_4bit(weight_packed, quant_state)``; with ``out`` (a
+    contiguous tensor of that shape and dtype, e.g. rows of a larger buffer) it is written there. On a CPU
+    tensor without the Triton interpreter it runs the PyTorch reference instead. Repeated calls on one
+    weight: prepare an ``NF4Dequantizer`` once instead.
     """
-    _check_nf4(quant_state)
     dtype = dtype or quant_state.dtype
     if dtype not in _DTYPE_CODES:
         raise TypeError(f"nf4_dequantize writes float32, float16 or bfloat16, not {dtype}")
-    packed = _as_bytes(weight_packed)
-    if not _use_triton(packed.device):
-        return reference_nf4_dequantize(weight_packed, quant_state).to(dtype)
-    nested = quant_state.state2 if quant_state.nested else None
-    # Eager calls skip the custom op's dispatch (tens of us, paid per projection per step); compiled
-    # graphs need the op, which is opaque to Dynamo and has a fake implementation.
-    fn = _nf4_dequantize_op if torch.compiler.is_compiling() else _nf4_dequantize
-    return fn(
-        packed, quant_state.absmax,
-        nested.absmax if nested is not None else None,
-        nested.code if nested is not None else None,
-        quant_state.offset.reshape(1).float() if nested is not None else None,
-        quant_state.code, int(quant_state.blocksize), int(nested.blocksize) if nested is not None else 1,
-        list(quant_state.shape), _DTYPE_CODES[dtype],
-    )
+    return NF4Dequantizer(weight_packed, quant_state)(dtype, out)

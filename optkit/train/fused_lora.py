@@ -27,7 +27,7 @@ is named in the log.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -49,6 +49,7 @@ class LoRAProjection:
     lora_A: Optional[nn.Parameter]  # (r, in)
     lora_B: Optional[nn.Parameter]  # (out, r)
     scale: float
+    _dequantizer: object = field(default=None, repr=False)  # NF4Dequantizer, prepared on first use
 
     @property
     def has_lora(self) -> bool:
@@ -64,9 +65,13 @@ class LoRAProjection:
         if getattr(weight, "bnb_quantized", False):
             quant_state = getattr(weight, "quant_state", None) or self.base.quant_state
             if quant_state.quant_type == "nf4":
-                from optkit.kernels.nf4_dequantize import nf4_dequantize
+                from optkit.kernels.nf4_dequantize import NF4Dequantizer
 
-                return nf4_dequantize(weight, quant_state, dtype)
+                if torch.compiler.is_compiling():
+                    return NF4Dequantizer(weight, quant_state)(dtype)
+                if self._dequantizer is None or not self._dequantizer.is_for(weight, quant_state):
+                    self._dequantizer = NF4Dequantizer(weight, quant_state)
+                return self._dequantizer(dtype)
             from bitsandbytes.functional import dequantize_4bit
 
             return dequantize_4bit(weight, quant_state).to(dtype)
@@ -111,48 +116,119 @@ def _lora_parameters(projections: Sequence[LoRAProjection]) -> List[Tensor]:
     return [t for p in projections if p.has_lora for t in (p.lora_A, p.lora_B)]
 
 
-def _stacked_A(projections: Sequence[LoRAProjection], dtype: torch.dtype) -> Optional[Tensor]:
-    stack = [p.lora_A for p in projections if p.has_lora]
-    return torch.cat(stack).to(dtype) if stack else None  # (sum r, in)
+@dataclass
+class LoRAOperands:
+    """The adapters of projections sharing an input, in the activation dtype: A stacked to (sum r, in)
+    (one GEMM gives every x A^T) and each B (out, r)."""
+
+    A: Optional[Tensor]
+    Bs: List[Tensor]
 
 
-def _project(x: Tensor, projections: Sequence[LoRAProjection]) -> Tuple[List[Tensor], Optional[Tensor]]:
+class LoRAOperandCache:
+    """Casts a group's adapters (fp32 parameters under peft) to the activation dtype once per step.
+
+    A step uses them three times per layer (forward, checkpoint recompute, backward); casting and
+    stacking each time was ~30 small kernels per layer per step, paid in host time (see
+    scripts/gpu_host_overhead.py). The entry is keyed by every adapter's version counter and storage, so an
+    optimizer step or a load invalidates it; backward drops it (the next use follows an update), so it
+    lives only from a layer's forward to its backward: ~2 bytes per adapter parameter (84 MB on Llama-3-8B
+    r16). Updates that bypass the version counter (bitsandbytes' 8-bit optimizers write through raw
+    pointers, as does ``param.data.add_``) are covered by that drop, and by caching only in forwards that
+    record a graph (grad enabled), which a backward follows; a no-grad forward (evaluation) casts afresh.
+    Under torch.compile nothing is cached: the graph does its casts itself.
+    """
+
+    def __init__(self, projections: Sequence[LoRAProjection]):
+        self.projections = tuple(p for p in projections if p.has_lora)
+        self._key: Optional[tuple] = None
+        self._operands: Optional[LoRAOperands] = None
+
+    def _build(self, dtype: torch.dtype) -> LoRAOperands:
+        if not self.projections:
+            return LoRAOperands(None, [])
+        A = torch.cat([p.lora_A for p in self.projections]).to(dtype)
+        return LoRAOperands(A, [p.lora_B.to(dtype) for p in self.projections])
+
+    def get(self, dtype: torch.dtype, cache: bool = True) -> LoRAOperands:
+        """The operands; ``cache=False`` (a forward that records no graph) casts afresh and keeps nothing."""
+        if torch.compiler.is_compiling() or not cache:
+            return self._build(dtype)
+        key = (dtype, *((t._version, t.data_ptr()) for p in self.projections for t in (p.lora_A, p.lora_B)))
+        if key != self._key:
+            self._operands, self._key = self._build(dtype), key
+        return self._operands
+
+    def drop(self) -> None:
+        self._key = self._operands = None
+
+
+_ZERO = {}
+
+
+def _scaled_mm(a: Tensor, b: Tensor, scale: float, out: Optional[Tensor] = None) -> Tensor:
+    """``scale * (a @ b)`` in one GEMM (alpha in the epilogue: one rounding, no extra kernel); under
+    torch.compile a plain product (Dynamo refuses ``out=`` on a column slice; Inductor fuses the scale)."""
+    if torch.compiler.is_compiling():
+        result = (a @ b) * scale
+        return result if out is None else out.copy_(result)
+    key = (a.device, a.dtype)
+    zero = _ZERO.get(key)
+    if zero is None:  # beta=0: addmm never reads it; a cached scalar avoids a fill kernel per call
+        zero = _ZERO[key] = torch.zeros((), device=a.device, dtype=a.dtype)
+    if out is None:
+        return torch.addmm(zero, a, b, beta=0, alpha=scale)
+    return torch.addmm(zero, a, b, beta=0, alpha=scale, out=out)
+
+
+def _project(x: Tensor, projections: Sequence[LoRAProjection],
+             operands: LoRAOperands) -> Tuple[List[Tensor], Optional[Tensor]]:
     """Forward of projections sharing the input ``x`` (N, in): outputs and x A^T (N, sum r) for backward."""
-    A = _stacked_A(projections, x.dtype)
-    xa = x @ A.t() if A is not None else None
-    outputs, col = [], 0
+    xa = x @ operands.A.t() if operands.A is not None else None
+    outputs, col, lora_index = [], 0, 0
     for p in projections:
         y = F.linear(x, p.weight(x.dtype), p.bias(x.dtype))
         if p.has_lora:
-            y.addmm_(xa[:, col:col + p.rank], p.lora_B.to(x.dtype).t(), alpha=p.scale)
+            y.addmm_(xa[:, col:col + p.rank], operands.Bs[lora_index].t(), alpha=p.scale)
             col += p.rank
+            lora_index += 1
         outputs.append(y)
     return outputs, xa
 
 
 def _project_backward(x: Tensor, xa: Optional[Tensor], grads: Sequence[Tensor],
-                      projections: Sequence[LoRAProjection], need_dx: bool):
+                      projections: Sequence[LoRAProjection], operands: LoRAOperands, need_dx: bool):
     """(dx or None, [dA, dB, ...] in the order of ``_lora_parameters``) for ``_project``."""
-    dx, d_lora, dyB_scaled, col = None, [], [], 0
+    dx, dBs, col, lora_index = None, [], 0, 0
+    # s * dy B for every adapter, side by side in one (N, sum r) buffer: the dA of all of them is then one
+    # GEMM. Eager writes each into its columns; a compiled graph concatenates (Dynamo refuses out= slices).
+    compiling = torch.compiler.is_compiling()
+    dyB = None
+    if operands.A is not None:
+        dyB = [] if compiling else x.new_empty(x.shape[0], operands.A.shape[0], dtype=grads[0].dtype)
     for p, dy in zip(projections, grads):
         if need_dx:
             weight = p.weight(dy.dtype)
             dx = dy @ weight if dx is None else dx.addmm_(dy, weight)
             del weight  # a dequantized weight is freed before the next one is made
         if p.has_lora:
-            dB = (dy.t() @ xa[:, col:col + p.rank]).mul_(p.scale)  # (out, r)
-            d_lora.append(dB)
-            dyB_scaled.append((dy @ p.lora_B.to(dy.dtype)).mul_(p.scale))  # (N, r)
+            dBs.append(_scaled_mm(dy.t(), xa[:, col:col + p.rank], p.scale))  # (out, r)
+            if compiling:
+                dyB.append(_scaled_mm(dy, operands.Bs[lora_index], p.scale))
+            else:
+                _scaled_mm(dy, operands.Bs[lora_index], p.scale, out=dyB[:, col:col + p.rank])  # (N, r)
             col += p.rank
-    if dyB_scaled:
-        dyB = torch.cat(dyB_scaled, dim=1)  # (N, sum r)
-        dA = dyB.t() @ x  # (sum r, in): all projections' dA in one GEMM
+            lora_index += 1
+    d_lora: List[Tensor] = []
+    if dyB is not None:
+        dyB = torch.cat(dyB, dim=1) if compiling else dyB
+        params = _lora_parameters(projections)
+        dA = (dyB.t() @ x).to(params[0].dtype)  # (sum r, in): all projections' dA in one GEMM, one cast
         if need_dx:
-            dx.addmm_(dyB, _stacked_A(projections, dy.dtype))
+            dx.addmm_(dyB, operands.A)
         dAs = dA.split([p.rank for p in projections if p.has_lora])
-        d_lora = [g for dA_i, dB_i in zip(dAs, d_lora) for g in (dA_i, dB_i)]
-    params = _lora_parameters(projections)
-    return dx, [g.to(param.dtype) for g, param in zip(d_lora, params)]
+        d_lora = [g for dA_i, dB_i, B in zip(dAs, dBs, params[1::2]) for g in (dA_i, dB_i.to(B.dtype))]
+    return dx, d_lora
 
 
 class ProjectionGroup:
@@ -161,13 +237,14 @@ class ProjectionGroup:
     def __init__(self, names: Sequence[str], projections: Sequence[LoRAProjection]):
         self.names = tuple(names)
         self.projections = tuple(projections)
+        self.operands = LoRAOperandCache(self.projections)
 
 
 class _FusedProjectionsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, group: ProjectionGroup, *lora_params: Tensor):
+    def forward(ctx, x: Tensor, group: ProjectionGroup, cache: bool, *lora_params: Tensor):
         x2d = x.reshape(-1, x.shape[-1])
-        outputs, xa = _project(x2d, group.projections)
+        outputs, xa = _project(x2d, group.projections, group.operands.get(x.dtype, cache))
         ctx.group = group
         ctx.save_for_backward(x, xa)
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
@@ -177,8 +254,11 @@ class _FusedProjectionsFunction(torch.autograd.Function):
         x, xa = ctx.saved_tensors
         x2d = x.reshape(-1, x.shape[-1])
         dys = [g.reshape(-1, g.shape[-1]) for g in grads]
-        dx, d_lora = _project_backward(x2d, xa, dys, ctx.group.projections, ctx.needs_input_grad[0])
-        return (dx.view_as(x) if dx is not None else None, None, *d_lora)
+        group = ctx.group
+        dx, d_lora = _project_backward(x2d, xa, dys, group.projections, group.operands.get(dys[0].dtype),
+                                       ctx.needs_input_grad[0])
+        group.operands.drop()
+        return (dx.view_as(x) if dx is not None else None, None, None, *d_lora)
 
 
 # ----------------------------------------------------------------------------- gated MLP
@@ -234,6 +314,8 @@ class MLPGroup:
         self.gate_up = (gate, up)
         self.down = (down,)
         self.act = act
+        self.gate_up_operands = LoRAOperandCache(self.gate_up)
+        self.down_operands = LoRAOperandCache(self.down)
 
     def lora_parameters(self) -> List[Tensor]:
         return _lora_parameters(self.gate_up) + _lora_parameters(self.down)
@@ -241,11 +323,11 @@ class MLPGroup:
 
 class _FusedMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, group: MLPGroup, *lora_params: Tensor):
+    def forward(ctx, x: Tensor, group: MLPGroup, cache: bool, *lora_params: Tensor):
         x2d = x.reshape(-1, x.shape[-1])
-        (gate, up), xa_gate_up = _project(x2d, group.gate_up)
+        (gate, up), xa_gate_up = _project(x2d, group.gate_up, group.gate_up_operands.get(x.dtype, cache))
         h = group.act.forward(gate, up)  # (N, I), not saved: recomputed in backward from gate and up
-        (y,), xa_down = _project(h, group.down)
+        (y,), xa_down = _project(h, group.down, group.down_operands.get(h.dtype, cache))
         ctx.group = group
         ctx.save_for_backward(x, gate, up, xa_gate_up, xa_down)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -255,18 +337,28 @@ class _FusedMLPFunction(torch.autograd.Function):
         x, gate, up, xa_gate_up, xa_down = ctx.saved_tensors
         group = ctx.group
         h = group.act.forward(gate, up)
-        dh, d_down = _project_backward(h, xa_down, [dy.reshape(-1, dy.shape[-1])], group.down, True)
+        dh, d_down = _project_backward(h, xa_down, [dy.reshape(-1, dy.shape[-1])], group.down,
+                                       group.down_operands.get(h.dtype), True)
         del h
         d_gate, d_up = group.act.backward(dh, gate, up)
         del dh
         x2d = x.reshape(-1, x.shape[-1])
-        dx, d_gate_up = _project_backward(x2d, xa_gate_up, [d_gate, d_up], group.gate_up, ctx.needs_input_grad[0])
-        return (dx.view_as(x) if dx is not None else None, None, *d_gate_up, *d_down)
+        dx, d_gate_up = _project_backward(x2d, xa_gate_up, [d_gate, d_up], group.gate_up,
+                                          group.gate_up_operands.get(d_gate.dtype), ctx.needs_input_grad[0])
+        group.down_operands.drop()
+        group.gate_up_operands.drop()
+        return (dx.view_as(x) if dx is not None else None, None, None, *d_gate_up, *d_down)
 
 
 # ----------------------------------------------------------------------------- installing
 class _FusedForward:
     """An instance-level ``forward`` installed by apply_fused_lora (recognized and removed by type)."""
+
+
+def _records_graph() -> bool:
+    """Whether this forward records a graph (a backward will follow and drop the cached adapter casts);
+    asked here because inside an autograd.Function's forward grad mode is always off."""
+    return torch.is_grad_enabled()
 
 
 class FusedProjectionForward(_FusedForward):
@@ -292,7 +384,8 @@ class _SharedOutputs:
     def output(self, name: str, x: Tensor) -> Tensor:
         if x is not self._input or name not in self._pending:
             params = _lora_parameters(self.group.projections)
-            self._pending = dict(zip(self.group.names, _FusedProjectionsFunction.apply(x, self.group, *params)))
+            outputs = _FusedProjectionsFunction.apply(x, self.group, _records_graph(), *params)
+            self._pending = dict(zip(self.group.names, outputs))
             self._input = x
         out = self._pending.pop(name)
         if not self._pending:  # all consumed: drop the references so nothing outlives the layer call
@@ -305,7 +398,7 @@ class FusedMLPForward(_FusedForward):
         self.group = group
 
     def __call__(self, x: Tensor) -> Tensor:
-        return _FusedMLPFunction.apply(x, self.group, *self.group.lora_parameters())
+        return _FusedMLPFunction.apply(x, self.group, _records_graph(), *self.group.lora_parameters())
 
 
 def _projections(module: nn.Module, names: Sequence[str]):

@@ -10,7 +10,7 @@ import torch
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
-from optkit.kernels.nf4_dequantize import nf4_dequantize, reference_nf4_dequantize  # noqa: E402
+from optkit.kernels.nf4_dequantize import NF4Dequantizer, nf4_dequantize, reference_nf4_dequantize  # noqa: E402
 from tests.kernels._tolerances import OPCHECKS  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -82,6 +82,31 @@ def test_fp4_is_refused_with_a_pointer():
     packed, state = bnb_functional.quantize_4bit(weight, quant_type="fp4")
     with pytest.raises(ValueError, match="NF4 only"):
         nf4_dequantize(packed, state)
+
+
+def test_out_writes_rows_of_a_larger_buffer_and_a_prepared_dequantizer_reruns():
+    """Fused LoRA dequantizes Q, K and V into row blocks of one buffer with a dequantizer prepared once."""
+    parts = [_quantized(shape, torch.bfloat16, True, seed=i) for i, shape in enumerate([(48, 64), (16, 64), (16, 64)])]
+    buffer = torch.full((80, 64), float("nan"), dtype=torch.bfloat16)
+    row = 0
+    for packed, state in parts:
+        dequantize = NF4Dequantizer(packed, state)
+        assert dequantize.is_for(packed, state)
+        rows = buffer[row:row + state.shape[0]]
+        assert dequantize(torch.bfloat16, out=rows).data_ptr() == rows.data_ptr()
+        _assert_bitwise_equal(rows, bnb_functional.dequantize_4bit(packed, state))
+        _assert_bitwise_equal(dequantize(torch.bfloat16), rows)  # a second run gives the same bits
+        row += state.shape[0]
+    other_packed, other_state = parts[1]
+    assert not NF4Dequantizer(*parts[0]).is_for(other_packed, other_state)
+
+
+def test_out_of_the_wrong_shape_or_dtype_is_refused():
+    packed, state = _quantized((16, 64), torch.bfloat16, True)
+    for bad in (torch.empty(16, 32, dtype=torch.bfloat16), torch.empty(16, 64, dtype=torch.float16),
+                torch.empty(64, 16, dtype=torch.bfloat16).t()):
+        with pytest.raises(ValueError, match="out= must be a contiguous"):
+            nf4_dequantize(packed, state, torch.bfloat16, out=bad)
 
 
 def test_custom_op_registration():

@@ -70,7 +70,7 @@ def test_projection_group_matches_float64(dtype):
     def fused(*args):
         x, specs = split(args)
         group = ProjectionGroup(("q", "k", "v"), [_projection(*s) for s in specs])
-        return _FusedProjectionsFunction.apply(x, group, *args[5:])
+        return _FusedProjectionsFunction.apply(x, group, True, *args[5:])
 
     def reference(*args):
         x, specs = split(args)
@@ -97,7 +97,7 @@ def test_mlp_matches_float64(activation, dtype):
     def fused(x, wg, wu, wd, ag, bg, au, bu, ad, bd):
         group = MLPGroup(_projection(wg, None, ag, bg, scale), _projection(wu, None, au, bu, scale),
                          _projection(wd, None, ad, bd, scale), act)
-        return _FusedMLPFunction.apply(x, group, ag, bg, au, bu, ad, bd)
+        return _FusedMLPFunction.apply(x, group, True, ag, bg, au, bu, ad, bd)
 
     def reference(x, wg, wu, wd, ag, bg, au, bu, ad, bd):
         h = torch_act(reference_projection(x, wg, None, ag, bg, scale), reference_projection(x, wu, None, au, bu, scale))
@@ -119,6 +119,52 @@ def test_gradients_match_peft(model, method):
     fused_loss, fused_grads = loss_and_grads(net, ids)
     torch.testing.assert_close(fused_loss, peft_loss, rtol=1e-6, atol=1e-6)
     assert max_relative_error(fused_grads, peft_grads) < MODEL_RTOL
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "standard"])
+def test_adapter_updates_reach_the_next_step(checkpointing):
+    """The adapters' dtype casts are cached from forward to backward; every kind of update must still be
+    seen by the next step: an optimizer step (bumps version counters), writes through ``.data`` (do not,
+    like bitsandbytes' 8-bit optimizers), and a no-grad forward in between (evaluation)."""
+    from optkit.train.checkpointing import enable_checkpointing
+
+    net, _ = tiny_model("tiny_llama", "qlora", "model.num_layers=2")
+    fused = copy.deepcopy(net)
+    apply_fused_lora(fused, FUSED_ON)
+    for model in (net, fused):
+        enable_checkpointing(model, checkpointing)
+        model.train()
+    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (net, fused)]
+
+    def step(model, optimizer, ids):
+        loss, grads = loss_and_grads(model, ids)
+        optimizer.step()
+        return loss, grads
+
+    def data_write(model):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.data.mul_(1.5)
+
+    for i in range(3):
+        (peft_loss, peft_grads), (fused_loss, fused_grads) = (step(m, o, token_batch(i)) for m, o in
+                                                             zip((net, fused), optimizers))
+        torch.testing.assert_close(fused_loss, peft_loss, rtol=1e-5, atol=1e-6)
+        assert max_relative_error(fused_grads, peft_grads) < 1e-4
+        for model in (net, fused):
+            if i == 1:
+                data_write(model)
+            if i == 2:
+                with torch.no_grad():
+                    model(input_ids=token_batch(9), use_cache=False)
+                data_write(model)
+    after_eval = [loss_and_grads(m, token_batch(6))[0] for m in (net, fused)]  # no-grad forward, write, step
+    torch.testing.assert_close(after_eval[1], after_eval[0], rtol=1e-5, atol=1e-6)
+    for model in (net, fused):  # backward, then a write with no step (no version bump) in between
+        data_write(model)
+    losses = [loss_and_grads(m, token_batch(5))[0] for m in (net, fused)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
 
 
 def test_saves_less_than_peft_and_never_a_base_weight():
@@ -209,7 +255,7 @@ def test_fused_qlora_projections_compile_without_graph_breaks():
     x = torch.randn(2, 8, 64, generator=gen, requires_grad=True)
 
     def loss(x, *params):
-        return sum((y * y).sum() for y in _FusedProjectionsFunction.apply(x, group, *params))
+        return sum((y * y).sum() for y in _FusedProjectionsFunction.apply(x, group, True, *params))
 
     inputs = [x, *params]
     eager_loss = loss(*inputs)
