@@ -7,7 +7,9 @@ Definitions the tables use:
   measurement window, windows resampled when there are repeats). Kernels: vs the eager impl.
 - peak NVML: this process's peak when NVML could see it, else device-wide (marked *); peak NVML
   timed: device-wide, over the timed steps only (not the model build).
-- mem saving: 1 - peak / baseline's peak, on NVML when both have it, else on the allocator peak.
+- mem saving: 1 - peak / baseline's peak, on the first of these both points have: peak NVML timed (what
+  training holds; a QLoRA build materializes the bf16 model before quantizing it, which would otherwise
+  set every QLoRA row's peak), peak NVML, the allocator peak. ``mem_saving_source`` names the one used.
 A point that failed (oom, error, skipped, timeout) keeps its entry, with its status and error.
 """
 from __future__ import annotations
@@ -63,7 +65,7 @@ def train_entry(point: Point, base: Optional[Point]) -> Dict[str, Any]:
     if ratio is None and entry.get("tokens_per_s") and base_entry.get("tokens_per_s"):
         ratio = entry["tokens_per_s"] / base_entry["tokens_per_s"]
     entry.update(speedup=ratio, speedup_ci95_low=low, speedup_ci95_high=high)
-    for field in ("peak_nvml_bytes", "peak_allocated_bytes"):
+    for field in ("peak_nvml_timed_bytes", "peak_nvml_bytes", "peak_allocated_bytes"):
         if entry.get(field) and base_entry.get(field):
             entry.update(mem_saving=1.0 - entry[field] / base_entry[field], mem_saving_source=field)
             break

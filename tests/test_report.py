@@ -275,3 +275,24 @@ def test_a_baseline_list_gives_each_model_its_own_reference():
     assert report.model_baseline_opt("packed_per_layer,hf_loop", moe) == "hf_loop"
     assert report.model_baseline_opt("packed_per_layer,hf_loop", packing) == "packed_per_layer"
     assert report.model_baseline_opt("baseline", moe) == "baseline"  # absent: no speedups, as before
+
+
+def test_memory_saving_prefers_the_timed_nvml_peak_over_the_build_peak():
+    """QLoRA rows: the build holds the bf16 model before quantizing it, so the whole-process NVML peak is
+    the same for every opt-set; the saving must come from the timed window when both points have it."""
+    from optkit.report_entries import train_entry
+    from optkit.report_load import Point
+
+    def point(opt, timed_gib, process_gib=16.0):
+        row = dict(status="ok", opt=opt, model="m", setting_key="m/qlora", step_times_ms=[100.0, 101.0],
+                   tokens_per_step=4096, peak_nvml_process_bytes=process_gib * 2 ** 30,
+                   peak_allocated_bytes=process_gib / 3 * 2 ** 30)
+        if timed_gib is not None:
+            row["peak_nvml_timed_device_bytes"] = timed_gib * 2 ** 30
+        return Point(f"m/{opt}", [row])
+
+    base = point("baseline", 16.0)
+    entry = train_entry(point("full", 9.0), base)
+    assert entry["mem_saving"] == pytest.approx(1 - 9.0 / 16.0) and entry["mem_saving_source"] == "peak_nvml_timed_bytes"
+    older = train_entry(point("full", None, process_gib=12.0), point("baseline", None))  # rows without a timed peak
+    assert older["mem_saving"] == pytest.approx(1 - 12.0 / 16.0) and older["mem_saving_source"] == "peak_nvml_bytes"
