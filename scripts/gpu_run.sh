@@ -2,6 +2,8 @@
 # One batched call on a lent GPU machine: install the carried wheels, then run each named step with its
 # own time limit, logging to $OUT/logs/<step>.log; results/ and reports/ come back as one tarball.
 # A failing step never stops the others.   usage: scripts/gpu_run.sh STEP:TIMEOUT_S:COMMAND ...
+# Wheels: .whl/ from ../shared/tools/gpu-wheels.sh; when the carried tree nears the device tool's 64 MiB,
+# carry .whl-slim/ from scripts/slim_wheels.sh instead and link it as .whl in the unpacked tree.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT/logs"
