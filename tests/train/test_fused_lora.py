@@ -121,7 +121,7 @@ def test_gradients_match_peft(model, method):
     assert max_relative_error(fused_grads, peft_grads) < MODEL_RTOL
 
 
-@pytest.mark.parametrize("checkpointing", ["none", "standard"])
+@pytest.mark.parametrize("checkpointing", ["none", "standard", "offload", "offload_double_buffer"])
 def test_adapter_updates_reach_the_next_step(checkpointing):
     """The adapters' dtype casts are cached from forward to backward; every kind of update must still be
     seen by the next step: an optimizer step (bumps version counters), writes through ``.data`` (do not,
