@@ -9,7 +9,8 @@ patches, checkpointing and optimizer are exactly a measured point's):
 - isolated: each step alone (synchronize before and after): host time until the step's last launch
   returned (``enqueue``) vs until the GPU finished (``done``). enqueue/done near 1 means the GPU waits
   on the host: the step is host-bound and launch overhead, not kernels, sets its time;
-- GPU busy: union of kernel/memcpy/memset intervals of one step from a CUDA-only torch.profiler trace;
+- GPU busy: union of kernel/memcpy/memset intervals of one step in a torch.profiler region (optkit's
+  measure/device_trace, as the kernel suite's device pass);
   ``idle`` = 1 - busy / done is the share of the step the GPU sat waiting;
 - device syncs per step, and (with --cprofile-dir) a cProfile of 2 steps, top functions by own time.
 --micro also times the host cost of single calls (small tensors, so launches dominate).
@@ -24,7 +25,6 @@ import os
 import pstats
 import statistics
 import sys
-import tempfile
 import time
 from typing import Callable, Dict, List
 
@@ -33,23 +33,23 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from optkit.compose import compose  # noqa: E402
-from optkit.measure.profile import merge_intervals  # noqa: E402
-from optkit.point import _count_syncs, _one_step, build_training  # noqa: E402
+from optkit.measure.device_trace import (  # noqa: E402
+    PAD_LAUNCHES, REGION_PREFIX, ProfilerTrace, device_time_by_region, pad_session_head)
+from optkit.point import (  # noqa: E402
+    _count_syncs, _one_step, _release_setup_cache, _timed_steps, _warmup, build_training)
 from scripts._tables import table  # noqa: E402
+
+DEVICE = torch.device("cuda")
+STEP_REGION = REGION_PREFIX + "host_overhead/step"
 
 
 def _sync() -> None:
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(DEVICE)
 
 
 def runner_like(model, optimizer, batches, steps: int) -> List[float]:
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-    for i, (start, end) in enumerate(events):
-        start.record()
-        _one_step(model, optimizer, batches[i % len(batches)])
-        end.record()
-    _sync()
-    return [s.elapsed_time(e) for s, e in events]
+    """The runner's own timed steps (optkit.point: back to back, CUDA events per step)."""
+    return [r["step_ms"] for r in _timed_steps(model, optimizer, batches, 0, steps, DEVICE, [])]
 
 
 def isolated(model, optimizer, batches, steps: int) -> Dict[str, List[float]]:
@@ -67,20 +67,14 @@ def isolated(model, optimizer, batches, steps: int) -> Dict[str, List[float]]:
 
 
 def gpu_busy_ms(model, optimizer, batch) -> float:
-    from torch.profiler import ProfilerActivity, profile
-
+    """Union of one step's kernel/memcpy/memset intervals (the kernel suite's device-time machinery)."""
     _sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        _one_step(model, optimizer, batch)
-        _sync()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            trace = json.load(f)
-    spans = [(e["ts"], e["ts"] + e["dur"]) for e in trace.get("traceEvents", [])
-             if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-    return sum(b - a for a, b in merge_intervals(spans)) / 1e3
+    with ProfilerTrace() as trace:
+        pad_session_head(trace, DEVICE, PAD_LAUNCHES)
+        with trace.region(STEP_REGION):
+            _one_step(model, optimizer, batch)
+            _sync()
+    return device_time_by_region(trace.events())[STEP_REGION][0]
 
 
 def cprofile_steps(model, optimizer, batches, path: str, n: int = 2) -> str:
@@ -103,12 +97,9 @@ def cprofile_steps(model, optimizer, batches, path: str, n: int = 2) -> str:
 def measure_point(spec: str, steps: int, cprofile_dir: str | None) -> Dict[str, object]:
     overrides = spec.split()
     cfg = compose(overrides)
-    device = torch.device("cuda")
-    model, optimizer, batches, _ = build_training(cfg, device)
-    torch.cuda.empty_cache()
-    for i in range(cfg.train.warmup_steps):
-        _one_step(model, optimizer, batches[i % len(batches)])
-    _sync()
+    model, optimizer, batches, _ = build_training(cfg, DEVICE)
+    _release_setup_cache(DEVICE)
+    _warmup(model, optimizer, batches, cfg.train.warmup_steps, DEVICE, [])
     runner = runner_like(model, optimizer, batches, steps)
     iso = isolated(model, optimizer, batches, steps)
     row: Dict[str, object] = {"point": spec, "runner_step_ms": statistics.median(runner), "runner_steps_ms": runner,
