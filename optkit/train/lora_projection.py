@@ -42,10 +42,10 @@ class LoRAProjection:
         if getattr(weight, "bnb_quantized", False):
             quant_state = getattr(weight, "quant_state", None) or self.base.quant_state
             if quant_state.quant_type == "nf4":
-                from optkit.kernels.nf4_dequantize import NF4Dequantizer
+                from optkit.kernels.nf4_dequantize import NF4Dequantizer, nf4_dequantize
 
-                if torch.compiler.is_compiling():
-                    return NF4Dequantizer(weight, quant_state)(dtype)
+                if torch.compiler.is_compiling():  # Dynamo cannot check a kept dequantizer (data_ptr)
+                    return nf4_dequantize(weight, quant_state, dtype)
                 if self._dequantizer is None or not self._dequantizer.is_for(weight, quant_state):
                     self._dequantizer = NF4Dequantizer(weight, quant_state)
                 return self._dequantizer(dtype)
@@ -175,7 +175,7 @@ def project(x: Tensor, projections: Sequence[LoRAProjection],
 
 def project_backward(x: Tensor, xa: Optional[Tensor], grads: Sequence[Tensor],
                       projections: Sequence[LoRAProjection], operands: LoRAOperands, need_dx: bool):
-    """(dx or None, [dA, dB, ...] in the order of ``_lora_parameters``) for ``project``."""
+    """(dx or None, [dA, dB, ...] in the order of ``lora_parameters``) for ``project``."""
     dx, dBs, col, lora_index = None, [], 0, 0
     # s * dy B for every adapter, side by side in one (N, sum r) buffer: the dA of all of them is then one
     # GEMM. Eager writes each into its columns; a compiled graph concatenates (Dynamo refuses out= slices).
