@@ -16,14 +16,20 @@ device times. Event timing of the same calls lives in optkit/measure/device_timi
 from __future__ import annotations
 
 import bisect
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from optkit.measure.device_timing import (as_tuple, backward_wrt_inputs, clone_all, forward_backward, fresh_inputs,
-                                          synchronize)
+from optkit.measure.device_timing import (
+    as_tuple,
+    backward_wrt_inputs,
+    clone_all,
+    forward_backward,
+    fresh_inputs,
+    synchronize,
+)
+from optkit.measure.profile import merge_intervals
 
 REGION_PREFIX = "optkit.bench/"
 PAD_REGION = REGION_PREFIX + "pad"
@@ -64,12 +70,7 @@ def is_device_work(event: TraceEvent) -> bool:
 
 def busy_ms(intervals: Iterable[Tuple[float, float]]) -> float:
     """Length of the union of (start_us, end_us) intervals, in ms: on one stream, the summed durations."""
-    total, reach = 0.0, -math.inf
-    for start, end in sorted(intervals):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total / 1e3
+    return sum(end - start for start, end in merge_intervals(intervals)) / 1e3
 
 
 def device_time_by_region(events: Iterable[TraceEvent]) -> Dict[str, Tuple[float, int]]:
