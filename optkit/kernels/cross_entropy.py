@@ -322,6 +322,9 @@ def _cross_entropy_fwd(
     return loss, grad
 
 
+# Registered by hand, not through _dispatch.autograd_op: the gradient is computed in forward and backward
+# scales it in place (a mutating op, not a backward op), and the eager path has an overwrite_logits mode
+# that a custom op may not have (it would mutate its differentiable input).
 @torch.library.custom_op("optkit::cross_entropy", mutates_args=())
 def _cross_entropy_op(
     logits: Tensor,

@@ -139,7 +139,9 @@ def _flce_fwd(
     return loss, grad_hidden, grad_weight, grad_bias
 
 
-# The same function as an opaque op for torch.compile (the eager path calls _flce_fwd directly).
+# The same function as an opaque op for torch.compile (the eager path calls _flce_fwd directly). By hand,
+# not through _dispatch.autograd_op: there is no backward op; backward scales the forward's gradients in
+# place or, for reduction="none", recomputes the chunks through this same op.
 _flce_op = torch.library.custom_op("optkit::fused_linear_cross_entropy", mutates_args=())(_flce_fwd)
 
 

@@ -145,6 +145,8 @@ def _nf4_dequantize(
     return out
 
 
+# Forward only (the weight is frozen), so no _dispatch.autograd_op pair. Eager calls launch straight into
+# out=; compiled calls go through this op, which returns a new tensor that is then copied into out=.
 _nf4_dequantize_op = torch.library.custom_op("optkit::nf4_dequantize", _nf4_dequantize, mutates_args=())
 
 

@@ -15,8 +15,8 @@ sequences. Math is fp32; outputs have ``promote_types(q.dtype, cos.dtype)`` like
 Limits: D even and at most 1024; a q/k/grad with a non-unit last stride is copied first; cos/sin get
 no gradient (HF computes them from a buffer under no_grad; passing ones that require grad is an error).
 
-Dispatch as in rms_norm.py: an autograd.Function when eager, the custom ops ``optkit::rope_fwd`` /
-``optkit::rope_bwd`` under ``torch.compile`` (no graph break).
+Dispatch (``_dispatch.autograd_op``): an autograd.Function when eager, the custom ops
+``optkit::rope_fwd`` / ``optkit::rope_bwd`` under ``torch.compile`` (no graph break).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from optkit.kernels._dispatch import autograd_op
 from optkit.kernels._launch import TILE_ELEMENTS, check_float_dtype, warps_for
 
 MAX_HEAD_DIM = 1024
@@ -152,29 +153,20 @@ def _rope_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, T
     return _launch_rope(q, k, cos, sin, q_dtype, k_dtype, backward=False)
 
 
-def _rope_bwd(dq_rot, dk_rot, cos, sin, q_dtype, k_dtype) -> tuple[Tensor, Tensor]:
+def _rope_bwd(
+    dq_rot: Tensor, dk_rot: Tensor, cos: Tensor, sin: Tensor, q_dtype: torch.dtype, k_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     return _launch_rope(dq_rot, dk_rot, cos, sin, q_dtype, k_dtype, backward=True)
 
 
-@torch.library.custom_op("optkit::rope_fwd", mutates_args=())
-def _rope_fwd_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    return _rope_fwd(q, k, cos, sin)
+def _rope_fwd_fake(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    q_dtype, k_dtype = torch.promote_types(q.dtype, cos.dtype), torch.promote_types(k.dtype, cos.dtype)
+    return _alloc_like(q, q_dtype), _alloc_like(k, k_dtype)
 
 
-@_rope_fwd_op.register_fake
-def _(q, k, cos, sin):
-    return _alloc_like(q, torch.promote_types(q.dtype, cos.dtype)), _alloc_like(k, torch.promote_types(k.dtype, cos.dtype))
-
-
-@torch.library.custom_op("optkit::rope_bwd", mutates_args=())
-def _rope_bwd_op(
+def _rope_bwd_fake(
     dq_rot: Tensor, dk_rot: Tensor, cos: Tensor, sin: Tensor, q_dtype: torch.dtype, k_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    return _rope_bwd(dq_rot, dk_rot, cos, sin, q_dtype, k_dtype)
-
-
-@_rope_bwd_op.register_fake
-def _(dq_rot, dk_rot, cos, sin, q_dtype, k_dtype):
     return _alloc_like(dq_rot, q_dtype), _alloc_like(dk_rot, k_dtype)
 
 
@@ -184,30 +176,16 @@ def _rope_setup_context(ctx, inputs, output) -> None:
     ctx.q_dtype, ctx.k_dtype = q.dtype, k.dtype
 
 
-def _rope_backward_with(bwd, ctx, dq_rot: Tensor, dk_rot: Tensor):
+def _rope_backward(bwd, ctx, dq_rot: Tensor, dk_rot: Tensor):
     cos, sin = ctx.saved_tensors
     dq, dk = bwd(dq_rot, dk_rot, cos, sin, ctx.q_dtype, ctx.k_dtype)
     return dq, dk, None, None
 
 
-_rope_fwd_op.register_autograd(
-    lambda ctx, dq_rot, dk_rot: _rope_backward_with(_rope_bwd_op, ctx, dq_rot, dk_rot),
-    setup_context=_rope_setup_context,
+_rope_op = autograd_op(
+    "rope", _rope_fwd, _rope_bwd, fake_fwd=_rope_fwd_fake, fake_bwd=_rope_bwd_fake,
+    setup_context=_rope_setup_context, backward=_rope_backward,
 )
-
-
-class _RopeFunction(torch.autograd.Function):
-    """The eager path (same launchers, ~10x less host dispatch time than the custom op; see rms_norm)."""
-
-    @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        out = _rope_fwd(q, k, cos, sin)
-        _rope_setup_context(ctx, (q, k, cos, sin), out)
-        return out
-
-    @staticmethod
-    def backward(ctx, dq_rot, dk_rot):
-        return _rope_backward_with(_rope_bwd, ctx, dq_rot, dk_rot)
 
 
 def _check_rope_inputs(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
@@ -235,6 +213,4 @@ def _check_rope_inputs(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
 def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """``(q*cos + rotate_half(q)*sin, k*cos + rotate_half(k)*sin)``, equal to HF's ``apply_rotary_pos_emb``."""
     _check_rope_inputs(q, k, cos, sin)
-    if torch.compiler.is_compiling():  # the custom op is opaque to the graph: no break, our kernels run
-        return _rope_fwd_op(q, k, cos, sin)
-    return _RopeFunction.apply(q, k, cos, sin)
+    return _rope_op(q, k, cos, sin)

@@ -10,8 +10,8 @@ Limits: gate and up must have the same shape (any leading dims); non-contiguous 
 (e.g. halves of a fused gate_up projection); fp32/fp16/bf16 only. The output has
 ``promote_types(gate.dtype, up.dtype)``.
 
-Dispatch as in rms_norm.py: an autograd.Function when eager, the custom ops ``optkit::swiglu_fwd`` /
-``optkit::swiglu_bwd`` under ``torch.compile`` (no graph break).
+Dispatch (``_dispatch.autograd_op``): an autograd.Function when eager, the custom ops
+``optkit::swiglu_fwd`` / ``optkit::swiglu_bwd`` under ``torch.compile`` (no graph break).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
+from optkit.kernels._dispatch import autograd_op
 from optkit.kernels._launch import (
     GatedMLP,
     check_float_dtype,
@@ -72,55 +73,33 @@ def _swiglu_bwd(d_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor
     return launch_gated_bwd(_swiglu_bwd_kernel, d_out, gate, up)
 
 
-@torch.library.custom_op("optkit::swiglu_fwd", mutates_args=())
-def _swiglu_fwd_op(gate: Tensor, up: Tensor) -> Tensor:
-    return _swiglu_fwd(gate, up)
-
-
-@_swiglu_fwd_op.register_fake
-def _(gate, up):
+def _swiglu_fwd_fake(gate: Tensor, up: Tensor) -> Tensor:
     return gate.new_empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype))
 
 
-@torch.library.custom_op("optkit::swiglu_bwd", mutates_args=())
-def _swiglu_bwd_op(d_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    return _swiglu_bwd(d_out, gate, up)
-
-
-@_swiglu_bwd_op.register_fake
-def _(d_out, gate, up):
+def _swiglu_bwd_fake(d_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
-def _swiglu_setup_context(ctx, inputs, output) -> None:
+def _save_inputs(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 
 
-_swiglu_fwd_op.register_autograd(
-    lambda ctx, d_out: _swiglu_bwd_op(d_out, *ctx.saved_tensors), setup_context=_swiglu_setup_context
+def _swiglu_backward(bwd, ctx, d_out: Tensor) -> tuple[Tensor, Tensor]:
+    return bwd(d_out, *ctx.saved_tensors)
+
+
+_swiglu_op = autograd_op(
+    "swiglu", _swiglu_fwd, _swiglu_bwd, fake_fwd=_swiglu_fwd_fake, fake_bwd=_swiglu_bwd_fake,
+    setup_context=_save_inputs, backward=_swiglu_backward,
 )
-
-
-class _SwiGLUFunction(torch.autograd.Function):
-    """The eager path (same launchers, ~10x less host dispatch time than the custom op; see rms_norm)."""
-
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return _swiglu_fwd(gate, up)
-
-    @staticmethod
-    def backward(ctx, d_out):
-        return _swiglu_bwd(d_out, *ctx.saved_tensors)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """``silu(gate) * up`` elementwise; gate and up of one shape."""
     check_float_dtype("swiglu", gate=gate, up=up)
     check_same_shape("swiglu", gate=gate, up=up)
-    if torch.compiler.is_compiling():  # the custom op is opaque to the graph: no break, our kernels run
-        return _swiglu_fwd_op(gate, up)
-    return _SwiGLUFunction.apply(gate, up)
+    return _swiglu_op(gate, up)
 
 
 class SwiGLUMLP(GatedMLP):
