@@ -8,12 +8,11 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
+_PATCHER_FUNCTIONS = ("patch", "unpatch", "patch_log")
+
 
 def __getattr__(name):
-    # Lazy, so `import optkit` stays cheap (the runner's parent process never loads triton).
-    # optkit.patch is the (callable) module optkit/patch.py: optkit.patch(model, "full") works.
-    if name == "patch":
-        return import_module("optkit.patch")
-    if name in ("unpatch", "patch_log"):
-        return getattr(import_module("optkit.patch"), name)
+    # Lazy, so `import optkit` stays cheap (the runner's parent process never loads the optimizations).
+    if name in _PATCHER_FUNCTIONS:
+        return getattr(import_module("optkit.opt.patcher"), name)
     raise AttributeError(f"module 'optkit' has no attribute {name!r}")

@@ -17,8 +17,8 @@ USAGE = """optkit <command> [args]
 
 
 def cmd_bench(args: List[str]) -> int:
-    from optkit.compose import ConfigError
-    from optkit.runner import run_sweep
+    from optkit.config.compose import ConfigError
+    from optkit.bench.runner import run_sweep
 
     try:
         run_sweep(args)
@@ -38,8 +38,11 @@ def cmd_env(args: List[str]) -> int:
 def cmd_list(args: List[str]) -> int:
     from omegaconf import OmegaConf
 
-    from optkit.compose import CONF_DIR, group_choices
-    from optkit.patch import REGISTRY
+    from optkit.config.compose import CONF_DIR, group_choices
+    from optkit.opt.registry import REGISTRY
+    from optkit.train.checkpointing import MODES
+    from optkit.train.method import METHODS
+    from optkit.train.optimizers import OPTIMIZERS
 
     print("models (model=NAME):")
     for name in group_choices("model"):
@@ -50,9 +53,8 @@ def cmd_list(args: List[str]) -> int:
         needs = f"  [needs: {', '.join(opt.requires)}]" if opt.requires else ""
         print(f"  opt.{opt.config_key:<36} {opt.description}{needs}")
     print("\nopt-sets (opt=NAME):  " + ", ".join(group_choices("opt")))
-    print("train methods: train.method=full|lora|qlora   checkpointing: train.checkpointing="
-          "none|standard|offload|offload_double_buffer")
-    print("optimizers: train.optimizer=adamw|adamw_fused|adamw_8bit|paged_adamw_8bit")
+    print(f"train methods: train.method={'|'.join(METHODS)}   checkpointing: train.checkpointing={'|'.join(MODES)}")
+    print(f"optimizers: train.optimizer={'|'.join(OPTIMIZERS)}")
     print("\nsuites (suite=NAME):")
     for name in group_choices("suite"):
         desc = OmegaConf.load(CONF_DIR / "suite" / f"{name}.yaml").get("description", "")
@@ -61,7 +63,7 @@ def cmd_list(args: List[str]) -> int:
 
 
 def cmd_report(args: List[str]) -> int:
-    from optkit.report import main as report_main
+    from optkit.report.command import main as report_main
 
     return report_main(args)
 

@@ -12,26 +12,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
-# family -> (transformers config class, causal-LM class), imported lazily by name so that a
-# missing family in an older transformers gives a clear message rather than an ImportError at start.
-FAMILIES: Dict[str, tuple] = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM"),
-    "mistral": ("MistralConfig", "MistralForCausalLM"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
-}
-
-# model_type in a checkpoint's config.json -> our family name
-_MODEL_TYPE_TO_FAMILY = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-                         "qwen3_moe": "qwen3_moe", "gemma2": "gemma2"}
+from optkit.families import family_classes
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class UnknownModelError(ValueError):
-    pass
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -41,23 +24,9 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ValueError(f"dtype {name!r} unknown; choose one of: {', '.join(DTYPES)}") from None
 
 
-def _family_classes(family: str):
-    import transformers
-
-    if family not in FAMILIES:
-        raise UnknownModelError(f"model family {family!r} unknown; choose one of: {', '.join(FAMILIES)}")
-    config_name, model_name = FAMILIES[family]
-    try:
-        return getattr(transformers, config_name), getattr(transformers, model_name)
-    except AttributeError:
-        raise UnknownModelError(
-            f"transformers {transformers.__version__} has no {model_name}; upgrade transformers to use {family!r}"
-        ) from None
-
-
 def build_hf_config(family: str, hf_config: Dict[str, Any], num_layers: Optional[int] = None):
     """The transformers config object for a zoo entry, optionally cut to ``num_layers`` layers."""
-    config_cls, _ = _family_classes(family)
+    config_cls, _ = family_classes(family)
     kwargs = dict(hf_config)
     if num_layers is not None:
         kwargs["num_hidden_layers"] = int(num_layers)
@@ -65,16 +34,6 @@ def build_hf_config(family: str, hf_config: Dict[str, Any], num_layers: Optional
         if "mlp_only_layers" in kwargs:
             kwargs["mlp_only_layers"] = [i for i in kwargs["mlp_only_layers"] if i < num_layers]
     return config_cls(**kwargs)
-
-
-def family_of(model: torch.nn.Module) -> str:
-    """Our family name for an HF model instance (used by the patcher to pick module swaps)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _MODEL_TYPE_TO_FAMILY:
-        raise UnknownModelError(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(_MODEL_TYPE_TO_FAMILY))}"
-        )
-    return _MODEL_TYPE_TO_FAMILY[model_type]
 
 
 def _load_local(path: str, dtype: torch.dtype, device: torch.device, num_layers, attn_implementation):
@@ -104,7 +63,7 @@ def build_model(model_cfg, device: torch.device | str = "cpu", seed: int = 0) ->
     if model_cfg.path:
         model = _load_local(model_cfg.path, dtype, device, model_cfg.num_layers, attn)
     else:
-        _, model_cls = _family_classes(model_cfg.family)
+        _, model_cls = family_classes(model_cfg.family)
         config = build_hf_config(model_cfg.family, _to_dict(model_cfg.hf_config), model_cfg.num_layers)
         config._attn_implementation = attn
         torch.manual_seed(seed)

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from optkit.measure.stats import mann_whitney_p, pooled_median, ratio_ci
-from optkit.report_load import Point, ReportInputError, Run, group_points, load_run
-from optkit.report_tables import DASH, GIB, sig
+from optkit.results.runs import Point, ReportInputError, Run, group_points, load_run
+from optkit.report.tables import DASH, GIB, sig
 
 MIN_SAMPLES = 6  # smallest n per side at which Mann-Whitney can reach p < 0.01 (normal approximation)
 ALPHA = 0.01
@@ -192,7 +192,7 @@ def check_inputs(baseline: Run, candidate: Run, strict_env: bool) -> List[str]:
     schemas = ({r.get("schema_version") for r in baseline.rows}, {r.get("schema_version") for r in candidate.rows})
     if schemas[0] != schemas[1]:
         diffs.append(f"row schema {sorted(schemas[0], key=str)} -> {sorted(schemas[1], key=str)} (what changed: "
-                     "the history in optkit/results.py)")
+                     "the history in optkit/results/rows.py)")
     if diffs and strict_env:
         raise ReportInputError("software stack differs (--strict-env): " + "; ".join(diffs))
     return [f"software stack differs, the verdict includes its effect: {'; '.join(diffs)}"] if diffs else []

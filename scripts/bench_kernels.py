@@ -5,7 +5,7 @@
                                     [--fp32] [--device-repeats N] [--cpu-smoke]
 
 Writes DIR/env.json and DIR/results.jsonl (one row per op x shape x dtype x impl; see
-optkit/kernel_rows.py for the fields, optkit/kernel_cases.py for the byte model and the two times: CUDA-event time with
+optkit/bench/kernels/rows.py for the fields, optkit/bench/kernels/cases.py for the byte model and the two times: CUDA-event time with
 launch gaps, and profiler device time of the kernels alone) and prints a table. The same
 measurement runs under ``optkit bench suite=kernels``. A full run takes < 5 min on an H100,
 ``--quick`` (one shape per op) < 90 s. ``--cpu-smoke`` times tiny shapes on the CPU with the host
@@ -43,17 +43,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cpu_smoke:  # before triton is first imported
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from optkit import kernel_suite as ks
+    from optkit.bench.kernels import cases as kernel_cases
+    from optkit.bench.kernels import impls as kernel_impls
+    from optkit.bench.kernels import run as kernel_run
+    from optkit.bench.kernels import table as kernel_table
 
     if (args.out / "results.jsonl").exists():
         print(f"{args.out / 'results.jsonl'} exists; pass a new --out directory so runs are not mixed",
               file=sys.stderr)
         return 2
-    rows = ks.run_suite(args.out, quick=args.quick, ops=args.ops or ks.OPS, impls=args.impls or ks.ALL_IMPLS,
+    rows = kernel_run.run_suite(args.out, quick=args.quick, ops=args.ops or kernel_cases.OPS, impls=args.impls or kernel_impls.ALL_IMPLS,
                         dtypes=("bfloat16", "float32") if args.fp32 else ("bfloat16",), cpu_smoke=args.cpu_smoke,
                         device_repeats=args.device_repeats)
     print()
-    print(ks.format_table(rows))
+    print(kernel_table.format_table(rows))
     statuses = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "oom", "error")}
     print(f"\n{len(rows)} rows ({', '.join(f'{n} {s}' for s, n in statuses.items() if n)}) -> {args.out}")
     return 0

@@ -3,7 +3,7 @@
     python scripts/gpu_host_overhead.py --json out.json --cprofile-dir prof/ \\
         --point "model=llama3_8b train.method=qlora opt=full train.checkpointing=standard" ...
 
-Per --point (composed like the runner's overrides, built by optkit.point.build_training, so the model,
+Per --point (composed like the runner's overrides, built by optkit.bench.point.build_training, so the model,
 patches, checkpointing and optimizer are exactly a measured point's):
 - runner-like: --steps steps queued back to back, CUDA events around each (the runner's step time);
 - isolated: each step alone (synchronize before and after): host time until the step's last launch
@@ -32,10 +32,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from optkit.compose import compose  # noqa: E402
+from optkit.config.compose import compose  # noqa: E402
 from optkit.measure.device_trace import (  # noqa: E402
     PAD_LAUNCHES, REGION_PREFIX, ProfilerTrace, device_time_by_region, pad_session_head)
-from optkit.point import (  # noqa: E402
+from optkit.bench.point import (  # noqa: E402
     _count_syncs, _one_step, _release_setup_cache, _timed_steps, _warmup, build_training)
 from scripts._tables import table  # noqa: E402
 
@@ -48,7 +48,7 @@ def _sync() -> None:
 
 
 def runner_like(model, optimizer, batches, steps: int) -> List[float]:
-    """The runner's own timed steps (optkit.point: back to back, CUDA events per step)."""
+    """The runner's own timed steps (optkit.bench.point: back to back, CUDA events per step)."""
     return [r["step_ms"] for r in _timed_steps(model, optimizer, batches, 0, steps, DEVICE, [])]
 
 

@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from optkit.compose import compose  # noqa: E402
+from optkit.config.compose import compose  # noqa: E402
 from scripts._tables import table  # noqa: E402
 from optkit.data.packing import packed_batch  # noqa: E402
 from optkit.measure.stats import summarize  # noqa: E402
@@ -124,7 +124,7 @@ TIMING_HEADER = ["variant", "fwd ms", "bwd ms", "step ms", "step IQR ms", "fwd g
 
 # ----------------------------------------------------------------------------- sections
 def packing_section(args, device) -> dict:
-    from optkit.train.adapters import apply_training_method
+    from optkit.train.method import apply_training_method
 
     method = "qlora" if _bitsandbytes_usable(device) else "lora"
     model_name = "tiny_qwen3" if args.smoke else "qwen3_14b"

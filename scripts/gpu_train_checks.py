@@ -31,13 +31,13 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from optkit.compose import compose  # noqa: E402
+from optkit.config.compose import compose  # noqa: E402
 from scripts._tables import table  # noqa: E402
 from optkit.measure.profile import merge_intervals  # noqa: E402
 from optkit.models import build_model  # noqa: E402
-from optkit.train.adapters import apply_training_method  # noqa: E402
+from optkit.train.method import apply_training_method  # noqa: E402
 from optkit.train.checkpointing import disable_checkpointing, enable_checkpointing  # noqa: E402
-from optkit.train.fused_lora import apply_fused_lora, remove_fused_lora  # noqa: E402
+from optkit.opt.fused_lora import apply_fused_lora, remove_fused_lora  # noqa: E402
 
 MODES = ("none", "standard", "offload", "offload_double_buffer")
 FUSED_ON = OmegaConf.create({"fused_lora": True})

@@ -8,7 +8,7 @@ Not part of the main test run (pyproject's testpaths = tests); run it explicitly
 What it is for: pytest-benchmark's stored-run comparison as a quick gate on kernel times (time is
 "larger is worse" here, which is what its compare assumes). The numbers of record (CUDA events,
 fwd/bwd split, GB/s, memory) come from ``optkit bench suite=kernels``; this suite reuses that
-suite's shapes, inputs and implementations (optkit/kernel_cases.py, optkit/kernel_impls.py) so the two cannot drift.
+suite's shapes, inputs and implementations (optkit/bench/kernels/cases.py, optkit/bench/kernels/impls.py) so the two cannot drift.
 
 Timing is pytest-benchmark's host clock around one step that ends in ``torch.cuda.synchronize``;
 the setup of every round (untimed) copies fresh inputs, flushes L2 and synchronizes, so a round
@@ -26,16 +26,22 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # must precede the first triton import (the kernels' modules import it)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from optkit import kernel_suite as ks  # noqa: E402
+from optkit.measure import device_timing  # noqa: E402
+
+from optkit.bench.kernels import cases as kernel_cases  # noqa: E402
+
+from optkit.bench.kernels import impls as kernel_impls  # noqa: E402
+
+from optkit.bench.kernels import rows as kernel_rows  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 DTYPE = "bfloat16"
-CASES = ks.sweep_cases(quick=True) if HAS_CUDA else ks.smoke_cases()
+CASES = kernel_cases.sweep_cases(quick=True) if HAS_CUDA else kernel_cases.smoke_cases()
 # Rounds: pytest-benchmark keeps every round; 30 medians out GPU noise, 3 keep the CPU smoke short.
 ROUNDS, WARMUP_ROUNDS = (30, 5) if HAS_CUDA else (3, 1)
 
-_compile_cache = ks.CompileCache(None if HAS_CUDA else ks.SMOKE_COMPILE_REASON)
-_flush = ks.L2Flush(DEVICE)
+_compile_cache = kernel_impls.CompileCache(None if HAS_CUDA else kernel_rows.SMOKE_COMPILE_REASON)
+_flush = device_timing.L2Flush(DEVICE)
 
 
 def _sync() -> None:
@@ -43,31 +49,31 @@ def _sync() -> None:
         torch.cuda.synchronize(DEVICE)
 
 
-@pytest.mark.parametrize("impl", ks.IMPLS)
+@pytest.mark.parametrize("impl", kernel_impls.IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.op}-{c.shape}")
 def test_forward_backward(benchmark, case, impl):
-    spec = ks.SPECS[case.op]
+    spec = kernel_cases.SPECS[case.op]
     try:
-        call = ks.resolve_impl(impl, spec, case, DEVICE, _compile_cache)
-    except ks.ImplUnavailable as exc:
+        call = kernel_impls.resolve_impl(impl, spec, case, DEVICE, _compile_cache)
+    except kernel_impls.ImplUnavailable as exc:
         pytest.skip(str(exc))
     torch.manual_seed(0)
-    master = spec.make_inputs(case, ks.DTYPES[DTYPE], DEVICE)
-    first = ks.fresh_inputs(master)
-    grad_outputs = ks.grad_outputs_like(ks.as_tuple(call(**first)))  # also the compile / JIT call
+    master = spec.make_inputs(case, kernel_cases.DTYPES[DTYPE], DEVICE)
+    first = device_timing.fresh_inputs(master)
+    grad_outputs = device_timing.grad_outputs_like(device_timing.as_tuple(call(**first)))  # also the compile / JIT call
     del first
 
     def setup():
-        inputs, grads = ks.fresh_inputs(master), ks.clone_all(grad_outputs)
+        inputs, grads = device_timing.fresh_inputs(master), device_timing.clone_all(grad_outputs)
         _flush()
         _sync()
         return (inputs, grads), {}
 
     def step(inputs, grads):
-        ks.forward_backward(call, inputs, grads)
+        device_timing.forward_backward(call, inputs, grads)
         _sync()
 
-    fwd_bytes, bwd_bytes = spec.bytes_moved(case, ks.DTYPES[DTYPE].itemsize)
+    fwd_bytes, bwd_bytes = spec.bytes_moved(case, kernel_cases.DTYPES[DTYPE].itemsize)
     benchmark.group = f"{case.op}/{DTYPE}/{case.shape}"
     benchmark.extra_info.update(op=case.op, impl=impl, shape=case.shape, dtype=DTYPE, bytes_full=fwd_bytes + bwd_bytes,
                                 loss_in_forward=spec.fused_loss and impl in ("optkit", "liger"))

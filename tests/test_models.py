@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from optkit.compose import compose
-from optkit.models import UnknownModelError, build_model, count_parameters, family_of
+from optkit.config.compose import ConfigError, compose
+from optkit.families import UnknownModelError, family_of
+from optkit.models import build_model, count_parameters
 
 # Published parameter counts (model cards), counted here on the meta device: no memory, no download.
 PUBLISHED_PARAMS = {
@@ -55,6 +56,9 @@ def test_missing_checkpoint_directory_is_a_clear_error(tmp_path):
 
 
 def test_unknown_family_is_a_clear_error():
-    cfg = compose(["model=tiny_llama", "model.family=gpt5"]).model
+    with pytest.raises(ConfigError, match=r"model.family='gpt5' is not valid; choose one of: llama"):
+        compose(["model=tiny_llama", "model.family=gpt5"])
+    cfg = compose(["model=tiny_llama"]).model
+    cfg.family = "gpt5"  # a config built around the schema's check
     with pytest.raises(UnknownModelError, match="llama"):
         build_model(cfg)

@@ -1,6 +1,6 @@
 """Run ONE benchmark point in this process and return its result row.
 
-The runner starts ``python -m optkit.point`` in a fresh subprocess per point (fresh CUDA context,
+The runner starts ``python -m optkit.bench.point`` in a fresh subprocess per point (fresh CUDA context,
 patched modules never leak between points) and reads the rows it writes: one per measurement
 window (``--repeats 0,1,2`` measures three windows back to back after one warm-up; the runner
 passes one index per process with ``bench.isolate_repeats=true``). Every failure becomes a row: an
@@ -15,6 +15,7 @@ torch.profiler, last because a profiler session slows every later launch in the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -27,15 +28,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from optkit.point_fields import env_fields, nvml_fields, start_nvml, window_nvml_fields
-from optkit.results import empty_row, identity_fields
-
-N_DISTINCT_BATCHES = 4  # cycled, so no step re-reads the exact tensors of the previous one
-
-
-class SkipPoint(RuntimeError):
-    """The point cannot run here (missing GPU, library, unsupported model); recorded as `skipped`."""
-
+from optkit.bench.point_fields import env_fields, nvml_fields, start_nvml, window_nvml_fields
+from optkit.bench.setup import SkipPoint, build_training
+from optkit.config.compose import typed_config
+from optkit.config.schema import OptkitConfig
+from optkit.opt import patcher
+from optkit.opt.registry import enabled_names
+from optkit.results.rows import empty_row, finite, identity_fields, json_default
+from optkit.train.method import ADAPTER_METHODS
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
@@ -45,15 +45,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run_point(cfg, overrides: List[str], run_id: str = "adhoc", repeats: Sequence[int] = (0,),
+def run_point(cfg: OptkitConfig, overrides: List[str], run_id: str = "adhoc", repeats: Sequence[int] = (0,),
               run_dir: Optional[Path] = None) -> List[Dict[str, Any]]:
     """Measure one point: one row per index in ``repeats`` (a measurement window each).
 
     ``run_dir`` is where bench.profile writes its trace (``traces/`` below it); rows name it relative."""
-    from omegaconf import OmegaConf
-
     started = time.time()
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = dataclasses.asdict(cfg)
     base = empty_row()
     base.update(identity_fields(config, overrides, run_id, repeats[0]))
     base.update(pid=os.getpid(), windows_in_process=len(repeats))
@@ -131,41 +129,10 @@ def _inject_fault(cfg) -> None:
         time.sleep(3600)
 
 
-def build_training(cfg, device: torch.device):
-    """Model -> training method -> optkit.patch -> checkpointing -> optimizer -> batches, exactly as a
-    measured point builds them (diagnosis scripts reuse it). Returns (model, optimizer, batches, ckpt_info)."""
-    from optkit import patch as patcher
-    from optkit.data import make_batches
-    from optkit.models import build_model
-    from optkit.train.adapters import apply_training_method
-    from optkit.train.checkpointing import enable_checkpointing
-    from optkit.train.optim import build_optimizer
-
-    missing = patcher.missing_requirements(cfg.opt, device=device)
-    if missing:
-        raise SkipPoint("; ".join(missing))
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, device, seed=cfg.train.seed)
-    vocab_size = model.config.vocab_size
-    model = apply_training_method(model, cfg.train)
-    if cfg.data.packing:  # padding-free rows need boundary-aware attention (metadata per layer, as HF)
-        from optkit.train.packing import install_packed_attention
-
-        install_packed_attention(model)
-    model = patcher.patch(model, cfg.opt)
-    ckpt_info = enable_checkpointing(model, cfg.train.checkpointing) or {}
-    optimizer = build_optimizer(model.parameters(), cfg.train)
-    batches = [b.to(device) for b in make_batches(cfg.data, cfg.train.batch_size, vocab_size,
-                                                     N_DISTINCT_BATCHES, cfg.train.seed)]
-    model.train()
-    return model, optimizer, batches, ckpt_info
-
-
 def _train_and_measure(cfg, device: torch.device, n_windows: int, windows: List[Dict[str, Any]], sampler,
                        trace: Optional[Tuple[Path, str]]) -> None:
     """Build, warm up once, then measure ``n_windows`` windows; each window's fields are appended to
     ``windows`` as soon as it is done (a later failure keeps them)."""
-    from optkit import patch as patcher
     from optkit.measure.memory import allocator_peaks, peak_rss_bytes, reset_allocator_peaks
     from optkit.models import count_parameters
 
@@ -178,7 +145,8 @@ def _train_and_measure(cfg, device: torch.device, n_windows: int, windows: List[
     shared: Dict[str, Any] = dict(warm)
     shared["compile_s"] = warm["first_step_s"] if cfg.opt.compile else None
     shared["patch_log"] = patcher.patch_log(model)
-    shared["enabled_optimizations"] = patcher.enabled_names(cfg.opt)
+    shared["requested_optimizations"] = enabled_names(cfg.opt)
+    shared["applied_optimizations"] = patcher.applied_names(model)
     shared["loss_in_forward"] = bool(cfg.opt.kernels.fused_linear_cross_entropy or cfg.opt.liger)
     shared.update(count_parameters(model))
     shared["checkpointing_info"] = ckpt_info
@@ -323,7 +291,7 @@ def _throughput_fields(cfg, model, batches, fields, device) -> Dict[str, Any]:
     padded_tokens = batches[0].padded_tokens
     tokens_per_s = real_tokens / (fields["step_ms"] / 1e3) if fields["step_ms"] else None
     hf_config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
-    lora_params = fields["trainable_params"] if cfg.train.method in ("lora", "qlora") else 0
+    lora_params = fields["trainable_params"] if cfg.train.method in ADAPTER_METHODS else 0
     flops = training_flops(hf_config, cfg.data.seq_len, cfg.train.method,
                            cfg.train.checkpointing != "none", lora_params=lora_params)
     peak = cfg.bench.peak_tflops
@@ -348,24 +316,22 @@ def _count_syncs(model, optimizer, batch) -> Optional[int]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m optkit.point", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m optkit.bench.point", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="file the rows are written to (a JSON list)")
     parser.add_argument("--run-id", default="adhoc")
     parser.add_argument("--repeats", default="0", help="comma-separated repeat indexes: one measurement window "
                         "each, back to back after one warm-up (default: 0)")
     parser.add_argument("--run-dir", default=None, help="run directory (bench.profile writes traces/ below it; "
                         "default: the --out file's folder)")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--config", required=True, help="JSON {config: the resolved config, overrides: the Hydra "
+                        "overrides that define the point} (the runner composes and writes it)")
     args = parser.parse_args(argv)
-    from optkit.compose import compose
-
-    cfg = compose(args.overrides)
+    point = json.loads(Path(args.config).read_text())
+    cfg = typed_config(point["config"])
     repeats = [int(r) for r in args.repeats.split(",") if r.strip()]
     run_dir = Path(args.run_dir) if args.run_dir else Path(args.out).resolve().parent
-    rows = run_point(cfg, args.overrides, run_id=args.run_id, repeats=repeats, run_dir=run_dir)
-    from optkit.results import _finite, _json_default
-
-    Path(args.out).write_text(json.dumps(_finite(rows), default=_json_default))
+    rows = run_point(cfg, point["overrides"], run_id=args.run_id, repeats=repeats, run_dir=run_dir)
+    Path(args.out).write_text(json.dumps(finite(rows), default=json_default))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The NVML and environment fields of a point's row (optkit.point measures; this fills the row).
+"""The NVML and environment fields of a point's row (optkit.bench.point measures; this fills the row).
 
 NVML is sampled by a background thread for the point's whole life; a window's own figures (its peak,
 one step at full rate) are cut from the raw samples by the time marks the point records on the
@@ -62,13 +62,9 @@ def window_nvml_fields(sampler, fields: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def env_fields() -> Dict[str, Any]:
-    from optkit.measure.env import capture_env, env_fingerprint, gpu_slug
+    from optkit.measure.env import capture_env
+    from optkit.results.rows import env_stamp
 
-    env = capture_env()
-    return {
-        "gpu_name": env.get("gpu_name"), "gpu_slug": gpu_slug(env), "driver": env.get("driver_version"),
-        "torch": env.get("torch_version"), "triton": env.get("triton_version"),
-        "transformers": env.get("transformers_version"), "git_sha": env.get("git_sha"), "git_dirty": env.get("git_dirty"), "env_fingerprint": env_fingerprint(env),
-    }
+    return env_stamp(capture_env())
 
 

@@ -22,10 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from optkit.results import append_row, empty_row, read_rows
+from optkit.results.rows import append_row, empty_row, read_rows
 
 AXIS_ABLATION = "ablation"
-PEER_OPTIMIZATIONS = ("compile", "liger")  # peers, not optkit's own: not ablated one by one
 STDERR_TAIL_CHARS = 4000
 POINT_GROUPS = ("model", "opt", "train", "data")
 
@@ -93,11 +92,11 @@ def _fmt(value: Any) -> str:
 
 def ablation_opt_overrides(model_name: Optional[str], family_of_model=None) -> List[List[str]]:
     """baseline, full, each optimization alone on (only_<name>) and alone off (full_minus_<name>)."""
-    from optkit.patch import REGISTRY
+    from optkit.opt.registry import REGISTRY
 
     family = family_of_model(model_name) if (family_of_model and model_name) else None
     names = [n for n, o in REGISTRY.items()
-             if n not in PEER_OPTIMIZATIONS and (family is None or o.families is None or family in o.families)
+             if not o.peer and (family is None or o.families is None or family in o.families)
              and _applies_to_family(o, family)]
     sets = [["opt=baseline"], ["opt=full"]]
     for name in names:
@@ -113,16 +112,17 @@ def _applies_to_family(opt, family: Optional[str]) -> bool:
     """MoE-only optimizations are not ablated on dense models (their row would equal baseline)."""
     if family is None:
         return True
-    requires = getattr(opt, "requires", ())
-    if "moe" in requires and family != "qwen3_moe":
+    from optkit.families import get_family
+
+    if "moe" in opt.requires and not get_family(family).moe:
         return False
-    return "packing" not in requires  # needs data.packing: ablated in its own suite
+    return "packing" not in opt.requires  # needs data.packing: ablated in its own suite
 
 
 def model_family(model_name: str) -> Optional[str]:
     from omegaconf import OmegaConf
 
-    from optkit.compose import CONF_DIR
+    from optkit.config.compose import CONF_DIR
 
     path = CONF_DIR / "model" / f"{model_name}.yaml"
     return OmegaConf.load(path).get("family") if path.exists() else None
@@ -143,7 +143,7 @@ def default_suite() -> str:
 
 def run_sweep(overrides: Sequence[str]) -> Path:
     """Run a suite (or a single point when no suite is given); returns the run directory."""
-    from optkit.compose import compose
+    from optkit.config.compose import compose
     from optkit.measure.env import capture_env, gpu_slug
 
     suite_name, rest = split_overrides(overrides)
@@ -160,8 +160,8 @@ def run_sweep(overrides: Sequence[str]) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "env.json").write_text(json.dumps(env, indent=2, default=str))
 
-    if suite_name == "kernels":
-        _run_kernels_suite(rest, run_dir)
+    if cfg.suite.kind == "kernels":
+        _run_kernels_suite(point_cfgs[0], run_dir)
         return run_dir
     results = run_dir / "results.jsonl"
     done = {(r.get("config_hash"), r.get("repeat")) for r in read_rows(results)} if cfg.bench.resume else set()
@@ -180,7 +180,7 @@ def run_sweep(overrides: Sequence[str]) -> Path:
             for row in rows:
                 append_row(results, row)
             progress.finish(rows)
-    from optkit.summary import print_summary
+    from optkit.bench.summary import print_summary
 
     print_summary(read_rows(results), baseline_opt=cfg.suite.baseline_opt)
     _log(f"results: {results}")
@@ -190,19 +190,24 @@ def run_sweep(overrides: Sequence[str]) -> Path:
 def _hash_of(cfg) -> str:
     from omegaconf import OmegaConf
 
-    from optkit.results import config_hash
+    from optkit.results.rows import config_hash
 
     return config_hash(OmegaConf.to_container(cfg, resolve=True))
 
 
-def run_isolated(point: List[str], run_id: str, repeats: Sequence[int], timeout_s: float, point_cfg=None,
+def run_isolated(point: List[str], run_id: str, repeats: Sequence[int], timeout_s: float, point_cfg,
                  run_dir: Optional[Path] = None) -> List[Dict[str, Any]]:
     """Run one point in a fresh Python process, one measurement window per index in ``repeats``;
-    always returns one row per index (failure rows when the process died)."""
+    always returns one row per index (failure rows when the process died).
+
+    The process is handed the composed, resolved config (``point_cfg``) in a file, not overrides to compose
+    again: what the runner checked is exactly what the point runs."""
     with tempfile.TemporaryDirectory(prefix="optkit-point-") as tmp:
-        out = Path(tmp) / "rows.json"
-        cmd = [sys.executable, "-m", "optkit.point", "--out", str(out), "--run-id", run_id,
-               "--repeats", ",".join(map(str, repeats)), *(["--run-dir", str(Path(run_dir).resolve())] if run_dir else []), *point]
+        out, config = Path(tmp) / "rows.json", Path(tmp) / "point.json"
+        config.write_text(json.dumps({"config": _container(point_cfg), "overrides": list(point)}))
+        cmd = [sys.executable, "-m", "optkit.bench.point", "--config", str(config), "--out", str(out),
+               "--run-id", run_id, "--repeats", ",".join(map(str, repeats)),
+               *(["--run-dir", str(Path(run_dir).resolve())] if run_dir else [])]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if not _cuda_available():  # no GPU: optkit's Triton kernels run under Triton's interpreter
             env.setdefault("TRITON_INTERPRET", "1")
@@ -212,8 +217,7 @@ def run_isolated(point: List[str], run_id: str, repeats: Sequence[int], timeout_
             return [_failed_row(point, run_id, r, "timeout", f"point exceeded bench.timeout_s={timeout_s}",
                                 _as_text(exc.stderr), point_cfg) for r in repeats]
         if out.exists():
-            written = json.loads(out.read_text())
-            return written if isinstance(written, list) else [written]  # a single row: older optkit.point
+            return json.loads(out.read_text())
         stderr = proc.stderr or ""
         status = "oom" if "out of memory" in stderr.lower() else "error"
         return [_failed_row(point, run_id, r, status, f"point process exited with code {proc.returncode}",
@@ -226,25 +230,31 @@ def _as_text(data) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else data
 
 
-def _failed_row(point, run_id, repeat, status, message, stderr, point_cfg) -> Dict[str, Any]:
-    """A row for a point whose process died without writing one (crash, kill, timeout)."""
+def _container(cfg) -> Dict[str, Any]:
     from omegaconf import OmegaConf
 
-    from optkit.results import identity_fields
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _failed_row(point, run_id, repeat, status, message, stderr, point_cfg) -> Dict[str, Any]:
+    """A row for a point whose process died without writing one (crash, kill, timeout)."""
+    from optkit.results.rows import identity_fields
 
     row = empty_row()
-    if point_cfg is not None:
-        row.update(identity_fields(OmegaConf.to_container(point_cfg, resolve=True), point, run_id, repeat))
+    row.update(identity_fields(_container(point_cfg), point, run_id, repeat))
     row.update(run_id=run_id, repeat=repeat, overrides=list(point), status=status,
                error=f"{message}\n--- stderr tail ---\n{stderr[-STDERR_TAIL_CHARS:]}",
                timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return row
 
 
-def _run_kernels_suite(overrides: Sequence[str], run_dir: Path) -> None:
-    """The kernels suite measures ops, not training steps: its own module, in a subprocess too."""
-    cmd = [sys.executable, "-m", "optkit.kernel_suite", "--run-dir", str(run_dir), "suite=kernels", *overrides]
-    proc = subprocess.run(cmd)
+def _run_kernels_suite(cfg, run_dir: Path) -> None:
+    """A suite of kind "kernels" measures ops, not training steps: its own module, in a subprocess too."""
+    with tempfile.TemporaryDirectory(prefix="optkit-kernels-") as tmp:
+        config = Path(tmp) / "suite.json"
+        config.write_text(json.dumps({"config": _container(cfg)}))
+        proc = subprocess.run([sys.executable, "-m", "optkit.bench.kernels.run", "--run-dir", str(run_dir),
+                               "--config", str(config)])
     if proc.returncode != 0:
         _log(f"kernels suite exited with code {proc.returncode}; rows written so far are in {run_dir}")
 

@@ -12,9 +12,9 @@ from typing import Iterable, List
 
 from omegaconf import DictConfig, OmegaConf
 
-from optkit.config import register_configs
+from optkit.config.schema import OptkitConfig, register_configs
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("model", "opt", "train", "data", "suite")
 
 
@@ -70,6 +70,18 @@ def _check_group_choices(overrides: List[str]) -> None:
         key = key.lstrip("+~")
         if sep and key in GROUPS and value not in group_choices(key):
             raise ConfigError(f"{key} {value!r} unknown; choose one of: {', '.join(group_choices(key))}")
+
+
+def typed_config(config) -> OptkitConfig:
+    """The schema's dataclasses, checked, from a resolved config (a DictConfig or the dict a point is handed)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptkitConfig), config))
+
+
+def compose_preset(group: str, name: str) -> DictConfig:
+    """One group's preset as composed (its defaults list applied), e.g. ``compose_preset("opt", "full")``."""
+    if name not in group_choices(group):
+        raise ConfigError(f"{group} preset {name!r} unknown; choose one of: {', '.join(group_choices(group))}")
+    return compose([f"{group}={name}"])[group]
 
 
 def to_container(cfg: DictConfig) -> dict:

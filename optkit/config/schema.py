@@ -4,21 +4,24 @@ Every field a YAML file under ``conf/`` may set is declared here, so a typo such
 ``train.batchsize=4`` fails at composition time with the list of valid keys instead of being
 silently ignored. YAML files hold values only; checks live in ``__post_init__`` / ``validate``.
 
-Data flows one way: conf/ -> runner -> model builder + patcher -> measure -> results -> report.
-This module is the only place (with the runner and cli) that knows about Hydra.
+The choice lists come from the modules that implement each choice (models, families, data, train), so a
+new optimizer or checkpointing mode is valid here the moment it exists there. Hydra itself appears only
+in config/ and the runner: ``register_configs`` puts these schemas in its ConfigStore.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-TRAIN_METHODS = ("full", "lora", "qlora")
-OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit", "paged_adamw_8bit")
-CHECKPOINTING = ("none", "standard", "offload", "offload_double_buffer")
-DTYPES = ("float32", "float16", "bfloat16")
-LENGTH_DISTS = ("fixed", "uniform", "empirical")
-DATA_SOURCES = ("synthetic", "learnable")
-DEVICES = ("auto", "cuda", "cpu")
+from optkit.data import LENGTH_DISTS, SOURCES as DATA_SOURCES
+from optkit.families import FAMILIES
+from optkit.models import DTYPES
+from optkit.train.checkpointing import MODES as CHECKPOINTING
+from optkit.train.method import METHODS as TRAIN_METHODS
+from optkit.train.optimizers import OPTIMIZERS
+
+DEVICES = ("auto", "cuda", "cpu")  # bench.device
+SUITE_KINDS = ("training", "kernels")  # what a suite's points measure; the runner picks the scenario by it
 
 
 def _check_choice(field_name: str, value: Any, choices) -> None:
@@ -40,6 +43,7 @@ class ModelConfig:
     experts_implementation: Optional[str] = None  # HF MoE switch: eager | grouped_mm | batched_mm
 
     def __post_init__(self) -> None:
+        _check_choice("model.family", self.family, FAMILIES)
         _check_choice("model.dtype", self.dtype, DTYPES)
 
 
@@ -134,11 +138,15 @@ class SuiteConfig:
 
     name: str = "none"
     description: str = ""
+    kind: str = "training"  # training: points of training steps (bench/point.py) | kernels: per-op (bench/kernels/)
     axes: Dict[str, List[Any]] = field(default_factory=dict)
     fixed: Dict[str, Any] = field(default_factory=dict)  # overrides applied to every point
     points: List[Dict[str, Any]] = field(default_factory=list)  # extra explicit points
     baseline_opt: str = "baseline"  # the opt-set speedups are computed against
     requires_cuda: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("suite.kind", self.kind, SUITE_KINDS)
 
 
 @dataclass

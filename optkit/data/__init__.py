@@ -8,7 +8,11 @@ from typing import List
 
 import torch
 
+from optkit.data.packing import LENGTH_DISTS, packed_batch, padded_batch
 from optkit.data.synthetic import Batch, synthetic_batch
+
+SOURCES = ("synthetic", "learnable")  # data.source
+__all__ = ["LENGTH_DISTS", "SOURCES", "Batch", "make_batches"]
 
 
 def make_batches(data_cfg, batch_size: int, vocab_size: int, n_batches: int, seed: int) -> List[Batch]:
@@ -19,14 +23,10 @@ def make_batches(data_cfg, batch_size: int, vocab_size: int, n_batches: int, see
 
 def _one_batch(data_cfg, batch_size: int, vocab_size: int, generator: torch.Generator) -> Batch:
     if data_cfg.packing:
-        from optkit.data.packing import packed_batch
-
         return packed_batch(batch_size, data_cfg.seq_len, vocab_size, generator, data_cfg)
     if data_cfg.length_dist != "fixed":
         # The same variable-length examples as the packed layout, one per row, padded to the longest:
         # packed vs unpacked compare on exactly the same real tokens.
-        from optkit.data.packing import padded_batch
-
         return padded_batch(batch_size, data_cfg.seq_len, vocab_size, generator, data_cfg)
     if data_cfg.source == "learnable":
         from optkit.data.learnable import learnable_batch

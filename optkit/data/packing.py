@@ -27,6 +27,8 @@ import torch
 
 from optkit.data.synthetic import IGNORE_INDEX, Batch
 
+LENGTH_DISTS = ("fixed", "uniform", "empirical")  # data.length_dist: example lengths before packing
+
 DEFAULT_LENGTHS_CSV = Path(__file__).resolve().parent / "sft_lengths.csv"
 PAD_TOKEN_ID = 0  # value irrelevant: pad positions carry label -100 and are never attended by real tokens
 
@@ -67,7 +69,7 @@ def sample_lengths(n: int, seq_len: int, generator: torch.Generator, data_cfg) -
         offsets = torch.rand(n, generator=generator, dtype=torch.float64) * (highs[bins] - lows[bins] + 1)
         lengths = lows[bins] + offsets.long()
     else:
-        raise ValueError(f"data.length_dist={dist!r} unknown; choose one of: fixed, uniform, empirical")
+        raise ValueError(f"data.length_dist={dist!r} unknown; choose one of: {', '.join(LENGTH_DISTS)}")
     return lengths.clamp(1, seq_len)
 
 

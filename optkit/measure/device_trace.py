@@ -29,7 +29,7 @@ from optkit.measure.device_timing import (
     fresh_inputs,
     synchronize,
 )
-from optkit.measure.profile import merge_intervals
+from optkit.measure.intervals import busy_ms
 
 REGION_PREFIX = "optkit.bench/"
 PAD_REGION = REGION_PREFIX + "pad"
@@ -66,11 +66,6 @@ def is_device_work(event: TraceEvent) -> bool:
     if not event.on_device or event.name.startswith(REGION_PREFIX):
         return False
     return event.kind not in NOT_WORK_KINDS
-
-
-def busy_ms(intervals: Iterable[Tuple[float, float]]) -> float:
-    """Length of the union of (start_us, end_us) intervals, in ms: on one stream, the summed durations."""
-    return sum(end - start for start, end in merge_intervals(intervals)) / 1e3
 
 
 def device_time_by_region(events: Iterable[TraceEvent]) -> Dict[str, Tuple[float, int]]:

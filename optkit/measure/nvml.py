@@ -323,7 +323,7 @@ class NvmlSampler:
         r.mem_clock_mhz_start = try_call(nv.nvmlDeviceGetClockInfo, h, _NVML_CLOCK_MEM)
         r.throttle_reasons_start = self._read_reasons()
         self._t0_ns = time.perf_counter_ns()
-        self._record(used, 0.0)
+        self.record(used, 0.0)
 
     def _read_stop_state(self) -> None:
         nv, h, r = self._nvml, self._handle, self._report
@@ -358,7 +358,7 @@ class NvmlSampler:
             self._reasons_seen.update(names)
         return names
 
-    def _record(self, used: int, t_ms: float) -> None:
+    def record(self, used: int, t_ms: float) -> None:
         with self._lock:
             self._t_ms.append(t_ms)
             self._used.append(used)
@@ -375,7 +375,7 @@ class NvmlSampler:
         except Exception as exc:
             self._note_error("memory info", exc)
             return
-        self._record(used, (time.perf_counter_ns() - self._t0_ns) / 1e6)
+        self.record(used, (time.perf_counter_ns() - self._t0_ns) / 1e6)
         if self._track_process:
             self._sample_process()
         self._read_reasons()

@@ -33,6 +33,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from optkit.measure.intervals import Intervals
+
 PROFILED_STEP_REGION = "optkit/profiled_step"
 CATEGORIES = ("attention", "matmul", "optkit", "other triton", "optimizer", "copy/memset", "elementwise/other")
 TIME_SOURCE_CUDA = "cuda_kernels"
@@ -121,30 +123,6 @@ def _interval(event: Dict[str, Any]) -> Tuple[float, float]:
     return start, start + float(event.get("dur", 0.0))
 
 
-def merge_intervals(intervals: Iterable[Tuple[float, float]]) -> List[Tuple[float, float]]:
-    """Sorted, disjoint union of (start, end) intervals (touching ones are joined)."""
-    merged: List[List[float]] = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return [(s, e) for s, e in merged]
-
-
-class _Intervals:
-    """Sorted, possibly nested host intervals; ``contains(t)``: t lies in at least one."""
-
-    def __init__(self, intervals: Iterable[Tuple[float, float]]):
-        merged = merge_intervals(intervals)
-        self._starts = [m[0] for m in merged]
-        self._ends = [m[1] for m in merged]
-
-    def contains(self, t: float) -> bool:
-        i = bisect.bisect_right(self._starts, t) - 1
-        return i >= 0 and t <= self._ends[i]
-
-
 def _region(events: Sequence[Dict[str, Any]], region: str) -> Tuple[float, float]:
     found = [_interval(e) for e in events if e.get("name") == region and e.get("cat") in HOST_KINDS]
     if not found:
@@ -155,7 +133,7 @@ def _region(events: Sequence[Dict[str, Any]], region: str) -> Tuple[float, float
 def device_events(events: Sequence[Dict[str, Any]], region: str = PROFILED_STEP_REGION) -> List[TimedEvent]:
     """The kernels / memcpys / memsets launched inside ``region``, with their device durations."""
     start, end = _region(events, region)
-    optimizer = _Intervals(_interval(e) for e in events if e.get("cat") in HOST_KINDS
+    optimizer = Intervals(_interval(e) for e in events if e.get("cat") in HOST_KINDS
                            and str(e.get("name", "")).startswith(OPTIMIZER_RANGE_PREFIX))
     launches = {e["args"]["correlation"]: float(e.get("ts", 0.0)) for e in events
                 if e.get("cat") in LAUNCH_KINDS and "correlation" in (e.get("args") or {})}
@@ -174,7 +152,7 @@ def host_self_events(events: Sequence[Dict[str, Any]], region: str = PROFILED_ST
     start, end = _region(events, region)
     inside = [e for e in events if e.get("cat") in HOST_KINDS and e.get("name") != region
               and start <= _interval(e)[0] and _interval(e)[1] <= end]
-    optimizer = _Intervals(_interval(e) for e in inside if str(e.get("name", "")).startswith(OPTIMIZER_RANGE_PREFIX))
+    optimizer = Intervals(_interval(e) for e in inside if str(e.get("name", "")).startswith(OPTIMIZER_RANGE_PREFIX))
     by_thread: Dict[Any, List[Dict[str, Any]]] = defaultdict(list)
     for e in inside:
         by_thread[(e.get("pid"), e.get("tid"))].append(e)

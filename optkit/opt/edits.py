@@ -1,19 +1,23 @@
-"""What a patch knows about the model it changes: the HF model inside it and its family, the claims
+"""How optimizations change a model, and the record that undoes it.
+
+What a patch knows about the model it changes: the HF model inside it and its family, the claims
 (which optimization replaced which module or attribute) and the record of every change, with the
-exact object it replaced, which ``unpatch`` puts back. ``replace_module`` and ``override_attr`` are
-the only ways the apply functions change a model.
+exact object it replaced, which ``unpatch`` puts back. ``replace_module``, ``override_attr`` and
+``rebind_attention_globals`` are the only ways the apply functions change a model (an optimization
+with its own undo registers it as ``unapply`` in the registry).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+import types
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
-from optkit.patch_registry import REGISTRY, _resolve
+from optkit.families import UnknownModelError, family_of, get_family
 
-_STATE_ATTR = "_optkit_patch"
-_CALL_UNAPPLY = "<unapply>"  # a change record that calls an optimization's unapply function
+STATE_ATTR = "_optkit_patch"
+CALL_UNAPPLY = "<unapply>"  # a change record whose "original" is an optimization's unapply function
 
 
 class PatchConflict(RuntimeError):
@@ -22,9 +26,10 @@ class PatchConflict(RuntimeError):
 
 
 @dataclass
-class _PatchState:
+class PatchState:
     logs: Dict[str, List[str]] = field(default_factory=dict)  # optimization -> its log lines, in order
     claims: Dict[str, str] = field(default_factory=dict)  # "path" or "path.attr" -> optimization
+    switches: Dict[str, str] = field(default_factory=dict)  # optimization -> its opt.* key, for messages
     # (owner path from the root, attribute, whether the owner had it in its __dict__/_modules, original)
     changes: List[Tuple[str, str, bool, Any]] = field(default_factory=list)
 
@@ -35,13 +40,13 @@ class _PatchState:
             what = "the whole model" if "*" in (key, *[k for k, o in self.claims.items() if o == other]) else key
             raise PatchConflict(
                 f"{by} and {other} both replace {what}; turn one of them off "
-                f"(opt.{REGISTRY[by].config_key}=false or opt.{REGISTRY[other].config_key}=false)"
+                f"(opt.{self.switches.get(by, by)}=false or opt.{self.switches.get(other, other)}=false)"
             )
         self.claims[key] = by
 
 
-def _state_of(root: nn.Module) -> Optional[_PatchState]:
-    return root.__dict__.get(_STATE_ATTR)  # not getattr: PeftModel forwards unknown names to the base model
+def state_of(root: nn.Module) -> Optional[PatchState]:
+    return root.__dict__.get(STATE_ATTR)  # not getattr: PeftModel forwards unknown names to the base model
 
 
 def hf_model_of(model: nn.Module) -> nn.Module:
@@ -61,9 +66,9 @@ def _join(path: str, attr: str) -> str:
     return f"{path}.{attr}" if path else attr
 
 
-def _record(root: nn.Module, owner: nn.Module, attr: str, by: Optional[str], claim_key: Optional[str] = None) -> None:
+def record(root: nn.Module, owner: nn.Module, attr: str, by: Optional[str], claim_key: Optional[str] = None) -> None:
     """Claim ``owner.attr`` for ``by`` (None: no claim) and remember its value, before the caller changes it."""
-    state = _state_of(root)
+    state = state_of(root)
     path = _path_of(root, owner)
     if by is not None:
         state.claim(claim_key if claim_key is not None else _join(path, attr), by)
@@ -77,7 +82,7 @@ def replace_module(root: nn.Module, path: str, new_module: nn.Module, by: str) -
     """Swap the submodule at ``path`` (relative to ``root``) for ``new_module``; undone by ``unpatch``."""
     parent_path, _, attr = path.rpartition(".")
     parent = root.get_submodule(parent_path)
-    _record(root, parent, attr, by, claim_key=path)
+    record(root, parent, attr, by, claim_key=path)
     old = parent._modules[attr]
     new_module.train(old.training)
     setattr(parent, attr, new_module)
@@ -86,14 +91,14 @@ def replace_module(root: nn.Module, path: str, new_module: nn.Module, by: str) -
 
 def override_attr(root: nn.Module, owner: nn.Module, attr: str, value: Any, by: str) -> None:
     """Set an instance attribute (a ``forward``, ``_loss_function``...) of ``owner``; undone by ``unpatch``."""
-    _record(root, owner, attr, by)
+    record(root, owner, attr, by)
     setattr(owner, attr, value)
 
 
-def _undo(root: nn.Module, changes: List[Tuple[str, str, bool, Any]]) -> None:
+def undo(root: nn.Module, changes: List[Tuple[str, str, bool, Any]]) -> None:
     for path, attr, existed, original in reversed(changes):
-        if attr == _CALL_UNAPPLY:
-            _resolve(original)(root)
+        if attr == CALL_UNAPPLY:
+            original(root)
             continue
         owner = root.get_submodule(path)
         if isinstance(original, nn.Module):
@@ -106,8 +111,6 @@ def _undo(root: nn.Module, changes: List[Tuple[str, str, bool, Any]]) -> None:
 
 def family_of_patched(model: nn.Module) -> str:
     """The family of the HF model inside ``model``; a clear error names the supported ones."""
-    from optkit.models import UnknownModelError, family_of
-
     hf = hf_model_of(model)
     try:
         return family_of(hf)
@@ -119,6 +122,70 @@ def family_of_patched(model: nn.Module) -> str:
 
 
 
-def _is_moe(hf: nn.Module) -> bool:
+def is_moe(hf: nn.Module) -> bool:
     config = getattr(hf, "config", None)
     return bool(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0))
+
+
+# ---- module lookups and per-instance forwards whose globals see other functions ------------------------
+
+def modules_of_class(model: nn.Module, class_name: str) -> List[Tuple[str, nn.Module]]:
+    return [(path, m) for path, m in model.named_modules() if type(m).__name__ == class_name]
+
+
+
+def _innermost(fn: Callable) -> Callable:
+    while getattr(fn, "__wrapped__", None) is not None:
+        fn = fn.__wrapped__
+    return fn
+
+
+def with_globals(fn: Callable, replacements: Dict[str, Any]) -> Callable:
+    """A copy of ``fn`` that sees ``replacements`` as module globals; decorator wrappers (found through
+    ``__wrapped__``) are copied too, each closing over the copy of the function it wraps."""
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is None:
+        new_globals = {**fn.__globals__, **replacements}
+        # Without __name__ torch.compile resolves these globals in this dict (it installs the dict by id);
+        # with it, Dynamo would look them up in the real module and trace HF's function instead.
+        new_globals.pop("__name__", None)
+        new = types.FunctionType(fn.__code__, new_globals, fn.__name__, fn.__defaults__, fn.__closure__)
+    else:
+        new_inner = with_globals(inner, replacements)
+        cells = fn.__closure__ or ()
+        holds_inner = [_cell_value(c) is inner for c in cells]
+        if not any(holds_inner):
+            raise TypeError(f"cannot see through the decorator around {inner.__qualname__}; optkit's patch needs updating")
+        cells = tuple(types.CellType(new_inner) if hit else c for c, hit in zip(cells, holds_inner))
+        new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__dict__.update(fn.__dict__)
+    new.__qualname__, new.__module__ = fn.__qualname__, fn.__module__
+    if inner is not None:
+        new.__wrapped__ = new_inner
+    return new
+
+
+def _cell_value(cell) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
+def rebind_attention_globals(model: nn.Module, replacements: Dict[str, Any], by: str) -> int:
+    """Give every attention module of ``model`` a forward that sees ``replacements``; returns the count."""
+    class_name = f"{get_family(family_of_patched(model)).class_prefix}Attention"
+    copies: Dict[type, Callable] = {}  # one copy per class, shared by its layers
+    found = modules_of_class(model, class_name)
+    for _path, attention in found:
+        cls = type(attention)
+        if cls not in copies:
+            names_used = _innermost(cls.forward).__code__.co_names
+            unknown = [name for name in replacements if name not in names_used]
+            if unknown:
+                raise RuntimeError(f"{cls.__name__}.forward no longer calls {', '.join(unknown)} in this "
+                                   "transformers version; optkit's rope patch needs updating")
+            copies[cls] = with_globals(cls.forward, replacements)
+        override_attr(model, attention, "forward", types.MethodType(copies[cls], attention), by=by)
+    return len(found)

@@ -17,7 +17,7 @@ LoRA math is done in the activation dtype (bf16 on GPU); peft upcasts x to its f
 results differ by bf16 rounding (tests bound it). Parameter gradients are returned in the adapters' dtype.
 
 The projection math (frozen base + adapter, the per-step adapter cast cache, GEMM layout) lives in
-optkit.train.lora_projection; this module holds the autograd Functions and installs them.
+optkit.opt.lora_projection; this module holds the autograd Functions and installs them.
 
 How it is applied: per decoder layer, an instance-level ``forward`` is installed on the MLP module and
 on q/k/v/o_proj (the class and the parameters are untouched, so the state dict is unchanged);
@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from optkit.train.adapters import decoder_layers
-from optkit.train.lora_projection import (
+from optkit.opt.edits import override_attr, state_of
+from optkit.train.method import decoder_layers
+from optkit.opt.lora_projection import (
     LoRAOperandCache,
     LoRAProjection,
     lora_parameters,
@@ -237,10 +238,8 @@ def _projections(module: nn.Module, names: Sequence[str]):
 
 def _set_forward(root: nn.Module, module: nn.Module, forward: _FusedForward) -> None:
     """Install ``forward`` on ``module``; under ``optkit.patch`` it is recorded, so ``unpatch`` removes it."""
-    from optkit import patch as patcher
-
-    if patcher._state_of(root) is not None:
-        patcher.override_attr(root, module, "forward", forward, by="fused_lora")
+    if state_of(root) is not None:
+        override_attr(root, module, "forward", forward, by="fused_lora")
     else:
         module.forward = forward
 

@@ -6,7 +6,7 @@
   per step (why and when it is invalidated: its docstring).
 - ``project`` / ``project_backward``: forward and backward of projections sharing an input: one GEMM for
   every x A^T, one for every dA, LoRA scales in the GEMM epilogue. No autograd inside: the callers are
-  autograd.Functions (optkit.train.fused_lora), which save what backward needs.
+  autograd.Functions (optkit.opt.fused_lora), which save what backward needs.
 """
 from __future__ import annotations
 

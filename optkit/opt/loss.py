@@ -11,8 +11,8 @@ from typing import Callable, List
 import torch
 from torch import nn
 
-from optkit.config import OptConfig
-from optkit.patch_state import _is_moe, hf_model_of, override_attr
+from optkit.config.schema import OptConfig
+from optkit.opt.edits import is_moe, hf_model_of, override_attr
 
 
 def shifted_targets(labels: torch.Tensor, ignore_index: int = -100, shift_labels=None) -> torch.Tensor:
@@ -72,7 +72,7 @@ def _fused_loss_forward(self, *args, labels=None, return_logits=None, **kwargs):
     from optkit.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
     output_router_logits = kwargs.pop("output_router_logits", None)
-    if _is_moe(self) and output_router_logits is None:
+    if is_moe(self) and output_router_logits is None:
         output_router_logits = getattr(self.config, "output_router_logits", False)
     return_dict = kwargs.pop("return_dict", None)
     body_kwargs = {k: v for k, v in kwargs.items() if k != "logits_to_keep"}
@@ -96,7 +96,7 @@ def _fused_loss_forward(self, *args, labels=None, return_logits=None, **kwargs):
 def _causal_lm_output(hf, outputs, loss, output_router_logits, attention_mask, return_dict):
     from transformers import modeling_outputs
 
-    moe = _is_moe(hf)
+    moe = is_moe(hf)
     fields = {"loss": loss, "logits": None}
     if moe and output_router_logits:  # HF's MoE auxiliary load-balancing loss, as its own forward adds it
         balancing_loss = sys.modules[type(hf).__module__].load_balancing_loss_func

@@ -1,67 +1,54 @@
 """Switch optkit's optimizations (and its peers') into an HF model instance, chosen by config.
 
-``model = optkit.patch(model, "full")`` works on a model from ``optkit.models.build_model``, on a
-user's own ``AutoModelForCausalLM`` and on a peft ``PeftModel``. Everything is per instance: modules
-are swapped (``RMSNorm.from_module`` shares the HF weight, so state-dict keys and optimizer state
-carry over), forwards are replaced on the instance, and no HF class or module-level function is
-edited, so two models in one process can differ. Every change is recorded with the exact object it
-replaced, which is what ``unpatch`` puts back. Patching twice is patching once.
+``optkit.patch(model, "full")`` works on a model from ``optkit.models.build_model``, on a user's own
+``AutoModelForCausalLM`` and on a peft ``PeftModel``. Everything is per instance: modules are swapped
+(``RMSNorm.from_module`` shares the HF weight, so state-dict keys and optimizer state carry over),
+forwards are replaced on the instance, and no HF class or module-level function is edited, so two
+models in one process can differ. Every change is recorded with the exact object it replaced
+(opt/edits.py), which is what ``unpatch`` puts back. Patching twice is patching once.
 
 Two optimizations claiming the same module (or the same instance attribute) is an error; one that
 does not apply to the model's family (geglu on Llama) is skipped with a log line, so ``opt=full``
-works on every family.
-
-The work is split by job: patch_registry (the optimizations, config, requirements), patch_state (claims
-and the record of changes), patch_modules (RMSNorm / MLP / RoPE swaps), patch_loss (cross-entropy and
-the fused linear cross-entropy forward), patch_peers (torch.compile, Liger-Kernel). This module applies
-them in registry order and undoes them; it re-exports the names other modules and tests import.
+works on every family. The optimizations are applied in registry order (opt/registry.py).
 """
 from __future__ import annotations
 
-import sys
-import types
 from typing import Any, List, Optional
 
 from torch import nn
 
-from optkit.patch_registry import (
-    REGISTRY, MissingRequirement, Optimization, _resolve, enabled_names, load_opt_config, missing_requirements,
-)
-from optkit.patch_state import (
-    _CALL_UNAPPLY, _STATE_ATTR, PatchConflict, _is_moe, _PatchState, _state_of, _undo, family_of_patched, hf_model_of,
-)
-# Re-exported for callers that reach them as optkit.patch.<name> (fused_lora, tests, users' code).
-from optkit.patch_registry import FAMILY_CLASS_PREFIX, SILU_FAMILIES, _config_value  # noqa: F401
-from optkit.patch_state import override_attr, replace_module  # noqa: F401
+from optkit.opt.edits import CALL_UNAPPLY, STATE_ATTR, PatchConflict, PatchState, family_of_patched, hf_model_of, \
+    is_moe, state_of, undo
+from optkit.opt.registry import REGISTRY, MissingRequirement, Optimization, enabled_names, load_opt_config, \
+    missing_requirements
 
 
 def _skip_reason(opt: Optimization, model: nn.Module, family: Optional[str]) -> Optional[str]:
     if opt.families is not None and family not in opt.families:
         return f"applies to {', '.join(opt.families)}, not {family}"
-    if "moe" in opt.requires and not _is_moe(hf_model_of(model)):
+    if "moe" in opt.requires and not is_moe(hf_model_of(model)):
         return "the model has no MoE layers"
     if "lora" in opt.requires and not any(hasattr(m, "lora_A") for m in model.modules()):
         return "the model has no LoRA adapters"
     return None
 
 
-
 def patch(model: nn.Module, opt_cfg: Any = "full") -> nn.Module:
     """Apply every optimization enabled in ``opt_cfg`` to ``model`` (in place) and return it."""
     cfg = load_opt_config(opt_cfg)
     names = enabled_names(cfg)
-    state = _state_of(model)
+    state = state_of(model)
     todo = [n for n in names if state is None or n not in state.logs]
     if not todo:
         return model
     missing = missing_requirements(cfg, model=model)
     if missing:
         raise MissingRequirement("; ".join(missing))
-    needs_family = any(n not in ("compile", "liger") for n in todo)
+    needs_family = any(not REGISTRY[n].peer for n in todo)  # peers work on any HF model
     family = family_of_patched(model) if needs_family else None
     if state is None:
-        state = _PatchState()
-        model.__dict__[_STATE_ATTR] = state
+        state = PatchState(switches={name: opt.config_key for name, opt in REGISTRY.items()})
+        model.__dict__[STATE_ATTR] = state
     if "compile" in state.logs:
         raise PatchConflict(f"the model is already compiled; unpatch it first, then patch {', '.join(todo)} "
                             "and compile in one call (compile must come last)")
@@ -74,43 +61,39 @@ def patch(model: nn.Module, opt_cfg: Any = "full") -> nn.Module:
                 lines = [f"skipped ({reason})"]
             else:
                 if opt.unapply:  # recorded first, so a failing apply is cleaned up too
-                    state.changes.append(("", _CALL_UNAPPLY, False, opt.unapply))
-                lines = list(_resolve(opt.apply)(model, cfg))
+                    state.changes.append(("", CALL_UNAPPLY, False, opt.unapply))
+                lines = list(opt.apply(model, cfg))
             state.logs[name] = [line if line.startswith(f"{name}: ") else f"{name}: {line}" for line in lines]
     except BaseException:  # leave the model as it was before this call
-        _undo(model, state.changes[n_changes:])
+        undo(model, state.changes[n_changes:])
         del state.changes[n_changes:]
         state.claims = n_claims
         for name in todo:
             state.logs.pop(name, None)
         if not state.logs:
-            del model.__dict__[_STATE_ATTR]
+            del model.__dict__[STATE_ATTR]
         raise
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Put back every module and attribute ``patch`` changed (the very objects it replaced)."""
-    state = _state_of(model)
+    state = state_of(model)
     if state is not None:
-        _undo(model, state.changes)
-        del model.__dict__[_STATE_ATTR]
+        undo(model, state.changes)
+        del model.__dict__[STATE_ATTR]
     return model
 
 
 def patch_log(model: nn.Module) -> List[str]:
     """What ``patch`` did to ``model``, one line per change or skip, in application order."""
-    state = _state_of(model)
+    state = state_of(model)
     return [line for lines in state.logs.values() for line in lines] if state else []
 
 
-class _CallablePatchModule(types.ModuleType):
-    """``optkit.patch(model, "full")`` is the documented one-liner, and ``optkit.patch`` is also this
-    module: making the module callable keeps both true (importing the submodule would otherwise
-    replace a function of that name on the package)."""
-
-    def __call__(self, model, opt_cfg="full"):
-        return patch(model, opt_cfg)
-
-
-sys.modules[__name__].__class__ = _CallablePatchModule
+def applied_names(model: nn.Module) -> List[str]:
+    """The optimizations ``patch`` applied to ``model`` (not the skipped ones), in application order."""
+    state = state_of(model)
+    if state is None:
+        return []
+    return [name for name, lines in state.logs.items() if not any(line.startswith(f"{name}: skipped") for line in lines)]

@@ -8,14 +8,13 @@ from typing import Any, Dict, List, Tuple
 
 from torch import nn
 
-from optkit.config import OptConfig
-from optkit.patch_modules import rebind_attention_globals
-from optkit.patch_state import _record, _state_of, hf_model_of
+from optkit.config.schema import OptConfig
+from optkit.opt.edits import hf_model_of, rebind_attention_globals, record, state_of
 
 
 def apply_compile(model: nn.Module, opt_cfg: OptConfig) -> List[str]:
     kwargs = {"mode": opt_cfg.compile_mode} if opt_cfg.compile_mode else {}
-    _record(model, model, "_compiled_call_impl", by=None)  # composes with every other patch: no claim
+    record(model, model, "_compiled_call_impl", by=None)  # composes with every other patch: no claim
     model.compile(**kwargs)
     return [f"compile: compiled (torch.compile of {type(model).__name__}, mode={opt_cfg.compile_mode or 'default'})"]
 
@@ -36,7 +35,7 @@ def apply_liger(model: nn.Module, opt_cfg: OptConfig) -> List[str]:
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     hf = hf_model_of(model)
-    _state_of(model).claim("*", "liger")  # liger replaces norms, MLPs, rope and the loss: nothing else may
+    state_of(model).claim("*", "liger")  # liger replaces norms, MLPs, rope and the loss: nothing else may
     modeling = sys.modules[type(hf).__module__]
     globals_before = dict(vars(modeling))
     before = _module_snapshot(model)
@@ -48,7 +47,7 @@ def apply_liger(model: nn.Module, opt_cfg: OptConfig) -> List[str]:
             setattr(modeling, name, globals_before[name])
         else:
             delattr(modeling, name)
-    state = _state_of(model)
+    state = state_of(model)
     n_modules = 0
     for path, (module, dict_before, modules_before) in before.items():
         touched = False

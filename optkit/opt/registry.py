@@ -1,10 +1,12 @@
 """The optimizations optkit can patch in: one registry entry per optimization (its config switch, its
-``optkit list`` line, what it needs, the families it applies to, where its apply function lives), and
+``optkit list`` line, what it needs, the families it applies to, its apply and undo functions), and
 what an opt config enables and what this machine lacks for it.
+
+The entries hold the functions themselves, so an import of this module imports every optimization's
+module (each imports its kernels only when applied: listing the registry never loads triton).
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -13,7 +15,9 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from optkit.config import OptConfig
+from optkit.config.schema import OptConfig
+from optkit.families import families_with
+from optkit.opt import fused_lora, gated_mlp, loss, moe_sorted_routing, packed_metadata_cache, peers, rms_norm, rope
 
 
 @dataclass(frozen=True)
@@ -21,48 +25,46 @@ class Optimization:
     name: str  # "rms_norm"
     config_key: str  # dotted path inside OptConfig: "kernels.rms_norm", "fused_lora", "compile", ...
     description: str  # one line, shown by `optkit list`
-    requires: tuple  # subset of ("cuda", "triton", "bitsandbytes", "liger", "moe", "packing", "lora")
+    requires: tuple  # subset of ("triton", "liger", "moe", "packing", "lora")
     families: Optional[tuple]  # families it applies to (None = all)
-    apply: str  # "module:function", imported lazily: fn(model, opt_cfg) -> list[str]
-    # "module:function" that undoes ``apply`` (fn(model)), for applies that change the model other than
-    # through replace_module / override_attr (which unpatch reverts by itself); None: nothing to call
-    unapply: Optional[str] = None
+    apply: Callable[[nn.Module, OptConfig], List[str]]  # changes the model, returns its log lines
+    # Undoes ``apply`` for applies that change the model other than through edits.replace_module /
+    # override_attr (which unpatch reverts by itself); None: nothing to call.
+    unapply: Optional[Callable[[nn.Module], None]] = None
+    peer: bool = False  # another project's optimization, measured beside optkit's (never ablated one by one)
 
 
-SILU_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
 _KERNEL = ("triton",)
 _ALL = (
     Optimization("rms_norm", "kernels.rms_norm", "RMSNorm modules (Qwen3 q/k norms too) -> optkit's Triton RMSNorm",
-                 _KERNEL, None, "optkit.patch_modules:apply_rms_norm"),
+                 _KERNEL, None, rms_norm.apply_rms_norm),
     Optimization("rope", "kernels.rope", "rotary embedding in every attention module -> optkit's Triton RoPE",
-                 _KERNEL, None, "optkit.patch_modules:apply_rope"),
+                 _KERNEL, None, rope.apply_rope),
     Optimization("swiglu", "kernels.swiglu", "SiLU-gated MLPs -> optkit's fused SwiGLU",
-                 _KERNEL, SILU_FAMILIES, "optkit.patch_modules:apply_swiglu"),
+                 _KERNEL, families_with(activation="silu"), gated_mlp.apply_swiglu),
     Optimization("geglu", "kernels.geglu", "GELU-gated MLPs (Gemma) -> optkit's fused GeGLU",
-                 _KERNEL, ("gemma2",), "optkit.patch_modules:apply_geglu"),
+                 _KERNEL, families_with(activation="gelu"), gated_mlp.apply_geglu),
     Optimization("cross_entropy", "kernels.cross_entropy", "loss on materialized logits -> optkit's Triton cross-entropy",
-                 _KERNEL, None, "optkit.patch_loss:apply_cross_entropy"),
+                 _KERNEL, None, loss.apply_cross_entropy),
     Optimization("fused_linear_cross_entropy", "kernels.fused_linear_cross_entropy",
                  "training loss from hidden states and lm_head, logits never materialized",
-                 _KERNEL, None, "optkit.patch_loss:apply_fused_linear_cross_entropy"),
+                 _KERNEL, None, loss.apply_fused_linear_cross_entropy),
     Optimization("fused_lora", "fused_lora", "LoRA MLP / QKV / O projections as fused autograd functions",
-                 ("lora",), None, "optkit.train.fused_lora:apply_fused_lora"),
+                 ("lora",), None, fused_lora.apply_fused_lora),
     Optimization("packed_metadata_cache", "packed_metadata_cache",
                  "packed-sequence boundary metadata built once per batch, not per layer",
-                 ("packing",), None, "optkit.train.packing:apply_packed_metadata_cache",
-                 "optkit.train.packing:remove_packed_attention"),
+                 ("packing",), None, packed_metadata_cache.apply_packed_metadata_cache,
+                 packed_metadata_cache.remove_packed_metadata_cache),
     Optimization("moe_sorted_routing", "moe_sorted_routing", "MoE routing by one sort + grouped GEMM, not per expert",
-                 ("moe",), None, "optkit.train.moe:apply_moe_sorted_routing", "optkit.train.moe:remove_moe_sorted_routing"),
+                 ("moe",), None, moe_sorted_routing.apply_moe_sorted_routing,
+                 moe_sorted_routing.remove_moe_sorted_routing),
     Optimization("liger", "liger", "peer: Liger-Kernel's own patching (RoPE, RMSNorm, SwiGLU/GeGLU, fused linear CE)",
-                 ("liger",), None, "optkit.patch_peers:apply_liger"),
+                 ("liger",), None, peers.apply_liger, peer=True),
     Optimization("compile", "compile", "peer: torch.compile of the whole model (opt.compile_mode)",
-                 (), None, "optkit.patch_peers:apply_compile"),
+                 (), None, peers.apply_compile, peer=True),
 )
 REGISTRY: Dict[str, Optimization] = {o.name: o for o in _ALL}  # insertion order = application order
-
-# Class-name prefix of each family's HF modules: <prefix>RMSNorm, <prefix>MLP, <prefix>Attention.
-FAMILY_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
-                       "qwen3_moe": "Qwen3Moe", "gemma2": "Gemma2"}
+PEERS = tuple(name for name, o in REGISTRY.items() if o.peer)
 # Conditions on the model, not the machine: an optimization whose condition fails is skipped with a
 # log line. ("packing" cannot be seen on the model: that apply function decides for itself.)
 _MODEL_CONDITIONS = ("moe", "lora", "packing")
@@ -82,13 +84,10 @@ def load_opt_config(opt_cfg: Any) -> OptConfig:
 
     if isinstance(opt_cfg, OptConfig):
         return opt_cfg
-    if isinstance(opt_cfg, str):
-        from optkit.compose import CONF_DIR, group_choices
+    if isinstance(opt_cfg, str):  # presets extend each other (Hydra defaults lists): compose, don't just load
+        from optkit.config.compose import compose_preset
 
-        path = CONF_DIR / "opt" / f"{opt_cfg}.yaml"
-        if not path.is_file():
-            raise ValueError(f"opt preset {opt_cfg!r} unknown; choose one of: {', '.join(group_choices('opt'))}")
-        opt_cfg = OmegaConf.load(path)
+        opt_cfg = compose_preset("opt", opt_cfg)
     if not isinstance(opt_cfg, (dict, DictConfig)):
         raise TypeError(f"opt_cfg must be a preset name, OptConfig, DictConfig or dict, not {type(opt_cfg).__name__}")
     try:
@@ -97,7 +96,7 @@ def load_opt_config(opt_cfg: Any) -> OptConfig:
         raise ValueError(f"bad opt config: {exc}") from exc
 
 
-def _config_value(cfg: OptConfig, dotted: str) -> Any:
+def switch_value(cfg: OptConfig, dotted: str) -> Any:
     value = cfg
     for part in dotted.split("."):
         value = getattr(value, part)
@@ -107,7 +106,7 @@ def _config_value(cfg: OptConfig, dotted: str) -> Any:
 def enabled_names(opt_cfg: Any) -> List[str]:
     """Registry names switched on in ``opt_cfg``, in application order."""
     cfg = load_opt_config(opt_cfg)
-    return [name for name, opt in REGISTRY.items() if _config_value(cfg, opt.config_key)]
+    return [name for name, opt in REGISTRY.items() if switch_value(cfg, opt.config_key)]
 
 
 def _machine_problem(requirement: str, device: Optional[torch.device]) -> Optional[str]:
@@ -137,12 +136,3 @@ def missing_requirements(opt_cfg: Any, model: Optional[nn.Module] = None, device
             if problem:
                 names_by_problem.setdefault(problem, []).append(name)
     return [f"{', '.join(names)}: {problem}" for problem, names in names_by_problem.items()]
-
-
-
-def _resolve(spec: str) -> Callable:
-    module_name, _, fn_name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), fn_name)
-    except (ImportError, AttributeError) as exc:
-        raise ImportError(f"{spec} could not be imported ({exc}); is optkit fully installed?") from exc

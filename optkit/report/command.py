@@ -1,18 +1,15 @@
-"""Reports: result runs -> tables (Markdown, CSV, LaTeX) and figures, per GPU kind and suite.
+"""The ``optkit report`` command: result runs -> tables (Markdown, CSV, LaTeX) and figures.
 
 ``optkit report RUN_DIR... [--out reports]`` writes ``reports/<gpu-slug>/<suite>/``: report.md, one
 .csv and one booktabs .tex table per model (and ``kernels.*``), figures/*.png|pdf. Run dirs of
 several GPU kinds for one suite add ``reports/cross-gpu/<suite>/``. Of several runs of one GPU kind
 and suite the newest is reported; ``--merge`` pools them (rows of one point become extra windows).
 
-Pure functions of the result files: no GPU, no torch. The work is split by step, data flowing one way:
-- report_load: run directories -> Run, rows grouped into Points
-- report_entries: Points -> table entries (speedup and its CI, memory saving; the definitions)
-- report_tables: entries -> columns, cells, Markdown / LaTeX / CSV tables
-- report_sections / report_profile: report.md of one GPU kind and suite, section by section
-- report_cross_gpu: reports/cross-gpu/<suite>/
-- plots: the figures
-This module is the ``optkit report`` command and re-exports the names other modules and tests use.
+Pure functions of the result files: no GPU, no torch. The steps, data flowing one way:
+results/runs.py (run directories -> Run, rows grouped into Points) -> entries.py (Points -> table entries:
+speedup and its CI, memory saving; the definitions) -> tables.py (entries -> Markdown / LaTeX / CSV) ->
+sections.py and profile.py (report.md of one GPU kind and suite) and cross_gpu.py (reports/cross-gpu/<suite>/),
+plots.py drawing the figures.
 """
 from __future__ import annotations
 
@@ -22,22 +19,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-# Re-exported: `from optkit import report; report.X` is how report_profile, regress and tests reach these.
-from optkit.report_cross_gpu import cross_gpu_table, write_cross_gpu  # noqa: F401
-from optkit.report_entries import (  # noqa: F401
-    KERNEL_BASELINE_IMPL, kernel_table, loss_gap, model_baseline_opt, suite_baseline_opt, train_entry, train_table,
-)
-from optkit.report_load import (  # noqa: F401
-    Point, ReportInputError, Run, error_summary, group_points, load_run, natural_key, point_id, setting_of,
-)
-from optkit.report_sections import (  # noqa: F401
-    FigureWriter, convergence_lines, environment_block, kernel_section, label_entries, split_varying, train_section,
-    write_report,
-)
-from optkit.report_tables import (  # noqa: F401
-    DASH, GIB, KERNEL_COLUMNS, MIB, NOTES, TRAIN_COLUMNS, Column, _num, _ratio_cell, best_cells, latex_escape,
-    render_latex, render_markdown, sig, table_notes, text_col, visible_columns, write_csv, write_tables,
-)
+from optkit.report.cross_gpu import write_cross_gpu
+from optkit.report.sections import write_report
+from optkit.results.runs import ReportInputError, Run, load_run, natural_key
 
 
 def newest_run(runs: Sequence[Run]) -> Run:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from optkit.report_entries import KERNEL_BASELINE_IMPL, kernel_table, suite_baseline_opt, train_table
-from optkit.report_load import Run, group_points
-from optkit.report_sections import FigureWriter, environment_block, label_entries
-from optkit.report_tables import DASH, Column, _num, _ratio_cell, text_col, write_tables
+from optkit.report.entries import KERNEL_BASELINE_IMPL, kernel_table, suite_baseline_opt, train_table
+from optkit.results.runs import Run, group_points
+from optkit.report.sections import FigureWriter, environment_block, label_entries
+from optkit.report.tables import DASH, Column, _num, _ratio_cell, text_col, write_tables
 
 
 def _per_gpu_col(slug: str, key: str, header: str, fmt, better: Optional[str]) -> Column:
@@ -60,7 +60,7 @@ def cross_gpu_table(per_gpu: Dict[str, List[Run]], baseline_opt: Optional[str]):
 def write_cross_gpu(per_gpu: Dict[str, List[Run]], out_root: Path, baseline_opt: Optional[str] = None,
                     formats: Sequence[str] = ("png", "pdf")) -> Path:
     """reports/cross-gpu/<suite>/: one table and one figure with the GPU kind as an axis."""
-    from optkit import plots
+    from optkit.report import plots
 
     suite = next(iter(per_gpu.values()))[0].suite
     out_dir = Path(out_root) / "cross-gpu" / suite

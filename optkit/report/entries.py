@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence
 
 from optkit.measure.stats import pooled_median, ratio_ci
-from optkit.report_load import Point, natural_key, setting_of
+from optkit.results.runs import Point, natural_key, setting_of
 
 KERNEL_BASELINE_IMPL = "eager"
 

@@ -105,8 +105,9 @@ def _vram_series_by_label(points: Sequence[Any], labels: Dict[str, str], baselin
 def profile_section(model: str, points: Sequence[Any], labels: Dict[str, str], baseline_opt: str,
                     figure) -> List[str]:
     """Markdown (and files) of the kernel-share table and the VRAM-over-one-step figure; [] if no data."""
-    from optkit import plots
-    from optkit import report_load, report_tables
+    from optkit.report import plots
+    from optkit.results import runs as report_load
+    from optkit.report import tables as report_tables
 
     out_dir = figure.out_dir
     md: List[str] = []

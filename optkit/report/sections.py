@@ -10,11 +10,11 @@ from pathlib import Path
 from statistics import median
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from optkit.report_entries import (
+from optkit.report.entries import (
     KERNEL_BASELINE_IMPL, kernel_table, loss_gap, model_baseline_opt, suite_baseline_opt, train_table,
 )
-from optkit.report_load import Point, Run, group_points, setting_of
-from optkit.report_tables import DASH, KERNEL_COLUMNS, TRAIN_COLUMNS, sig, table_notes, write_tables
+from optkit.results.runs import Point, Run, group_points, setting_of
+from optkit.report.tables import DASH, KERNEL_COLUMNS, TRAIN_COLUMNS, sig, table_notes, write_tables
 
 
 def environment_block(runs: Sequence[Run]) -> str:
@@ -76,7 +76,7 @@ class FigureWriter:
 
 
 def train_section(model: str, points: List[Point], baseline_opt: str, figure: FigureWriter) -> List[str]:
-    from optkit import plots
+    from optkit.report import plots
 
     out_dir = figure.out_dir
     entries = train_table(points, baseline_opt)
@@ -109,7 +109,7 @@ def train_section(model: str, points: List[Point], baseline_opt: str, figure: Fi
     series = {labels[p.key]: p.head["nvml_series"] for p in points if p.head.get("nvml_series")}
     md += figure(plots.vram_timeline, series, f"{model}: GPU memory over time (NVML)", name=f"{model}_vram",
                  caption="VRAM over time")
-    from optkit.report_profile import profile_section
+    from optkit.report.profile import profile_section
 
     return md + profile_section(model, points, labels, baseline_opt, figure)
 
@@ -147,7 +147,7 @@ def convergence_lines(points: Sequence[Point], baseline_opt: str, labels: Dict[s
 
 
 def kernel_section(points: List[Point], figure: FigureWriter) -> List[str]:
-    from optkit import plots
+    from optkit.report import plots
 
     out_dir = figure.out_dir
     entries = kernel_table(points)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from optkit.report_entries import KERNEL_BASELINE_IMPL
+from optkit.report.entries import KERNEL_BASELINE_IMPL
 
 GIB, MIB = 1024 ** 3, 1024 ** 2
 DASH = "—"

@@ -1,12 +1,16 @@
 """Result rows: one self-describing JSON object per measured point, appended to results.jsonl.
 
-A row never changes meaning silently: when what a field measures changes, bump SCHEMA_VERSION.
-History: 1 first rows; 2 the allocator's setup cache (e.g. the bf16 weights a QLoRA model was
-quantized from) is released before warm-up, so NVML figures of the timed window are the training
-footprint (v1 rows of QLoRA points counted ~16 GiB of that cache at Llama-3-8B).
 Field names carry their unit. A failed point is still a row (status != "ok", with ``error``).
-
 Layout of a run: ``<results_dir>/<gpu-slug>/<suite>/<run_id>/{env.json, results.jsonl}``.
+
+A row never changes meaning silently: when what a field measures changes, SCHEMA_VERSION goes up, and
+this is the one place that says what each version changed:
+  1  first rows.
+  2  the allocator's setup cache (e.g. the bf16 weights a QLoRA model was quantized from) is released
+     before warm-up, so NVML figures of the timed window are the training footprint (v1 rows of QLoRA
+     points counted ~16 GiB of that cache at Llama-3-8B).
+  3  ``enabled_optimizations`` (which listed every switch that was on, applied or skipped) is replaced by
+     ``requested_optimizations`` (switched on) and ``applied_optimizations`` (applied to the model).
 """
 from __future__ import annotations
 
@@ -16,12 +20,12 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 STATUSES = ("ok", "oom", "error", "skipped", "timeout")
 
 # Every row has these keys (values may be None when not applicable, e.g. NVML on a CPU run).
-# name -> meaning. tests/test_results.py checks rows against this list.
+# name -> meaning. Tests check written rows against this list.
 ROW_FIELDS: Dict[str, str] = {
     # identity
     "schema_version": "SCHEMA_VERSION of the code that wrote the row",
@@ -41,7 +45,10 @@ ROW_FIELDS: Dict[str, str] = {
     "model": "zoo name", "family": "model family", "opt": "opt-set name", "train_method": "full | lora | qlora",
     "batch_size": "rows per step", "seq_len": "tokens per row", "dtype": "model dtype",
     "checkpointing": "train.checkpointing", "optimizer": "train.optimizer", "packing": "data.packing",
-    "enabled_optimizations": "registry names actually applied", "patch_log": "what the patcher changed",
+    "requested_optimizations": "registry names switched on by the opt config, in application order",
+    "applied_optimizations": "registry names the patcher applied to this model (requested minus those skipped: "
+                             "e.g. geglu on a SiLU model; patch_log says why)",
+    "patch_log": "what the patcher changed, one line per change or skip",
     "config": "the full resolved config",
     # environment (the full capture is env.json beside results.jsonl)
     "device": "cuda | cpu", "gpu_name": "GPU name or None", "gpu_slug": "e.g. h100, cpu",
@@ -109,6 +116,18 @@ ROW_FIELDS: Dict[str, str] = {
 }
 
 
+def env_stamp(env: Dict[str, Any]) -> Dict[str, Any]:
+    """The environment fields every row carries, from the capture in env.json (optkit.measure.env)."""
+    from optkit.measure.env import env_fingerprint, gpu_slug
+
+    return {
+        "gpu_name": env.get("gpu_name"), "gpu_slug": gpu_slug(env), "driver": env.get("driver_version"),
+        "torch": env.get("torch_version"), "triton": env.get("triton_version"),
+        "transformers": env.get("transformers_version"), "git_sha": env.get("git_sha"),
+        "git_dirty": env.get("git_dirty"), "env_fingerprint": env_fingerprint(env),
+    }
+
+
 def empty_row() -> Dict[str, Any]:
     row = {name: None for name in ROW_FIELDS}
     row["schema_version"] = SCHEMA_VERSION
@@ -171,7 +190,7 @@ def identity_fields(config: Dict[str, Any], overrides: List[str], run_id: str, r
 def append_row(path: Path, row: Dict[str, Any]) -> None:
     """Append one row and fsync, so a killed sweep loses at most the point in flight."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(_finite(row), default=_json_default, allow_nan=False)
+    line = json.dumps(finite(row), default=json_default, allow_nan=False)
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(line + "\n")
         fh.flush()
@@ -202,18 +221,18 @@ def read_run(run_dir: Path) -> tuple[Dict[str, Any], List[Dict[str, Any]]]:
     return env, read_rows(run_dir / "results.jsonl")
 
 
-def _finite(obj):
+def finite(obj):
     """NaN / inf become None: JSON has no NaN, and a NaN loss must not lose the row."""
     if isinstance(obj, float):
         return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     return obj
 
 
-def _json_default(obj):
+def json_default(obj):
     if hasattr(obj, "item"):
         return obj.item()
     if isinstance(obj, (set, tuple)):

@@ -10,7 +10,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any, Dict, List, Optional, Sequence
 
-from optkit.results import read_run
+from optkit.results.rows import read_run
 
 
 class ReportInputError(ValueError):

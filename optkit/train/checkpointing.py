@@ -34,7 +34,9 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from optkit.train.adapters import decoder_layers
+from optkit.train.method import decoder_layers
+
+MODES = ("none", "standard", "offload", "offload_double_buffer")  # train.checkpointing
 
 # kwargs of HF decoder layers that would update a KV cache again when the layer is recomputed
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -53,9 +55,8 @@ def enable_checkpointing(model: nn.Module, mode: str) -> Dict[str, Any]:
         # only for the reentrant variant), so the step is the same as without checkpointing otherwise.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return {"checkpointing": "standard"}
-    if mode not in ("offload", "offload_double_buffer"):
-        raise ValueError(f"train.checkpointing={mode!r} is not valid; choose one of: none, standard, offload, "
-                         "offload_double_buffer")
+    if mode not in MODES:
+        raise ValueError(f"train.checkpointing={mode!r} is not valid; choose one of: {', '.join(MODES)}")
     layers = decoder_layers(model)
     if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
         raise RuntimeError("HF gradient checkpointing is on; call model.gradient_checkpointing_disable() before "

@@ -12,7 +12,11 @@ from typing import List
 import torch
 from torch import nn
 
+from optkit.train.moe import add_expert_lora
 from optkit.train.qlora import quantize_linears
+
+METHODS = ("full", "lora", "qlora")  # train.method
+ADAPTER_METHODS = ("lora", "qlora")  # methods that train LoRA adapters on frozen weights
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -68,10 +72,15 @@ def add_lora(model: nn.Module, train_cfg) -> nn.Module:
             f"{list(train_cfg.lora_targets)}: {exc}. Set train.lora_targets to module names of this model"
         ) from exc
     if "experts" in train_cfg.lora_targets:
-        from optkit.train.moe import apply_expert_lora
-
         apply_expert_lora(peft_model.get_base_model(), train_cfg)
     return peft_model
+
+
+def apply_expert_lora(model, train_cfg) -> List[str]:
+    """Expert LoRA when train.method is lora/qlora and "experts" is in train.lora_targets (QLoRA: NF4 experts)."""
+    if train_cfg.method not in ADAPTER_METHODS or "experts" not in list(train_cfg.lora_targets):
+        return []
+    return add_expert_lora(model, train_cfg.lora_r, train_cfg.lora_alpha, quantize=train_cfg.method == "qlora")
 
 
 def apply_training_method(model: nn.Module, train_cfg) -> nn.Module:
@@ -84,5 +93,5 @@ def apply_training_method(model: nn.Module, train_cfg) -> nn.Module:
     if method == "qlora":
         quantize_for_qlora(model, train_cfg)
     elif method != "lora":
-        raise ValueError(f"train.method={method!r} is not valid; choose one of: full, lora, qlora")
+        raise ValueError(f"train.method={method!r} is not valid; choose one of: {', '.join(METHODS)}")
     return add_lora(model, train_cfg)

@@ -215,41 +215,12 @@ class SortedExperts(nn.Module):
         return total
 
 
-# --- apply / remove ----------------------------------------------------------------------------------------------
-
-
-def apply_moe_sorted_routing(model, opt_cfg) -> List[str]:
-    """opt.moe_sorted_routing: swap every HF 3D-experts module of ``model`` for ``SortedExperts``."""
-    if not getattr(opt_cfg, "moe_sorted_routing", True):
-        return []
-    swapped = _swap_experts(model)
-    if not swapped:
-        if any(isinstance(m, SortedExperts) for m in model.modules()):  # swapped already (e.g. by expert LoRA)
-            return ["moe_sorted_routing: the experts already run SortedExperts; nothing changed"]
-        return ["moe_sorted_routing: no MoE experts in this model; nothing changed"]
-    first = swapped[0]
-    return [f"moe_sorted_routing: {len(swapped)} experts modules ({first}, ...) -> SortedExperts "
-            f"(argsort + offsets + grouped GEMM, router unchanged)"]
-
-
-def remove_moe_sorted_routing(model) -> None:
-    """Put the original HF experts modules back (expert LoRA adapters and NF4 storage go with the swapped ones)."""
-    originals = model.__dict__.pop("_optkit_moe_originals", {})
-    for name, original in originals.items():
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, original)
-
-
-def apply_expert_lora(model, train_cfg) -> List[str]:
-    """Expert LoRA when train.method is lora/qlora and "experts" is in train.lora_targets (QLoRA: NF4 experts)."""
-    if train_cfg.method not in ("lora", "qlora") or "experts" not in list(train_cfg.lora_targets):
-        return []
-    return add_expert_lora(model, train_cfg.lora_r, train_cfg.lora_alpha, quantize=train_cfg.method == "qlora")
+# --- expert LoRA and the swap it shares with opt.moe_sorted_routing ----------------------------------------------------------------------------------------------
 
 
 def add_expert_lora(model, rank: int, alpha: float, quantize: bool = False) -> List[str]:
     """Adapters on every expert projection (swaps in SortedExperts first: the adapters live in its grouped path)."""
-    _swap_experts(model)
+    swap_experts(model)
     modules = [m for m in model.modules() if isinstance(m, SortedExperts)]
     if not modules:
         return ["expert LoRA: no MoE experts in this model; nothing changed"]
@@ -270,7 +241,7 @@ def add_expert_lora(model, rank: int, alpha: float, quantize: bool = False) -> L
     return log
 
 
-def _swap_experts(model) -> List[str]:
+def swap_experts(model) -> List[str]:
     originals = model.__dict__.setdefault("_optkit_moe_originals", {})  # a plain dict: not registered as submodules
     swapped = []
     for name, module in list(model.named_modules()):

@@ -45,6 +45,9 @@ BUILDERS: Dict[str, Callable] = {
 }
 
 
+OPTIMIZERS = tuple(BUILDERS)  # train.optimizer
+
+
 def build_optimizer(params, train_cfg) -> torch.optim.Optimizer:
     """The optimizer ``train_cfg.optimizer`` over the parameters of ``params`` that require grad."""
     params = [p for p in params if p.requires_grad]

@@ -20,7 +20,7 @@ installed here, so the baseline runs this exact metadata work with torch's varle
 (HF's sdpa path builds one dense (B, 1, T, T) mask per forward instead: another kernel, not this comparison.)
 HF needs packed inputs as one (1, total) row; we flatten (B, T) rows to that, which is what HF's collator produces.
 
-Cache, ``apply_packed_metadata_cache`` (``opt.packed_metadata_cache``): a forward pre-hook on the decoder stack builds
+Cache (``opt.packed_metadata_cache``, optkit/opt/packed_metadata_cache.py): a forward pre-hook on the decoder stack builds
 the metadata once per forward from position_ids - one device->host copy of position_ids (the one sync), boundaries
 computed on the host, cu_seqlens copied back asynchronously from pinned memory - and hands it to every layer as a
 keyword argument, which HF threads through the decoder layers into the attention function untouched. No layer syncs.
@@ -182,8 +182,8 @@ def _varlen_by_example(q, k, v, metadata: PackedMetadata, scale: float) -> torch
 
 def install_packed_attention(model) -> List[str]:
     """Switch ``model`` to packed attention, metadata rebuilt per layer (the baseline). Idempotent."""
-    base = _decoder_stack(model)
-    state = _state(model)
+    base = decoder_stack(model)
+    state = packing_state(model)
     if "previous_attn" in state:
         return []
     _register_attention()
@@ -197,35 +197,16 @@ def install_packed_attention(model) -> List[str]:
             f"other batches keep {state['previous_attn']}"]
 
 
-def apply_packed_metadata_cache(model, opt_cfg) -> List[str]:
-    """opt.packed_metadata_cache: packed attention whose metadata is built once per batch and shared by all layers."""
-    if not getattr(opt_cfg, "packed_metadata_cache", True):
-        return []
-    log = install_packed_attention(model)
-    state = _state(model)
-    if "cache_hook" not in state:
-        base = _decoder_stack(model)
-        state["cache_hook"] = base.register_forward_pre_hook(_attach_metadata, with_kwargs=True)
-        log.append(f"packing: {type(base).__name__} builds packed metadata once per forward; its "
-                   f"{len(base.layers)} layers reuse it (no per-layer host sync)")
-    return log
-
-
-def remove_packed_metadata_cache(model) -> None:
-    """Undo ``apply_packed_metadata_cache`` (back to the per-layer baseline)."""
-    handle = _state(model).pop("cache_hook", None)
-    if handle is not None:
-        handle.remove()
-
-
 def remove_packed_attention(model) -> None:
     """Undo ``install_packed_attention`` and the cache: the model's original attention implementation is back."""
-    remove_packed_metadata_cache(model)
-    state = _state(model)
+    state = packing_state(model)
+    handle = state.pop("cache_hook", None)  # opt.packed_metadata_cache's hook, if it added one
+    if handle is not None:
+        handle.remove()
     if "previous_attn" not in state:
         return
     state.pop("route_hook").remove()
-    base = _decoder_stack(model)
+    base = decoder_stack(model)
     for attention in _attention_modules(base):
         del attention._optkit_packing_stats
     base.config._attn_implementation = state.pop("previous_attn")
@@ -233,17 +214,7 @@ def remove_packed_attention(model) -> None:
 
 def packing_stats(model) -> PackingStats:
     """Counts on this model since packed attention was installed (``.reset()`` zeroes them)."""
-    return _state(model)["stats"]
-
-
-def _attach_metadata(module, args, kwargs):
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None or kwargs.get("attention_mask") is not None or kwargs.get(METADATA_KWARG) is not None:
-        return None  # not a packed batch: HF's own attention runs (see _route_batch)
-    rows = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
-    kwargs[METADATA_KWARG] = build_packed_metadata(position_ids.expand(rows.shape[0], -1))
-    module._optkit_packing_state["stats"].per_batch_builds += 1
-    return args, kwargs
+    return packing_state(model)["stats"]
 
 
 def _route_batch(module, args, kwargs):
@@ -262,7 +233,7 @@ def _register_attention() -> None:
         AttentionInterface.register(ATTN_NAME, packed_attention_forward)
 
 
-def _decoder_stack(model) -> torch.nn.Module:
+def decoder_stack(model) -> torch.nn.Module:
     """The module holding the decoder layers (e.g. Qwen3Model), found through peft / CausalLM wrappers."""
     for module in model.modules():
         if isinstance(getattr(module, "layers", None), torch.nn.ModuleList) and hasattr(module, "embed_tokens"):
@@ -275,8 +246,8 @@ def _attention_modules(base) -> List[torch.nn.Module]:
     return [layer.self_attn for layer in base.layers if hasattr(layer, "self_attn")]
 
 
-def _state(model) -> Dict[str, Any]:
-    base = _decoder_stack(model)
+def packing_state(model) -> Dict[str, Any]:
+    base = decoder_stack(model)
     if not hasattr(base, "_optkit_packing_state"):
         base._optkit_packing_state = {"stats": PackingStats()}
     return base._optkit_packing_state

@@ -1,4 +1,4 @@
-"""CPU tests of the kernel benchmark harness (optkit/kernel_suite.py): the sweep, byte counts, rows,
+"""CPU tests of the kernel benchmark harness (optkit/bench/kernels/run.py): the sweep, byte counts, rows,
 implementation discovery, failure rows, fresh inputs per repeat, compile caching, the device-time
 pass (trace parsing on synthetic events, its plumbing with a scripted trace), the FLCE chunk sweep,
 and a tiny run.
@@ -17,8 +17,26 @@ import types
 import pytest
 import torch
 
-from optkit import kernel_suite as ks
-from optkit.results import read_rows
+from optkit.measure import device_timing
+
+from optkit.measure import device_trace
+
+from optkit.measure import intervals
+
+from optkit.bench.kernels import cases as kernel_cases
+
+from optkit.bench.kernels import context as kernel_context
+
+from optkit.bench.kernels import impls as kernel_impls
+
+from optkit.bench.kernels import rows as kernel_rows
+
+from optkit.bench.kernels import run as kernel_run
+
+from optkit.bench.kernels import table as kernel_table
+
+from optkit.results import rows as result_rows
+from optkit.results.rows import read_rows
 
 CPU = torch.device("cpu")
 # The fields the brief requires of every kernel row.
@@ -52,31 +70,31 @@ class FakeTimer:
                 for i in range(self.steps)]
 
 
-def _context(timer_factory=FakeTimer, settings=ks.SMOKE_SETTINGS, copy_gbps=100.0, compile_cache=None):
-    return ks.RunContext(run_id="t", device=CPU, env=FAKE_ENV, env_fields=ks._env_fields(FAKE_ENV),
-                         settings=settings, flush=ks.L2Flush(CPU), copy_gbps=copy_gbps,
-                         compile_cache=compile_cache or ks.CompileCache("no compile in this test"),
+def _context(timer_factory=FakeTimer, settings=kernel_run.SMOKE_SETTINGS, copy_gbps=100.0, compile_cache=None):
+    return kernel_context.RunContext(run_id="t", device=CPU, env=FAKE_ENV, env_fields=result_rows.env_stamp(FAKE_ENV),
+                         settings=settings, flush=device_timing.L2Flush(CPU), copy_gbps=copy_gbps,
+                         compile_cache=compile_cache or kernel_impls.CompileCache("no compile in this test"),
                          timer_factory=timer_factory)
 
 
 def _case(op):
-    return next(c for c in ks.smoke_cases((op,)))
+    return next(c for c in kernel_cases.smoke_cases((op,)))
 
 
 # --------------------------------------------------------------------------- the sweep
 
 
 def test_sweep_covers_the_published_shapes_once():
-    cases = ks.sweep_cases()
+    cases = kernel_cases.sweep_cases()
     shapes = [(c.op, c.shape) for c in cases]
     assert len(shapes) == len(set(shapes)), "a shape shared by two models must appear once"
-    by_op = {op: [c for c in cases if c.op == op] for op in ks.OPS}
+    by_op = {op: [c for c in cases if c.op == op] for op in kernel_cases.OPS}
     assert {c.dims["H"] for c in by_op["rms_norm"]} == {4096, 3584}
-    assert {c.tokens for c in by_op["rms_norm"]} == set(ks.TOKENS)
+    assert {c.tokens for c in by_op["rms_norm"]} == set(kernel_cases.TOKENS)
     assert {(c.dims["Hq"], c.dims["Hkv"], c.dims["D"]) for c in by_op["rope"]} == {(32, 8, 128), (16, 8, 256)}
     assert all(c.dims["B"] * c.dims["S"] == c.tokens for c in by_op["rope"])
     assert {c.dims["I"] for c in by_op["swiglu"]} == {14336, 12288}
-    assert [c.params["approximate"] for c in by_op["geglu"]] == ["tanh"] * len(ks.TOKENS)
+    assert [c.params["approximate"] for c in by_op["geglu"]] == ["tanh"] * len(kernel_cases.TOKENS)
     assert {(c.dims["V"], c.params["softcap"]) for c in by_op["cross_entropy"]} == {
         (128256, None), (151936, None), (256000, 30.0)}
     assert {c.tokens for c in by_op["cross_entropy"]} == {4096, 8192}
@@ -87,21 +105,21 @@ def test_sweep_covers_the_published_shapes_once():
 
 
 def test_quick_sweep_is_one_shape_per_op():
-    cases = ks.sweep_cases(quick=True)
-    assert sorted(c.op for c in cases) == sorted(ks.OPS)
+    cases = kernel_cases.sweep_cases(quick=True)
+    assert sorted(c.op for c in cases) == sorted(kernel_cases.OPS)
 
 
 def test_compile_group_ignores_only_token_dims():
-    cases = [c for c in ks.sweep_cases() if c.op == "rope"]
+    cases = [c for c in kernel_cases.sweep_cases() if c.op == "rope"]
     groups = {c.compile_group for c in cases}
     assert groups == {("rope", "Hq32xHkv8xD128"), ("rope", "Hq16xHkv8xD256")}
-    ce = {c.compile_group for c in ks.sweep_cases(ops=("cross_entropy",))}
+    ce = {c.compile_group for c in kernel_cases.sweep_cases(ops=("cross_entropy",))}
     assert ("cross_entropy", "V256000-softcap30") in ce and len(ce) == 3
 
 
 def test_unknown_op_is_a_clear_error():
     with pytest.raises(ValueError, match="choose from"):
-        ks.sweep_cases(ops=("rmsnorm",))
+        kernel_cases.sweep_cases(ops=("rmsnorm",))
 
 
 # --------------------------------------------------------------------------- byte counts
@@ -113,60 +131,60 @@ def _nbytes(*tensors):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rms_norm_bytes_match_the_tensors_it_must_touch(dtype):
-    case = ks.Case("rms_norm", "t", {"T": 7, "H": 40}, {"eps": 1e-6, "offset": 0.0, "cast_mode": "llama"})
-    t = ks.SPECS["rms_norm"].make_inputs(case, dtype, CPU)
-    y = ks._eager_rms_norm(t["x"], t["weight"], 1e-6, 0.0, "llama")
+    case = kernel_cases.Case("rms_norm", "t", {"T": 7, "H": 40}, {"eps": 1e-6, "offset": 0.0, "cast_mode": "llama"})
+    t = kernel_cases.SPECS["rms_norm"].make_inputs(case, dtype, CPU)
+    y = kernel_cases._eager_rms_norm(t["x"], t["weight"], 1e-6, 0.0, "llama")
     rstd = torch.empty(7, dtype=torch.float32)
-    fwd, bwd = ks.SPECS["rms_norm"].bytes_moved(case, dtype.itemsize)
+    fwd, bwd = kernel_cases.SPECS["rms_norm"].bytes_moved(case, dtype.itemsize)
     assert fwd == _nbytes(t["x"], t["weight"], y, rstd)
     assert bwd == _nbytes(y, t["x"], t["weight"], rstd) + _nbytes(t["x"], t["weight"])  # dy,x,w,rstd -> dx,dw
 
 
 def test_rope_bytes_match_the_tensors_it_must_touch():
-    case = ks.Case("rope", "t", {"T": 12, "B": 2, "S": 6, "Hq": 4, "Hkv": 2, "D": 8})
-    t = ks.SPECS["rope"].make_inputs(case, torch.bfloat16, CPU)
-    q2, k2 = ks._eager_rope(t["q"], t["k"], t["cos"], t["sin"])
-    fwd, bwd = ks.SPECS["rope"].bytes_moved(case, 2)
+    case = kernel_cases.Case("rope", "t", {"T": 12, "B": 2, "S": 6, "Hq": 4, "Hkv": 2, "D": 8})
+    t = kernel_cases.SPECS["rope"].make_inputs(case, torch.bfloat16, CPU)
+    q2, k2 = kernel_cases._eager_rope(t["q"], t["k"], t["cos"], t["sin"])
+    fwd, bwd = kernel_cases.SPECS["rope"].bytes_moved(case, 2)
     assert fwd == _nbytes(t["q"], t["k"], t["cos"], t["sin"], q2, k2)
     assert bwd == fwd  # dq', dk', cos, sin -> dq, dk
 
 
 @pytest.mark.parametrize("op", ["swiglu", "geglu"])
 def test_gated_bytes_match_the_tensors_it_must_touch(op):
-    case = ks.Case(op, "t", {"T": 5, "I": 24}, {"approximate": "tanh"} if op == "geglu" else {})
-    t = ks.SPECS[op].make_inputs(case, torch.bfloat16, CPU)
-    out = ks.SPECS[op].eager(**t, **case.params)
-    fwd, bwd = ks.SPECS[op].bytes_moved(case, 2)
+    case = kernel_cases.Case(op, "t", {"T": 5, "I": 24}, {"approximate": "tanh"} if op == "geglu" else {})
+    t = kernel_cases.SPECS[op].make_inputs(case, torch.bfloat16, CPU)
+    out = kernel_cases.SPECS[op].eager(**t, **case.params)
+    fwd, bwd = kernel_cases.SPECS[op].bytes_moved(case, 2)
     assert fwd == _nbytes(t["gate"], t["up"], out)
     assert bwd == _nbytes(out, t["gate"], t["up"], t["gate"], t["up"])
 
 
 def test_cross_entropy_bytes_match_the_tensors_it_must_touch():
-    case = ks.Case("cross_entropy", "t", {"T": 9, "V": 31}, {"softcap": None})
-    t = ks.SPECS["cross_entropy"].make_inputs(case, torch.bfloat16, CPU)
+    case = kernel_cases.Case("cross_entropy", "t", {"T": 9, "V": 31}, {"softcap": None})
+    t = kernel_cases.SPECS["cross_entropy"].make_inputs(case, torch.bfloat16, CPU)
     lse = torch.empty(9, dtype=torch.float32)
-    fwd, bwd = ks.SPECS["cross_entropy"].bytes_moved(case, 2)
+    fwd, bwd = kernel_cases.SPECS["cross_entropy"].bytes_moved(case, 2)
     assert fwd == _nbytes(t["logits"], t["target"], lse)
     assert bwd == _nbytes(t["logits"], lse, t["target"], t["logits"])  # ... -> dlogits
 
 
 def test_flce_bytes_and_flops():
-    case = ks.Case("fused_linear_cross_entropy", "t", {"T": 9, "H": 16, "V": 31}, {"softcap": None})
-    t = ks.SPECS["fused_linear_cross_entropy"].make_inputs(case, torch.bfloat16, CPU)
-    fwd, bwd = ks.SPECS["fused_linear_cross_entropy"].bytes_moved(case, 2)
+    case = kernel_cases.Case("fused_linear_cross_entropy", "t", {"T": 9, "H": 16, "V": 31}, {"softcap": None})
+    t = kernel_cases.SPECS["fused_linear_cross_entropy"].make_inputs(case, torch.bfloat16, CPU)
+    fwd, bwd = kernel_cases.SPECS["fused_linear_cross_entropy"].bytes_moved(case, 2)
     assert fwd == _nbytes(t["hidden"], t["weight"], t["target"])
     assert bwd == 2 * _nbytes(t["hidden"], t["weight"])  # read h, W; write dh, dW
-    assert ks.SPECS["fused_linear_cross_entropy"].flops_full(case) == 3 * 2 * 9 * 16 * 31
-    assert ks.SPECS["swiglu"].flops_full(_case("swiglu")) is None
+    assert kernel_cases.SPECS["fused_linear_cross_entropy"].flops_full(case) == 3 * 2 * 9 * 16 * 31
+    assert kernel_cases.SPECS["swiglu"].flops_full(_case("swiglu")) is None
 
 
 # --------------------------------------------------------------------------- inputs and steps
 
 
 def test_fresh_inputs_are_new_leaves_with_the_same_layout():
-    master = ks.SPECS["rope"].make_inputs(_case("rope"), torch.bfloat16, CPU)
+    master = kernel_cases.SPECS["rope"].make_inputs(_case("rope"), torch.bfloat16, CPU)
     assert not master["q"].is_contiguous(), "q must be HF's transposed (B, S, H, D) view"
-    fresh = ks.fresh_inputs(master)
+    fresh = device_timing.fresh_inputs(master)
     for name, t in master.items():
         assert fresh[name].is_leaf and fresh[name].requires_grad == t.requires_grad
         assert fresh[name].stride() == t.stride() and fresh[name].data_ptr() != t.data_ptr()
@@ -175,7 +193,7 @@ def test_fresh_inputs_are_new_leaves_with_the_same_layout():
 
 def test_measure_gives_every_repeat_fresh_inputs_and_accumulates_no_grad():
     case = _case("rms_norm")
-    master = ks.SPECS["rms_norm"].make_inputs(case, torch.float32, CPU)
+    master = kernel_cases.SPECS["rms_norm"].make_inputs(case, torch.float32, CPU)
     original = {k: v.detach().clone() for k, v in master.items()}
     seen_x = []
 
@@ -183,9 +201,9 @@ def test_measure_gives_every_repeat_fresh_inputs_and_accumulates_no_grad():
         seen_x.append(x.detach().clone())
         with torch.no_grad():
             x.mul_(2.0)
-        return ks._eager_rms_norm(x, weight, 1e-6, 0.0, "llama")
+        return kernel_cases._eager_rms_norm(x, weight, 1e-6, 0.0, "llama")
 
-    m = ks.measure(clobbering_call, master, CPU, ks.SMOKE_SETTINGS, lambda: None, FakeTimer)
+    m = device_timing.measure(clobbering_call, master, CPU, kernel_run.SMOKE_SETTINGS, lambda: None, FakeTimer)
     assert all(torch.equal(x, original["x"]) for x in seen_x), "a repeat saw a previous repeat's writes"
     assert all(torch.equal(master[k], original[k]) for k in master)
     assert master["x"].grad is None and master["weight"].grad is None
@@ -203,18 +221,18 @@ def test_measure_never_keeps_a_graph_for_a_second_backward(monkeypatch):
 
     monkeypatch.setattr(torch.autograd, "grad", spying_grad)
     case = _case("swiglu")
-    master = ks.SPECS["swiglu"].make_inputs(case, torch.float32, CPU)
-    m = ks.measure(ks._eager_call(ks.SPECS["swiglu"], case, CPU), master, CPU, ks.SMOKE_SETTINGS,
+    master = kernel_cases.SPECS["swiglu"].make_inputs(case, torch.float32, CPU)
+    m = device_timing.measure(kernel_impls._eager_call(kernel_cases.SPECS["swiglu"], case, CPU), master, CPU, kernel_run.SMOKE_SETTINGS,
                    lambda: None, FakeTimer)
     assert len(seen) == m.warmup_steps + 2 * m.repeats
     assert set(seen) == {(None, None)}
 
 
 def test_repeats_are_clamped_by_the_settings():
-    s = ks.Settings(loop_ms=100.0, min_repeats=5, max_repeats=50)
-    assert ks._repeats_for(1.0, s) == 50
-    assert ks._repeats_for(10.0, s) == 10
-    assert ks._repeats_for(1000.0, s) == 5
+    s = device_timing.Settings(loop_ms=100.0, min_repeats=5, max_repeats=50)
+    assert device_timing._repeats_for(1.0, s) == 50
+    assert device_timing._repeats_for(10.0, s) == 10
+    assert device_timing._repeats_for(1000.0, s) == 5
 
 
 # --------------------------------------------------------------------------- rows
@@ -222,8 +240,8 @@ def test_repeats_are_clamped_by_the_settings():
 
 def test_ok_row_statistics_and_bandwidth_from_a_fake_timer():
     case = _case("swiglu")
-    master = ks.SPECS["swiglu"].make_inputs(case, torch.bfloat16, CPU)
-    row = ks.run_impl(case, "eager", "bfloat16", master, _context(copy_gbps=2.0))
+    master = kernel_cases.SPECS["swiglu"].make_inputs(case, torch.bfloat16, CPU)
+    row = kernel_run.run_impl(case, "eager", "bfloat16", master, _context(copy_gbps=2.0))
     assert row["status"] == "ok", row["error"]
     assert row["full_times_ms"] == [1.0, 2.0, 3.0]  # FakeTimer's scripted steps
     assert row["full_ms"] == 2.0 and row["full_ms_p10"] == pytest.approx(1.2) and row["full_ms_p90"] == 2.8
@@ -239,23 +257,23 @@ def test_ok_row_statistics_and_bandwidth_from_a_fake_timer():
 
 def test_fused_loss_rows_are_flagged_and_get_no_split_bandwidth(monkeypatch):
     case = _case("cross_entropy")
-    master = ks.SPECS["cross_entropy"].make_inputs(case, torch.float32, CPU)
-    eager = ks._eager_call(ks.SPECS["cross_entropy"], case, CPU)
-    monkeypatch.setattr("optkit.kernel_impls._optkit_call", lambda spec, case, device: eager)
-    row = ks.run_impl(case, "optkit", "float32", master, _context())
+    master = kernel_cases.SPECS["cross_entropy"].make_inputs(case, torch.float32, CPU)
+    eager = kernel_impls._eager_call(kernel_cases.SPECS["cross_entropy"], case, CPU)
+    monkeypatch.setattr("optkit.bench.kernels.impls._optkit_call", lambda spec, case, device: eager)
+    row = kernel_run.run_impl(case, "optkit", "float32", master, _context())
     assert row["status"] == "ok" and row["loss_in_forward"] is True
     assert row["gbps_fwd"] is None and row["gbps_bwd"] is None and row["gbps_full"] > 0
-    eager_row = ks.run_impl(case, "eager", "float32", master, _context())
+    eager_row = kernel_run.run_impl(case, "eager", "float32", master, _context())
     assert eager_row["loss_in_forward"] is False
 
 
 def test_flce_rows_carry_tflops():
     case = _case("fused_linear_cross_entropy")
-    master = ks.SPECS[case.op].make_inputs(case, torch.float32, CPU)
-    row = ks.run_impl(case, "eager", "float32", master, _context())
+    master = kernel_cases.SPECS[case.op].make_inputs(case, torch.float32, CPU)
+    row = kernel_run.run_impl(case, "eager", "float32", master, _context())
     flops = 6 * case.tokens * case.dims["H"] * case.dims["V"]
     assert row["flops_full"] == flops and row["tflops_full"] == pytest.approx(flops / 2e-3 / 1e12)
-    assert "TFLOP/s" in ks.format_table([row])
+    assert "TFLOP/s" in kernel_table.format_table([row])
 
 
 @pytest.mark.parametrize("exc, status", [
@@ -266,28 +284,28 @@ def test_a_failing_impl_is_a_row_not_a_crash(monkeypatch, exc, status):
     def broken(**tensors):
         raise exc
 
-    monkeypatch.setattr(ks, "resolve_impl", lambda *a: broken)
+    monkeypatch.setattr(kernel_run, "resolve_impl", lambda *a: broken)
     case = _case("rms_norm")
-    master = ks.SPECS["rms_norm"].make_inputs(case, torch.float32, CPU)
-    row = ks.run_impl(case, "optkit", "float32", master, _context())
+    master = kernel_cases.SPECS["rms_norm"].make_inputs(case, torch.float32, CPU)
+    row = kernel_run.run_impl(case, "optkit", "float32", master, _context())
     assert row["status"] == status and str(exc) in row["error"] and row["full_ms"] is None
 
 
 def test_missing_optkit_kernel_is_skipped_with_its_name(monkeypatch):
-    spec = ks.SPECS["swiglu"]
-    monkeypatch.setitem(ks.SPECS, "swiglu", ks.OpSpec(**{**spec.__dict__, "optkit_fn": "no_such_fn"}))
+    spec = kernel_cases.SPECS["swiglu"]
+    monkeypatch.setitem(kernel_cases.SPECS, "swiglu", kernel_cases.OpSpec(**{**spec.__dict__, "optkit_fn": "no_such_fn"}))
     case = _case("swiglu")
-    master = ks.SPECS["swiglu"].make_inputs(case, torch.float32, CPU)
-    row = ks.run_impl(case, "optkit", "float32", master, _context())
+    master = kernel_cases.SPECS["swiglu"].make_inputs(case, torch.float32, CPU)
+    row = kernel_run.run_impl(case, "optkit", "float32", master, _context())
     assert row["status"] == "skipped" and "optkit.kernels.swiglu.no_such_fn" in row["error"]
 
 
 def test_liger_not_installed_is_skipped(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", None)  # import -> ImportError
-    with pytest.raises(ks.ImplUnavailable, match="pip install liger-kernel"):
-        ks._liger_call(ks.SPECS["swiglu"], _case("swiglu"), torch.device("cuda"))
-    with pytest.raises(ks.ImplUnavailable, match="CUDA only"):
-        ks._liger_call(ks.SPECS["swiglu"], _case("swiglu"), CPU)
+    with pytest.raises(kernel_impls.ImplUnavailable, match="pip install liger-kernel"):
+        kernel_impls._liger_call(kernel_cases.SPECS["swiglu"], _case("swiglu"), torch.device("cuda"))
+    with pytest.raises(kernel_impls.ImplUnavailable, match="CUDA only"):
+        kernel_impls._liger_call(kernel_cases.SPECS["swiglu"], _case("swiglu"), CPU)
 
 
 def test_liger_calls_map_our_inputs_to_its_functional_api(monkeypatch):
@@ -300,14 +318,14 @@ def test_liger_calls_map_our_inputs_to_its_functional_api(monkeypatch):
         return fn
 
     fake = types.ModuleType("liger_kernel.transformers.functional")
-    for spec in ks.SPECS.values():
+    for spec in kernel_cases.SPECS.values():
         setattr(fake, spec.liger_fn, recorder(spec.name))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", fake)
     cuda = torch.device("cuda")  # resolving needs no GPU; the fakes run on CPU tensors
-    for op in ks.OPS:
+    for op in kernel_cases.OPS:
         case = _case(op)
-        inputs = ks.SPECS[op].make_inputs(case, torch.float32, CPU)
-        ks._liger_call(ks.SPECS[op], case, cuda)(**inputs)
+        inputs = kernel_cases.SPECS[op].make_inputs(case, torch.float32, CPU)
+        kernel_impls._liger_call(kernel_cases.SPECS[op], case, cuda)(**inputs)
     args, kwargs = calls["rms_norm"]
     assert args[2] == 1e-6 and kwargs == {"offset": 0.0, "casting_mode": "llama"}
     args, _ = calls["rope"]
@@ -322,9 +340,9 @@ def test_liger_geglu_without_tanh_is_skipped(monkeypatch):
     fake = types.ModuleType("liger_kernel.transformers.functional")
     fake.liger_geglu = lambda a, b: a
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", fake)
-    case = ks.Case("geglu", "t", {"T": 4, "I": 8}, {"approximate": "none"})
-    with pytest.raises(ks.ImplUnavailable, match="tanh"):
-        ks._liger_call(ks.SPECS["geglu"], case, torch.device("cuda"))
+    case = kernel_cases.Case("geglu", "t", {"T": 4, "I": 8}, {"approximate": "none"})
+    with pytest.raises(kernel_impls.ImplUnavailable, match="tanh"):
+        kernel_impls._liger_call(kernel_cases.SPECS["geglu"], case, torch.device("cuda"))
 
 
 def test_compile_compiles_once_per_shape_across_token_counts():
@@ -334,30 +352,30 @@ def test_compile_compiles_once_per_shape_across_token_counts():
         graphs.append(gm)
         return gm.forward
 
-    cache = ks.CompileCache(backend=counting_backend)
-    spec = ks.SPECS["rms_norm"]
+    cache = kernel_impls.CompileCache(backend=counting_backend)
+    spec = kernel_cases.SPECS["rms_norm"]
     params = {"eps": 1e-6, "offset": 0.0, "cast_mode": "llama"}
     for tokens in (16, 24, 40):
-        case = ks.Case("rms_norm", "t", {"T": tokens, "H": 32}, params)
+        case = kernel_cases.Case("rms_norm", "t", {"T": tokens, "H": 32}, params)
         inputs = spec.make_inputs(case, torch.float32, CPU)
         out = cache.call_for(spec, case, CPU)(**inputs)
-        torch.testing.assert_close(out, ks._eager_rms_norm(inputs["x"], inputs["weight"], **params))
+        torch.testing.assert_close(out, kernel_cases._eager_rms_norm(inputs["x"], inputs["weight"], **params))
     assert len(graphs) == 1, "a token sweep must reuse one compiled graph"
-    other = ks.Case("rms_norm", "t", {"T": 16, "H": 48}, params)
+    other = kernel_cases.Case("rms_norm", "t", {"T": 16, "H": 48}, params)
     cache.call_for(spec, other, CPU)(**spec.make_inputs(other, torch.float32, CPU))
     assert len(graphs) == 2
     torch._dynamo.reset()
 
 
 def test_rows_written_have_the_schema_and_parse(tmp_path):
-    rows = ks.run_suite(tmp_path, run_id="r1", cpu_smoke=True, ops=("swiglu", "rope"),
+    rows = kernel_run.run_suite(tmp_path, run_id="r1", cpu_smoke=True, ops=("swiglu", "rope"),
                         impls=("eager", "compile", "liger"), env=FAKE_ENV, timer_factory=FakeTimer,
                         log=lambda m: None)
     written = read_rows(tmp_path / "results.jsonl")
     assert written == json.loads(json.dumps(rows)) and len(rows) == 6
     assert json.loads((tmp_path / "env.json").read_text())["git_sha"] == "abc"
     for row in written:
-        assert set(row) == set(ks.KERNEL_ROW_FIELDS) and set(REQUIRED_FIELDS) <= set(row)
+        assert set(row) == set(kernel_rows.KERNEL_ROW_FIELDS) and set(REQUIRED_FIELDS) <= set(row)
         assert (row["suite"], row["kind"], row["run_id"]) == ("kernels", "kernel", "r1")
         assert row["status"] in ("ok", "oom", "error", "skipped") and row["timestamp"]
         assert row["point_key"] == f"{row['op']}/{row['impl']}/{row['dtype']}/{row['shape']}"
@@ -365,34 +383,34 @@ def test_rows_written_have_the_schema_and_parse(tmp_path):
     assert by_impl[("swiglu", "eager")]["status"] == "ok"
     assert by_impl[("swiglu", "compile")]["status"] == "skipped"
     assert by_impl[("rope", "liger")]["error"] == "Liger-Kernel runs on CUDA only"
-    table = ks.format_table(written)
+    table = kernel_table.format_table(written)
     assert "swiglu" in table and "1.00" in table and "skipped" in table
 
 
 def test_run_without_cuda_gives_skipped_rows_for_the_whole_sweep(tmp_path, monkeypatch):
-    from optkit.compose import compose
+    from optkit.config.compose import compose
 
-    monkeypatch.setattr(ks.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr("optkit.measure.env.capture_env", lambda: FAKE_ENV)
     cfg = compose(["suite=kernels"])
     assert cfg.suite.requires_cuda is True
-    rows = ks.run(cfg, tmp_path / "run7")
-    cases = ks.sweep_cases()
-    assert len(rows) == len(cases) * len(ks.IMPLS) + len(ks.CHUNK_IMPLS)  # the chunk sweep: one FLCE shape
-    assert {r["status"] for r in rows} == {"skipped"} and rows[0]["error"] == ks.NO_CUDA_REASON
+    rows = kernel_run.run(cfg, tmp_path / "run7")
+    cases = kernel_cases.sweep_cases()
+    assert len(rows) == len(cases) * len(kernel_impls.IMPLS) + len(kernel_impls.CHUNK_IMPLS)  # the chunk sweep: one FLCE shape
+    assert {r["status"] for r in rows} == {"skipped"} and rows[0]["error"] == kernel_rows.NO_CUDA_REASON
     assert {r["run_id"] for r in rows} == {"run7"}
-    assert "gradient computed in forward" not in ks.format_table(rows)  # the note is about ok rows
+    assert "gradient computed in forward" not in kernel_table.format_table(rows)  # the note is about ok rows
 
 
 def test_cpu_smoke_times_optkit_kernels_with_the_host_clock(tmp_path):
     """The plumbing end to end on real (interpreted) optkit kernels and the real timer."""
-    rows = ks.run_suite(tmp_path, cpu_smoke=True, ops=("rms_norm", "swiglu"), impls=("optkit", "eager"),
+    rows = kernel_run.run_suite(tmp_path, cpu_smoke=True, ops=("rms_norm", "swiglu"), impls=("optkit", "eager"),
                         env=FAKE_ENV, log=lambda m: None)
     assert [(r["op"], r["impl"], r["status"]) for r in rows] == [
         ("rms_norm", "optkit", "ok"), ("rms_norm", "eager", "ok"), ("swiglu", "optkit", "ok"), ("swiglu", "eager", "ok")]
     for row in rows:
         assert row["full_ms"] > 0 and len(row["full_times_ms"]) == row["repeats"] and row["copy_gbps"] > 0
-        assert row["full_device_ms"] is None and row["device_error"] == ks.NO_DEVICE_TIME_REASON
+        assert row["full_device_ms"] is None and row["device_error"] == kernel_rows.NO_DEVICE_TIME_REASON
 
 
 # --------------------------------------------------------------------------- FLCE chunk sweep
@@ -408,46 +426,46 @@ def test_chunk_impls_apply_to_flce_only_and_pass_chunk_rows(monkeypatch):
     module = types.ModuleType("optkit.kernels.fused_linear_cross_entropy")
     module.fused_linear_cross_entropy = fake_flce
     monkeypatch.setitem(sys.modules, "optkit.kernels.fused_linear_cross_entropy", module)
-    flce = _case(ks.FLCE)
-    inputs = ks.SPECS[ks.FLCE].make_inputs(flce, torch.float32, CPU)
-    cache = ks.CompileCache("unused")
-    for impl, rows in ks.CHUNK_IMPLS.items():
-        ks.resolve_impl(impl, ks.SPECS[ks.FLCE], flce, CPU, cache)(**inputs)
+    flce = _case(kernel_cases.FLCE)
+    inputs = kernel_cases.SPECS[kernel_cases.FLCE].make_inputs(flce, torch.float32, CPU)
+    cache = kernel_impls.CompileCache("unused")
+    for impl, rows in kernel_impls.CHUNK_IMPLS.items():
+        kernel_impls.resolve_impl(impl, kernel_cases.SPECS[kernel_cases.FLCE], flce, CPU, cache)(**inputs)
         assert seen["chunk_rows"] == rows
     seen.clear()
-    ks.resolve_impl("optkit", ks.SPECS[ks.FLCE], flce, CPU, cache)(**inputs)
+    kernel_impls.resolve_impl("optkit", kernel_cases.SPECS[kernel_cases.FLCE], flce, CPU, cache)(**inputs)
     assert "chunk_rows" not in seen, "plain optkit keeps the kernel's own default"
-    with pytest.raises(ks.ImplUnavailable, match="chunk"):
-        ks.resolve_impl("optkit-c256", ks.SPECS["swiglu"], _case("swiglu"), CPU, cache)
-    assert ks.impls_for("swiglu", ks.ALL_IMPLS) == list(ks.IMPLS)
-    assert ks.impls_for(ks.FLCE, ks.ALL_IMPLS) == list(ks.ALL_IMPLS)
+    with pytest.raises(kernel_impls.ImplUnavailable, match="chunk"):
+        kernel_impls.resolve_impl("optkit-c256", kernel_cases.SPECS["swiglu"], _case("swiglu"), CPU, cache)
+    assert kernel_impls.impls_for("swiglu", kernel_impls.ALL_IMPLS) == list(kernel_impls.IMPLS)
+    assert kernel_impls.impls_for(kernel_cases.FLCE, kernel_impls.ALL_IMPLS) == list(kernel_impls.ALL_IMPLS)
 
 
 def test_chunk_rows_say_what_they_are():
     context = _context()
-    row = ks.base_row(_case(ks.FLCE), "optkit-c512", "bfloat16", context)
+    row = kernel_rows.base_row(_case(kernel_cases.FLCE), "optkit-c512", "bfloat16", context)
     assert row["params"]["chunk_rows"] == 512 and row["loss_in_forward"] is True
-    assert row["impl_version"] == "abc" and row["point_key"].startswith(f"{ks.FLCE}/optkit-c512/")
-    assert "chunk_rows" not in ks.base_row(_case(ks.FLCE), "optkit", "bfloat16", context)["params"]
+    assert row["impl_version"] == "abc" and row["point_key"].startswith(f"{kernel_cases.FLCE}/optkit-c512/")
+    assert "chunk_rows" not in kernel_rows.base_row(_case(kernel_cases.FLCE), "optkit", "bfloat16", context)["params"]
 
 
 # --------------------------------------------------------------------------- device time: trace parsing
 
-E = ks.TraceEvent
+E = device_trace.TraceEvent
 
 
 def _region(impl, phase, i, start, end):
-    return E(ks.region_name(impl, phase, i), False, start, end, "user_annotation")
+    return E(device_trace.region_name(impl, phase, i), False, start, end, "user_annotation")
 
 
 def test_busy_time_counts_overlapping_work_once():
-    assert ks.busy_ms([]) == 0.0
-    assert ks.busy_ms([(0.0, 10.0), (10.0, 30.0)]) == pytest.approx(0.030)  # back to back: the sum
-    assert ks.busy_ms([(20.0, 30.0), (0.0, 10.0), (5.0, 15.0), (6.0, 7.0)]) == pytest.approx(0.025)
+    assert intervals.busy_ms([]) == 0.0
+    assert intervals.busy_ms([(0.0, 10.0), (10.0, 30.0)]) == pytest.approx(0.030)  # back to back: the sum
+    assert intervals.busy_ms([(20.0, 30.0), (0.0, 10.0), (5.0, 15.0), (6.0, 7.0)]) == pytest.approx(0.025)
 
 
 def test_device_work_is_attributed_to_the_region_it_starts_in():
-    name0 = ks.region_name("optkit", "full", 0)
+    name0 = device_trace.region_name("optkit", "full", 0)
     events = [
         _region("optkit", "full", 0, 100.0, 200.0),
         _region("optkit", "full", 1, 300.0, 400.0),
@@ -466,10 +484,10 @@ def test_device_work_is_attributed_to_the_region_it_starts_in():
         E("next setup copy", True, 401.0, 420.0, "kernel"),  # after the region: excluded
         E("older torch: no activity type", True, 360.0, 362.0, None),
     ]
-    regions = ks.device_time_by_region(events)
+    regions = device_trace.device_time_by_region(events)
     assert regions[name0] == (pytest.approx(0.040), 3)
-    assert regions[ks.region_name("optkit", "full", 1)] == (pytest.approx(0.033), 4)
-    assert set(regions) == {name0, ks.region_name("optkit", "full", 1)}
+    assert regions[device_trace.region_name("optkit", "full", 1)] == (pytest.approx(0.033), 4)
+    assert set(regions) == {name0, device_trace.region_name("optkit", "full", 1)}
 
 
 def test_device_times_need_every_region_and_some_work_in_each():
@@ -478,40 +496,40 @@ def test_device_times_need_every_region_and_some_work_in_each():
         for i in range(2):
             events += [_region("eager", phase, i, t, t + 100.0), E("k", True, t + 10.0, t + 10.0 + kernel_us, "kernel")]
             t += 200.0
-    times = ks.device_times(ks.device_time_by_region(events), "eager", repeats=2)
+    times = device_trace.device_times(device_trace.device_time_by_region(events), "eager", repeats=2)
     assert times.full_ms == [pytest.approx(0.040)] * 2 and times.fwd_ms == [pytest.approx(0.010)] * 2
     assert times.bwd_ms == [pytest.approx(0.030)] * 2 and times.full_events == [1, 1] and not times.uneven_phases
     extra = events + [E("one more kernel", True, 210.0, 215.0, "kernel")]  # in full/1 only
-    assert ks.device_times(ks.device_time_by_region(extra), "eager", repeats=2).uneven_phases == ["full"]
-    with pytest.raises(ks.DeviceTraceError, match="lacks 1 of eager's 3 full regions"):
-        ks.device_times(ks.device_time_by_region(events), "eager", repeats=3)
+    assert device_trace.device_times(device_trace.device_time_by_region(extra), "eager", repeats=2).uneven_phases == ["full"]
+    with pytest.raises(device_trace.DeviceTraceError, match="lacks 1 of eager's 3 full regions"):
+        device_trace.device_times(device_trace.device_time_by_region(events), "eager", repeats=3)
     emptied = [e for e in events if not (e.on_device and e.start_us == 10.0)]  # full/0 lost its kernel
-    with pytest.raises(ks.DeviceTraceError, match="lost"):
-        ks.device_times(ks.device_time_by_region(emptied), "eager", repeats=2)
+    with pytest.raises(device_trace.DeviceTraceError, match="lost"):
+        device_trace.device_times(device_trace.device_time_by_region(emptied), "eager", repeats=2)
 
 
 def test_trace_events_read_torch_function_events():
     from torch.autograd import DeviceType
     from torch.autograd.profiler_util import FunctionEvent
 
-    marker = FunctionEvent(id=1, name=ks.region_name("liger", "bwd", 0), thread=0, start_us=1.0, end_us=9.0)
+    marker = FunctionEvent(id=1, name=device_trace.region_name("liger", "bwd", 0), thread=0, start_us=1.0, end_us=9.0)
     kernel = FunctionEvent(id=2, name="triton_red_fused", thread=0, start_us=2.0, end_us=5.5,
                            device_type=DeviceType.CUDA)
     host_op = FunctionEvent(id=3, name="aten::add", thread=0, start_us=2.0, end_us=3.0)
     kernel.activity_type = "kernel"  # torch 2.13 sets it; older FunctionEvents lack it (read as None)
-    got = ks.trace_events([marker, kernel, host_op])
+    got = device_trace.trace_events([marker, kernel, host_op])
     assert [(e.name, e.on_device, e.start_us, e.end_us) for e in got] == [
         (marker.name, False, 1.0, 9.0), ("triton_red_fused", True, 2.0, 5.5)]
-    assert got[1].kind == "kernel" and ks.is_device_work(got[1]) and not ks.is_device_work(got[0])
+    assert got[1].kind == "kernel" and device_trace.is_device_work(got[1]) and not device_trace.is_device_work(got[0])
 
 
 def test_profiler_trace_returns_its_region_markers(recwarn):
     """The real torch.profiler session (CPU build: no device events) keeps the markers' names."""
-    with ks.ProfilerTrace() as trace:
-        with trace.region(ks.region_name("eager", "fwd", 0)):
+    with device_trace.ProfilerTrace() as trace:
+        with trace.region(device_trace.region_name("eager", "fwd", 0)):
             torch.ones(3).add_(1)
     markers = [e for e in trace.events() if not e.on_device]
-    assert [e.name for e in markers] == [ks.region_name("eager", "fwd", 0)]
+    assert [e.name for e in markers] == [device_trace.region_name("eager", "fwd", 0)]
     assert markers[0].end_us > markers[0].start_us
 
 
@@ -542,8 +560,8 @@ class FakeTrace:
         self.trace.append(E("flush", True, self.clock + 1.0, self.clock + 40.0, "kernel"))
         start = self.clock = self.clock + 50.0
         yield
-        phase = name.split("/")[-2] if name != ks.PAD_REGION else "pad"
-        work = self.WORK_US.get(phase, (1.0,) * ks.PAD_LAUNCHES)
+        phase = name.split("/")[-2] if name != device_trace.PAD_REGION else "pad"
+        work = self.WORK_US.get(phase, (1.0,) * device_trace.PAD_LAUNCHES)
         t = start + 5.0
         for us in work:
             self.trace.append(E(f"{phase}_kernel", True, t, t + us, "kernel"))
@@ -569,11 +587,11 @@ class OrderedTimer(FakeTimer):
 
 def _flags(rows):
     """The flags after "ok" on each ok row's line of the table (FakeTimer's rows are all noisy)."""
-    return [line.split("  ok", 1)[1].strip() for line in ks.format_table(rows).splitlines() if "  ok" in line]
+    return [line.split("  ok", 1)[1].strip() for line in kernel_table.format_table(rows).splitlines() if "  ok" in line]
 
 
 def _smoke_with_trace(tmp_path, trace_factory, **kwargs):
-    return ks.run_suite(tmp_path, run_id="d", cpu_smoke=True, ops=("swiglu",), impls=("eager",), env=FAKE_ENV,
+    return kernel_run.run_suite(tmp_path, run_id="d", cpu_smoke=True, ops=("swiglu",), impls=("eager",), env=FAKE_ENV,
                         timer_factory=FakeTimer, trace_factory=trace_factory, log=lambda m: None, **kwargs)
 
 
@@ -581,7 +599,7 @@ def test_device_pass_fills_rows_after_every_event_timed_row(tmp_path):
     order = []
     OrderedTimer.order = order
     (tmp_path / "results.jsonl").write_text('{"run_id": "earlier"}\n')  # another run's row stays
-    rows = ks.run_suite(tmp_path, run_id="d", cpu_smoke=True, ops=("swiglu", "rms_norm"), impls=("eager",),
+    rows = kernel_run.run_suite(tmp_path, run_id="d", cpu_smoke=True, ops=("swiglu", "rms_norm"), impls=("eager",),
                         env=FAKE_ENV, timer_factory=OrderedTimer, trace_factory=lambda: FakeTrace(order),
                         log=lambda m: None)
     assert "trace" in order and "event" not in order[order.index("trace"):], "a profiler session preceded timing"
@@ -590,13 +608,13 @@ def test_device_pass_fills_rows_after_every_event_timed_row(tmp_path):
         assert row["status"] == "ok" and row["device_error"] is None
         assert row["full_device_ms"] == pytest.approx(0.4) and row["fwd_device_ms"] == pytest.approx(0.1)
         assert row["bwd_device_ms"] == pytest.approx(0.3) and row["n_kernels_full"] == 2
-        assert row["device_repeats"] == ks.SMOKE_SETTINGS.device_repeats == len(row["full_device_times_ms"])
+        assert row["device_repeats"] == kernel_run.SMOKE_SETTINGS.device_repeats == len(row["full_device_times_ms"])
         assert row["gbps_device"] == pytest.approx(row["bytes_full"] / 0.4e-3 / 1e9)
         assert row["frac_of_copy_device"] == pytest.approx(row["gbps_device"] / row["copy_gbps"])
         assert row["full_ms"] == 2.0, "the event time is FakeTimer's, untouched by the device pass"
     written = read_rows(tmp_path / "results.jsonl")
     assert written[0] == {"run_id": "earlier"} and written[1:] == json.loads(json.dumps(rows))
-    table = ks.format_table(rows)
+    table = kernel_table.format_table(rows)
     assert "dev ms" in table and "0.400" in table and _flags(rows) == ["noisy", "noisy"]
     assert _flags([dict(rows[0], full_device_ms=2.5)]) == ["noisy DEVICE>EVENTS"], "kernels outlasting events"
 
@@ -612,31 +630,31 @@ def test_a_killed_device_pass_leaves_event_rows_that_say_so(tmp_path):
         _smoke_with_trace(tmp_path, killed_trace)
     (row,) = read_rows(tmp_path / "results.jsonl")
     assert row["status"] == "ok" and row["full_ms"] == 2.0
-    assert row["full_device_ms"] is None and row["device_error"] == ks.DEVICE_PENDING_REASON
+    assert row["full_device_ms"] is None and row["device_error"] == kernel_rows.DEVICE_PENDING_REASON
 
 
 def test_lost_head_records_are_absorbed_by_the_pad(tmp_path):
-    (row,) = _smoke_with_trace(tmp_path, lambda: FakeTrace(lost_head=ks.PAD_LAUNCHES - 1))
+    (row,) = _smoke_with_trace(tmp_path, lambda: FakeTrace(lost_head=device_trace.PAD_LAUNCHES - 1))
     assert row["full_device_ms"] == pytest.approx(0.4) and row["device_error"] is None
 
 
 def test_a_session_that_lost_its_whole_pad_is_traced_again(tmp_path):
-    sessions = iter([FakeTrace(lost_head=ks.PAD_LAUNCHES + 1), FakeTrace()])
+    sessions = iter([FakeTrace(lost_head=device_trace.PAD_LAUNCHES + 1), FakeTrace()])
     (row,) = _smoke_with_trace(tmp_path, lambda: next(sessions))
     assert row["full_device_ms"] == pytest.approx(0.4) and row["device_error"] is None
 
 
 def test_two_sessions_that_lost_their_whole_pad_give_no_device_time(tmp_path):
-    (row,) = _smoke_with_trace(tmp_path, lambda: FakeTrace(lost_head=ks.PAD_LAUNCHES + 1))
+    (row,) = _smoke_with_trace(tmp_path, lambda: FakeTrace(lost_head=device_trace.PAD_LAUNCHES + 1))
     assert row["status"] == "ok" and row["full_device_ms"] is None and "pytorch#192021" in row["device_error"]
     assert _flags([row]) == ["noisy NO-DEVICE-TIME"]
 
 
 def test_device_pass_off_or_without_cuda(tmp_path):
     (row,) = _smoke_with_trace(tmp_path / "off", lambda: FakeTrace(), device_repeats=0)
-    assert row["full_device_ms"] is None and row["device_error"] == ks.DEVICE_OFF_REASON
+    assert row["full_device_ms"] is None and row["device_error"] == kernel_rows.DEVICE_OFF_REASON
     (row,) = _smoke_with_trace(tmp_path / "cpu", None)
-    assert row["full_device_ms"] is None and row["device_error"] == ks.NO_DEVICE_TIME_REASON
+    assert row["full_device_ms"] is None and row["device_error"] == kernel_rows.NO_DEVICE_TIME_REASON
     assert _flags([row]) == ["noisy"], "an expected absence is not flagged"
 
 
@@ -644,14 +662,14 @@ def test_an_impl_failing_in_the_device_pass_is_noted_on_its_row_only(monkeypatch
     case = _case("swiglu")
     context = _context()
     context.trace_factory = FakeTrace
-    rows = [ks.base_row(case, impl, "float32", context) for impl in ("eager", "liger")]
-    eager = ks._eager_call(ks.SPECS["swiglu"], case, CPU)
+    rows = [kernel_rows.base_row(case, impl, "float32", context) for impl in ("eager", "liger")]
+    eager = kernel_impls._eager_call(kernel_cases.SPECS["swiglu"], case, CPU)
 
     def broken(**tensors):
         raise RuntimeError("boom in the device pass")
 
-    monkeypatch.setattr(ks, "resolve_impl", lambda impl, *a: eager if impl == "eager" else broken)
-    ks.measure_device_case(case, "float32", rows, context, log=lambda m: None)
+    monkeypatch.setattr(kernel_run, "resolve_impl", lambda impl, *a: eager if impl == "eager" else broken)
+    kernel_run.measure_device_case(case, "float32", rows, context, log=lambda m: None)
     assert rows[0]["full_device_ms"] == pytest.approx(0.4) and rows[0]["device_error"] is None
     assert rows[1]["full_device_ms"] is None and "boom in the device pass" in rows[1]["device_error"]
 
@@ -665,7 +683,7 @@ def test_device_pass_on_the_gpu_agrees_with_events_where_the_host_keeps_up(tmp_p
     keeps ahead, so event and device time agree within 10%; everywhere the kernels fit inside the
     event window; optkit's SwiGLU launches exactly its two kernels (so no flush, no input copy and
     no region marker was attributed to it)."""
-    rows = ks.run_suite(tmp_path, ops=("swiglu",), impls=("optkit", "eager"), env=FAKE_ENV, log=lambda m: None)
+    rows = kernel_run.run_suite(tmp_path, ops=("swiglu",), impls=("optkit", "eager"), env=FAKE_ENV, log=lambda m: None)
     assert rows and all(r["status"] == "ok" and r["device_error"] is None for r in rows), rows[0]["device_error"]
     for row in rows:
         assert 0 < row["full_device_ms"] <= 1.1 * row["full_ms"], row["point_key"]

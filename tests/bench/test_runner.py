@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from optkit import runner
-from optkit.compose import compose
-from optkit.results import ROW_FIELDS, SCHEMA_VERSION, STATUSES, read_rows
+from optkit.bench import runner as runner
+from optkit.config.compose import compose
+from optkit.results.rows import ROW_FIELDS, SCHEMA_VERSION, STATUSES, read_rows
 
 TINY = ["train.warmup_steps=1", "train.steps=2", "train.batch_size=1", "data.seq_len=16", "bench.progress=false"]
 
@@ -31,7 +31,7 @@ def test_user_axis_override_replaces_the_axis():
 
 
 def test_ablation_expands_to_baseline_full_and_each_on_and_off():
-    from optkit.patch import REGISTRY
+    from optkit.opt.patcher import REGISTRY
 
     suite = compose(["suite=ablation"]).suite
     points = runner.expand_points(suite, [], runner.model_family)
@@ -49,7 +49,7 @@ def test_ablation_expands_to_baseline_full_and_each_on_and_off():
 def _sweep(tmp_path, overrides, monkeypatch, fault=None):
     if fault:
         monkeypatch.setenv("OPTKIT_INJECT_FAULT", fault)
-    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
     return runner.run_sweep([f"bench.results_dir={tmp_path}", *TINY, *overrides])
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from optkit import runner
+from optkit.bench import runner as runner
 from optkit.measure.profile import CATEGORIES, TIME_SOURCE_CPU
-from optkit.results import empty_row, identity_fields, read_rows
+from optkit.results.rows import empty_row, identity_fields, read_rows
 
 TINY = ["suite=smoke", "model=tiny_llama", "opt=baseline", "train.warmup_steps=1", "train.steps=2",
         "train.batch_size=1", "data.seq_len=16", "bench.progress=false"]
@@ -36,7 +36,7 @@ def _sweep(tmp_path, overrides):
 def profiled(tmp_path_factory):
     """One point, 3 windows in one process, profiled (the expensive sweep, shared by the tests below)."""
     mp = pytest.MonkeyPatch()
-    mp.chdir(Path(__file__).resolve().parent.parent)
+    mp.chdir(Path(__file__).resolve().parents[2])
     calls = _spy(mp)
     run_dir = _sweep(tmp_path_factory.mktemp("profiled"), ["bench.repeats=3", "bench.profile=true"])
     mp.undo()
@@ -81,7 +81,7 @@ def test_isolated_repeats_run_one_process_each(tmp_path, monkeypatch):
     """bench.device=cuda on a CPU machine: each process skips at once (real processes, kept cheap)."""
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA for the fast skipped point")
-    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
     calls = _spy(monkeypatch)
     run_dir = _sweep(tmp_path, ["bench.repeats=3", "bench.isolate_repeats=true", "bench.device=cuda"])
     rows = read_rows(run_dir / "results.jsonl")
@@ -99,7 +99,7 @@ def _fake_rows(point, run_id, repeats, timeout_s, point_cfg=None, run_dir=None):
 
 @pytest.mark.parametrize("isolate, expected", [("false", [[1, 2]]), ("true", [[1], [2]])])
 def test_resume_measures_only_the_missing_windows(tmp_path, monkeypatch, isolate, expected):
-    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
     calls = _spy(monkeypatch, fake=_fake_rows)
     overrides = ["bench.repeats=3", f"bench.isolate_repeats={isolate}", "bench.run_id=r1"]
     run_dir = _sweep(tmp_path, overrides)
@@ -112,20 +112,8 @@ def test_resume_measures_only_the_missing_windows(tmp_path, monkeypatch, isolate
     assert sorted(r["repeat"] for r in read_rows(results)) == [0, 1, 2]
 
 
-def test_runner_reads_a_single_row_written_by_an_older_point(tmp_path, monkeypatch):
-    """An older optkit.point wrote one JSON object, not a list."""
-    row = {"status": "ok", "repeat": 0}
-
-    def old_point(cmd, **kw):
-        Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps(row))
-        return runner.subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(runner.subprocess, "run", old_point)
-    assert runner.run_isolated(["model=tiny_llama"], "r", [0], timeout_s=5) == [row]
-
-
 def test_report_renders_the_kernel_share_of_real_cpu_rows(profiled, tmp_path):
-    from optkit import report
+    from optkit.report import command as report
 
     run_dir, rows, _ = profiled
     assert report.main([str(run_dir), "--out", str(tmp_path), "--formats", ""]) == 0

@@ -1,7 +1,7 @@
 """Every YAML composes against the schema; bad input gives errors that list the valid choices."""
 import pytest
 
-from optkit.compose import CONF_DIR, ConfigError, compose, group_choices
+from optkit.config.compose import CONF_DIR, ConfigError, compose, group_choices
 
 GROUPS = ("model", "opt", "train", "data", "suite")
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from optkit.config import DataConfig
+from optkit.config.schema import DataConfig
 from optkit.data.packing import (draw_packed_rows, example_lengths, load_length_histogram, packed_batch, padded_batch,
                                  sample_lengths)
 from optkit.data.synthetic import IGNORE_INDEX

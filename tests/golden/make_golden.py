@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from optkit.results import SCHEMA_VERSION, append_row, config_hash, empty_row, point_key, setting_key  # noqa: E402
+from optkit.results.rows import SCHEMA_VERSION, append_row, config_hash, empty_row, point_key, setting_key  # noqa: E402
 
 GOLDEN_DIR = Path(__file__).resolve().parent
 GIB = 1024 ** 3

@@ -7,10 +7,10 @@ with 200 steps and the peers (compile, liger), is conf/suite/convergence.yaml.
 """
 import torch
 
-from optkit.compose import compose
+from optkit.config.compose import compose
 from optkit.data.learnable import learnable_batch
 from optkit.models import build_model
-from optkit.patch import patch, patch_log
+from optkit.opt.patcher import patch, patch_log
 
 ALL_KERNELS = {"kernels": dict.fromkeys(
     ["rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy"], True)}

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from optkit.train.adapters import decoder_layers
-from optkit.train.fused_lora import (
+from optkit.train.method import decoder_layers
+from optkit.opt.fused_lora import (
     FusedMLPForward,
     FusedProjectionForward,
     LoRAProjection,
@@ -216,7 +216,7 @@ def test_remove_restores_peft_and_state_dict_is_unchanged():
 
 
 def test_optkit_patch_records_the_forwards_and_unpatch_removes_them():
-    from optkit.patch import patch, patch_log, unpatch
+    from optkit.opt.patcher import patch, patch_log, unpatch
 
     net, _ = tiny_model("tiny_llama", "lora", "model.num_layers=1")
     patch(net, {"fused_lora": True})

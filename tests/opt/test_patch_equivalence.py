@@ -13,9 +13,9 @@ import functools
 import pytest
 import torch
 
-from optkit.compose import compose
+from optkit.config.compose import compose
 from optkit.models import build_model
-from optkit.patch import REGISTRY, patch, patch_log
+from optkit.opt.patcher import REGISTRY, patch, patch_log
 from tests.kernels._tolerances import assert_close_to_reference
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2")

@@ -13,9 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optkit import report
+from optkit.report import command as report
+from optkit.report.cross_gpu import write_cross_gpu
+from optkit.results.runs import load_run
+from optkit.report import entries
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 SMOKE = GOLDEN / "cpu/smoke/golden-smoke"
 ABLATION = GOLDEN / "h100/ablation/golden-ablation"
 SCALING = GOLDEN / "h100/scaling/golden-scaling"
@@ -89,8 +92,8 @@ def test_figures_exist_and_are_embedded(out):
 
 
 def test_cross_gpu_figure(tmp_path):
-    per_gpu = {"h100": [report.load_run(E2E_H100)], "h200": [report.load_run(E2E_H200)]}
-    md_path = report.write_cross_gpu(per_gpu, tmp_path, formats=("png",))
+    per_gpu = {"h100": [load_run(E2E_H100)], "h200": [load_run(E2E_H200)]}
+    md_path = write_cross_gpu(per_gpu, tmp_path, formats=("png",))
     assert (md_path.parent / "figures/cross_gpu.png").read_bytes()[:4] == b"\x89PNG"
     assert "](figures/cross_gpu.png)" in md_path.read_text()
 
@@ -272,16 +275,16 @@ def test_a_baseline_list_gives_each_model_its_own_reference():
 
     moe = [P("hf_loop"), P("hf_grouped_mm"), P("optkit_sorted")]
     packing = [P("packed_per_layer"), P("packed_cached")]
-    assert report.model_baseline_opt("packed_per_layer,hf_loop", moe) == "hf_loop"
-    assert report.model_baseline_opt("packed_per_layer,hf_loop", packing) == "packed_per_layer"
-    assert report.model_baseline_opt("baseline", moe) == "baseline"  # absent: no speedups, as before
+    assert entries.model_baseline_opt("packed_per_layer,hf_loop", moe) == "hf_loop"
+    assert entries.model_baseline_opt("packed_per_layer,hf_loop", packing) == "packed_per_layer"
+    assert entries.model_baseline_opt("baseline", moe) == "baseline"  # absent: no speedups, as before
 
 
 def test_memory_saving_prefers_the_timed_nvml_peak_over_the_build_peak():
     """QLoRA rows: the build holds the bf16 model before quantizing it, so the whole-process NVML peak is
     the same for every opt-set; the saving must come from the timed window when both points have it."""
-    from optkit.report_entries import train_entry
-    from optkit.report_load import Point
+    from optkit.report.entries import train_entry
+    from optkit.results.runs import Point
 
     def point(opt, timed_gib, process_gib=16.0):
         row = dict(status="ok", opt=opt, model="m", setting_key="m/qlora", step_times_ms=[100.0, 101.0],

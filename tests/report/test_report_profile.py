@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from optkit import report
+from optkit.report import command as report
 from optkit.measure.profile import CATEGORIES
-from optkit.report_profile import step_vram_series
-from optkit.results import append_row
+from optkit.report.profile import step_vram_series
+from optkit.results.rows import append_row
 
 GIB = 1024 ** 3
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
 
 def _golden():

@@ -11,9 +11,9 @@ from typing import Dict, Tuple
 import pytest
 import torch
 
-from optkit.compose import compose
+from optkit.config.compose import compose
 from optkit.models import build_model
-from optkit.train.adapters import apply_training_method
+from optkit.train.method import apply_training_method
 
 SEQ_LEN = 32
 BATCH = 2

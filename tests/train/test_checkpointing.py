@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from optkit.train.checkpointing import OffloadedLayerForward, disable_checkpointing, enable_checkpointing
-from optkit.train.fused_lora import apply_fused_lora
+from optkit.opt.fused_lora import apply_fused_lora
 from tests.train._reload_check import reload_mismatches
 from tests.train._tiny import BATCH, SEQ_LEN, loss_and_grads, max_relative_error, one_thread, tiny_model, token_batch  # noqa: F401
 

@@ -8,7 +8,7 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 
 from optkit.models import build_model  # noqa: E402
-from optkit.train.adapters import apply_training_method, decoder_layers  # noqa: E402
+from optkit.train.method import apply_training_method, decoder_layers  # noqa: E402
 from tests.train._tiny import config, loss_and_grads, one_thread, tiny_model, token_batch  # noqa: E402,F401
 
 DECODER_LINEARS = 7  # q, k, v, o, gate, up, down
@@ -85,9 +85,9 @@ def test_decoder_layers_found_through_peft():
 
 def test_experts_in_lora_targets_adds_expert_adapters_that_train():
     """train.lora_targets=[..., experts] puts LoRA on the 3D MoE expert weights (optkit's grouped path)."""
-    from optkit.compose import compose
+    from optkit.config.compose import compose
     from optkit.models import build_model
-    from optkit.train.adapters import apply_training_method
+    from optkit.train.method import apply_training_method
 
     cfg = compose(["model=tiny_qwen3_moe", "train.lora_targets=[q_proj,v_proj,experts]"])
     model = apply_training_method(build_model(cfg.model), cfg.train)

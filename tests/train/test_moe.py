@@ -11,9 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from optkit.compose import compose
+from optkit.config.compose import compose
 from optkit.models import build_model
+from optkit.opt.moe_sorted_routing import apply_moe_sorted_routing, remove_moe_sorted_routing
 from optkit.train import moe as M
+from optkit.train.method import apply_expert_lora
 from tests.kernels._tolerances import assert_close_to_reference
 from tests.train.test_packing import HostSyncCounter
 
@@ -112,7 +114,7 @@ def test_whole_model_loss_logits_and_grads_equal_hf():
     labels[0, :4] = -100
     ref = _loss_logits_grads(copy.deepcopy(model).double(), ids, labels)
     hf32 = _loss_logits_grads(model, ids, labels)
-    log = M.apply_moe_sorted_routing(model, _cfg().opt)
+    log = apply_moe_sorted_routing(model, _cfg().opt)
     assert "2 experts modules" in log[0]
     ours = _loss_logits_grads(model, ids, labels)
     assert_close_to_reference(ours[0], ref[0], hf32[0], torch.float32, name="loss")
@@ -128,7 +130,7 @@ def test_one_host_sync_per_layer_instead_of_one_per_expert():
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(2))
     with HostSyncCounter() as hf_counter:
         model(input_ids=ids, use_cache=False)
-    M.apply_moe_sorted_routing(model, _cfg().opt)
+    apply_moe_sorted_routing(model, _cfg().opt)
     with HostSyncCounter() as our_counter:
         model(input_ids=ids, use_cache=False)
     layers, experts, mask_check = 2, 8, 1  # mask_check: HF's create_causal_mask reads position ids once per forward
@@ -141,16 +143,16 @@ def test_apply_and_remove_keep_parameters_and_restore_hf():
     model = _model(seed=3)
     keys = list(model.state_dict())
     original = model.model.layers[0].mlp.experts
-    assert M.apply_moe_sorted_routing(model, _cfg("opt.moe_sorted_routing=false").opt) == []
-    M.apply_moe_sorted_routing(model, _cfg().opt)
+    assert apply_moe_sorted_routing(model, _cfg("opt.moe_sorted_routing=false").opt) == []
+    apply_moe_sorted_routing(model, _cfg().opt)
     swapped = model.model.layers[0].mlp.experts
     assert isinstance(swapped, M.SortedExperts) and swapped.gate_up_proj is original.gate_up_proj
     assert list(model.state_dict()) == keys
-    assert M.apply_moe_sorted_routing(model, _cfg().opt)[0].endswith("nothing changed")  # already swapped
-    M.remove_moe_sorted_routing(model)
+    assert apply_moe_sorted_routing(model, _cfg().opt)[0].endswith("nothing changed")  # already swapped
+    remove_moe_sorted_routing(model)
     assert model.model.layers[0].mlp.experts is original
     dense = build_model(compose(["model=tiny_qwen3"]).model)
-    assert M.apply_moe_sorted_routing(dense, _cfg().opt) == ["moe_sorted_routing: no MoE experts in this model; "
+    assert apply_moe_sorted_routing(dense, _cfg().opt) == ["moe_sorted_routing: no MoE experts in this model; "
                                                              "nothing changed"]
 
 
@@ -159,7 +161,7 @@ def test_transformers4_module_list_experts_are_refused():
     holder.mlp = nn.Module()
     holder.mlp.experts = nn.ModuleList([nn.Linear(4, 4)])
     with pytest.raises(NotImplementedError, match="transformers >= 5"):
-        M.apply_moe_sorted_routing(holder, _cfg().opt)
+        apply_moe_sorted_routing(holder, _cfg().opt)
 
 
 def test_expert_lora_equals_merged_weights():
@@ -183,9 +185,9 @@ def test_expert_lora_equals_merged_weights():
 
 def test_expert_lora_follows_the_train_config_and_trains_only_adapters():
     model = _model(seed=5)
-    assert M.apply_expert_lora(model, _cfg("train=full").train) == []
-    assert M.apply_expert_lora(model, _cfg("train=lora").train) == []  # "experts" not among the targets
-    log = M.apply_expert_lora(model, _cfg("train=lora", "train.lora_targets=[q_proj,experts]", "train.lora_r=4").train)
+    assert apply_expert_lora(model, _cfg("train=full").train) == []
+    assert apply_expert_lora(model, _cfg("train=lora").train) == []  # "experts" not among the targets
+    log = apply_expert_lora(model, _cfg("train=lora", "train.lora_targets=[q_proj,experts]", "train.lora_r=4").train)
     assert "r=4" in log[0]
     experts = model.model.layers[1].mlp.experts
     assert not experts.gate_up_proj.requires_grad and experts.down_lora_A.requires_grad

@@ -12,8 +12,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from optkit.config import OPTIMIZERS
-from optkit.train.optim import build_optimizer
+from optkit.config.schema import OPTIMIZERS
+from optkit.train.optimizers import build_optimizer
 
 LR, WEIGHT_DECAY = 1e-2, 0.1
 # in units of LR; torch's 1e-4 x LR = 1e-6 is two float32 ulps of the O(4) parameter values

@@ -13,9 +13,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from optkit.compose import compose
+from optkit.config.compose import compose
 from optkit.data.packing import draw_packed_rows, packed_batch, padded_batch
 from optkit.models import build_model
+from optkit.opt.packed_metadata_cache import apply_packed_metadata_cache
 from optkit.train import packing as P
 from tests.kernels._tolerances import assert_close_to_reference
 
@@ -89,7 +90,7 @@ def test_packed_logits_equal_each_example_alone(model_name, cache):
     ref64 = _per_example_logits(copy.deepcopy(model).double(), batch, rows)[real]
     torch32 = _per_example_logits(model, batch, rows)[real]
     if cache:
-        P.apply_packed_metadata_cache(model, _cfg(cache=True).opt)
+        apply_packed_metadata_cache(model, _cfg(cache=True).opt)
     else:
         P.install_packed_attention(model)
     with torch.no_grad():
@@ -114,7 +115,7 @@ def test_packed_loss_and_grads_equal_the_padded_examples(cache):
     ref_loss, ref_grads = _loss_grads(copy.deepcopy(model).double(), **padded.tensors)
     torch_loss, torch_grads = _loss_grads(model, **padded.tensors)
     if cache:
-        P.apply_packed_metadata_cache(model, _cfg(cache=True).opt)
+        apply_packed_metadata_cache(model, _cfg(cache=True).opt)
     else:
         P.install_packed_attention(model)
     loss, grads = _loss_grads(model, **packed.tensors)
@@ -129,7 +130,7 @@ def _syncs_and_stats(model, batch):
     stats.reset()
     with HostSyncCounter() as counter:
         model(**batch.tensors).loss.backward()
-    assert stats.loop_kernel_calls == len(P._decoder_stack(model).layers) and stats.varlen_kernel_calls == 0
+    assert stats.loop_kernel_calls == len(P.decoder_stack(model).layers) and stats.varlen_kernel_calls == 0
     return counter.count, stats.per_layer_rebuilds, stats.per_batch_builds
 
 
@@ -142,7 +143,7 @@ def test_metadata_is_rebuilt_per_layer_by_the_baseline_and_once_per_batch_by_the
     # only) the boundaries as host ints; 3 per layer with torch's varlen kernel on GPU
     assert (rebuilds, builds) == (layers, 0)
     assert syncs == 4 * layers
-    P.apply_packed_metadata_cache(model, _cfg(cache=True).opt)
+    apply_packed_metadata_cache(model, _cfg(cache=True).opt)
     syncs, rebuilds, builds = _syncs_and_stats(model, batch)
     assert (rebuilds, builds) == (0, 1)
     assert syncs == 1  # the one host copy of position_ids
@@ -181,7 +182,7 @@ def test_unpacked_batches_run_hf_attention_unchanged(cache):
     with torch.no_grad():
         refs = [model(**padded.tensors, use_cache=False).logits, model(input_ids=ids, use_cache=False).logits]
         if cache:
-            P.apply_packed_metadata_cache(model, _cfg(cache=True).opt)
+            apply_packed_metadata_cache(model, _cfg(cache=True).opt)
         else:
             P.install_packed_attention(model)
         outs = [model(**padded.tensors, use_cache=False).logits, model(input_ids=ids, use_cache=False).logits]
@@ -200,13 +201,13 @@ def test_remove_restores_the_model():
     with torch.no_grad():
         before_logits = model(**batch.tensors, use_cache=False).logits
     before = model.config._attn_implementation
-    log = P.apply_packed_metadata_cache(model, _cfg(cache=True).opt)
+    log = apply_packed_metadata_cache(model, _cfg(cache=True).opt)
     assert any("per layer" in line for line in log) and any("once per forward" in line for line in log)
-    assert P.apply_packed_metadata_cache(model, _cfg(cache=True).opt) == []  # idempotent
-    assert P.apply_packed_metadata_cache(model, _cfg(cache=False).opt) == []  # switch off: no change
+    assert apply_packed_metadata_cache(model, _cfg(cache=True).opt) == []  # idempotent
+    assert apply_packed_metadata_cache(model, _cfg(cache=False).opt) == []  # switch off: no change
     P.remove_packed_attention(model)
     assert model.config._attn_implementation == before
-    base = P._decoder_stack(model)
+    base = P.decoder_stack(model)
     assert not base._forward_pre_hooks
     assert not any(hasattr(layer.self_attn, "_optkit_packing_stats") for layer in base.layers)
     with torch.no_grad():
@@ -270,6 +271,6 @@ def test_gpu_varlen_matches_per_example_and_syncs_drop_to_one():
     tensors = {k: t.to(dev) for k, t in batch.tensors.items()}
     P.install_packed_attention(model)
     per_layer = count_device_syncs(lambda: model(**tensors).loss.backward())
-    P.apply_packed_metadata_cache(model, compose(["opt.packed_metadata_cache=true"]).opt)
+    apply_packed_metadata_cache(model, compose(["opt.packed_metadata_cache=true"]).opt)
     per_batch = count_device_syncs(lambda: model(**tensors).loss.backward())
     assert per_layer >= 3 * 2 and per_batch <= 1, (per_layer, per_batch)

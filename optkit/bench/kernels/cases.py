@@ -4,7 +4,7 @@ config.json values), its inputs, its eager PyTorch baseline and the bytes it mus
 One ``OpSpec`` per op in ``SPECS``: ``make_inputs(case, dtype, device)`` gives named leaf tensors
 (those with requires_grad get gradients), ``eager`` is the code as users run it (HF's module math,
 F.* on upcast logits), ``bytes_moved`` the byte model below. The implementations that are timed
-against it (optkit, torch.compile, Liger) are resolved in optkit/kernel_impls.py.
+against it (optkit, torch.compile, Liger) are resolved in optkit/bench/kernels/impls.py.
 
 Bytes the op must move: a lower bound every implementation is held to (N tokens, s bytes per
 element of the benchmark dtype; int64 targets; fp32 per-row statistics; "+" terms are small):
@@ -81,7 +81,7 @@ def model_shape(name: str) -> Dict[str, Any]:
     """The sizes an op benchmark needs, read from conf/model/<name>.yaml."""
     from omegaconf import OmegaConf
 
-    from optkit.compose import CONF_DIR
+    from optkit.config.compose import CONF_DIR
 
     path = CONF_DIR / "model" / f"{name}.yaml"
     if not path.exists():

@@ -1,5 +1,5 @@
 """The implementations the kernels suite times against each other, resolved to a callable per case:
-optkit's Triton kernels, eager PyTorch (optkit/kernel_cases.py), torch.compile of that eager code and
+optkit's Triton kernels, eager PyTorch (optkit/bench/kernels/cases.py), torch.compile of that eager code and
 Liger-Kernel (a peer, never a dependency). Each resolves to ``call(**inputs) -> Tensor | tuple of
 Tensors``, or raises ``ImplUnavailable``, which becomes a skipped row.
 
@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from optkit.kernel_cases import FLCE, IGNORE_INDEX, Case, OpSpec
+from optkit.bench.kernels.cases import FLCE, IGNORE_INDEX, Case, OpSpec
 
 IMPLS = ("optkit", "eager", "compile", "liger")  # every op
 # FLCE's chunk-size sweep: optkit with fixed rows per chunk (its default is 1024 at the suite's shape;

@@ -3,7 +3,7 @@ status or device time can carry, and filling a row from a measurement.
 
 One row per op x shape x dtype x implementation. A row's fields and their meaning are versioned by
 ``KERNEL_SCHEMA_VERSION``: bump it when a field changes meaning. Also per row: achieved GB/s from
-the bytes the op must move (optkit/kernel_cases.py), beside the device's copy bandwidth measured in
+the bytes the op must move (optkit/bench/kernels/cases.py), beside the device's copy bandwidth measured in
 the same run (one large device-to-device copy, bytes read + written); allocator peak of one
 forward+backward, absolute and as the delta over the inputs; NVML clocks, throttle reasons and
 other GPU processes while the row's event pass ran.
@@ -11,18 +11,16 @@ other GPU processes while the row's event pass ran.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from optkit.kernel_cases import DTYPES, SPECS, Case
-from optkit.kernel_impls import CHUNK_IMPLS, computes_grad_in_forward, impl_version
+from optkit.bench.kernels.cases import DTYPES, SPECS, Case
+from optkit.bench.kernels.context import RunContext
+from optkit.bench.kernels.impls import CHUNK_IMPLS, computes_grad_in_forward, impl_version
 from optkit.measure.device_timing import Measurement
 from optkit.measure.device_trace import DeviceTimes
 from optkit.measure.stats import percentile, summarize
-
-if TYPE_CHECKING:
-    from optkit.kernel_suite import RunContext
 
 KERNEL_SCHEMA_VERSION = 2  # bump when a kernel row field changes meaning (2: device-time fields)
 SUITE = "kernels"
@@ -69,7 +67,8 @@ KERNEL_ROW_FIELDS: Dict[str, str] = {
     "throttled": "NVML saw a performance-limiting clock reason while this row was measured (None: no NVML)",
     "throttle_reasons": "NVML clock-event reasons seen", "sm_clock_mhz_min": "lowest SM clock sampled",
     "other_gpu_processes": "other processes on the GPU when the row started ([{pid, used_bytes}])",
-    "gpu_name": "GPU name", "gpu_slug": "e.g. h100", "torch": "torch version", "triton": "triton version",
+    "gpu_name": "GPU name", "gpu_slug": "e.g. h100", "driver": "NVIDIA driver", "torch": "torch version",
+    "triton": "triton version", "transformers": "transformers version",
     "git_sha": "optkit commit", "git_dirty": "uncommitted changes", "env_fingerprint": "comparable-stack hash",
     "timestamp": "UTC ISO time the row was written",
 }
@@ -130,7 +129,7 @@ def fill_device(row: Dict[str, Any], times: DeviceTimes, copy_gbps: Optional[flo
     )
 
 
-def base_row(case: Case, impl: str, dtype_name: str, context: "RunContext") -> Dict[str, Any]:
+def base_row(case: Case, impl: str, dtype_name: str, context: RunContext) -> Dict[str, Any]:
     spec = SPECS[case.op]
     fwd_bytes, bwd_bytes = spec.bytes_moved(case, DTYPES[dtype_name].itemsize)
     dims = case.dims
@@ -158,15 +157,6 @@ def stamp_row(row: Dict[str, Any]) -> Dict[str, Any]:
 def failure_row(row: Dict[str, Any], status: str, message: str) -> Dict[str, Any]:
     row.update(status=status, error=message)
     return stamp_row(row)
-
-
-def env_fields(env: Dict[str, Any]) -> Dict[str, Any]:
-    """The environment fields every row of a run carries."""
-    from optkit.measure.env import env_fingerprint, gpu_slug
-
-    return {"gpu_name": env.get("gpu_name"), "gpu_slug": gpu_slug(env), "torch": env.get("torch_version"),
-            "triton": env.get("triton_version"), "git_sha": env.get("git_sha"), "git_dirty": env.get("git_dirty"),
-            "env_fingerprint": env_fingerprint(env)}
 
 
 def start_nvml(device: torch.device):

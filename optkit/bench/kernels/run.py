@@ -37,15 +37,15 @@ so). The rows are appended to results.jsonl as the event pass makes them (a kill
 with ``device_error`` saying that the device pass did not run) and rewritten in place, device times
 filled, when the device pass ends. Device time needs CUDA: on the CPU its fields are None.
 
-The suite's parts, one job each: optkit/kernel_cases.py (ops, shapes, inputs, eager baselines, the
-bytes each op must move), optkit/kernel_impls.py (optkit / eager / compile / liger callables),
-optkit/kernel_rows.py (row fields and filling them), optkit/measure/device_timing.py (event timing,
+The suite's parts, one job each: optkit/bench/kernels/cases.py (ops, shapes, inputs, eager baselines, the
+bytes each op must move), optkit/bench/kernels/impls.py (optkit / eager / compile / liger callables),
+optkit/bench/kernels/rows.py (row fields and filling them), optkit/measure/device_timing.py (event timing,
 L2 flush, copy bandwidth), optkit/measure/device_trace.py (profiler device time) and
-optkit/kernel_table.py (the printed table). This module runs them: the event pass, the device pass,
+optkit/bench/kernels/table.py (the printed table). This module runs them: the event pass, the device pass,
 results.jsonl and the command line. It also re-exports the names its callers (tests, suites/,
 scripts/bench_kernels.py) reach through it.
 
-Entry points: ``run(cfg, run_dir)`` (the runner, via ``python -m optkit.kernel_suite``),
+Entry points: ``run(cfg, run_dir)`` (the runner, via ``python -m optkit.bench.kernels.run``),
 ``run_suite(...)`` (scripts/bench_kernels.py, tests) and ``format_table(rows)``.
 """
 from __future__ import annotations
@@ -62,27 +62,20 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from optkit.kernel_cases import DTYPES, OPS, SPECS, Case, smoke_cases, sweep_cases
-from optkit.kernel_impls import ALL_IMPLS, CompileCache, ImplUnavailable, impls_for, resolve_impl
-from optkit.kernel_rows import (DEVICE_OFF_REASON, DEVICE_PENDING_REASON, NO_CUDA_REASON, NO_DEVICE_TIME_REASON,
+from optkit.bench.kernels.cases import DTYPES, OPS, SPECS, Case, smoke_cases, sweep_cases
+from optkit.bench.kernels.impls import ALL_IMPLS, CompileCache, ImplUnavailable, impls_for, resolve_impl
+from optkit.bench.kernels.rows import (DEVICE_OFF_REASON, DEVICE_PENDING_REASON, NO_CUDA_REASON, NO_DEVICE_TIME_REASON,
                                 SMOKE_COMPILE_REASON, base_row, failure_row, fill_device, fill_measurement, fill_nvml,
                                 start_nvml, stamp_row)
-from optkit.kernel_rows import env_fields as _env_fields
-from optkit.kernel_table import format_table
+from optkit.bench.kernels.context import RunContext
+from optkit.results.rows import env_stamp
+from optkit.bench.kernels.table import format_table
 from optkit.measure.device_timing import (L2Flush, Settings, clone_all, first_step, forward_backward, fresh_inputs,
                                           measure, measure_copy_gbps)
 from optkit.measure.device_trace import (PAD_LAUNCHES, PAD_REGION, DeviceTraceError, ProfilerTrace,
                                          device_time_by_region, device_times, pad_session_head, trace_phases)
 from optkit.measure.timing import PhaseTimer
-from optkit.results import append_row
-
-# Re-exported for callers that import them from here (tests/test_kernel_suite.py, suites/, scripts/).
-from optkit.kernel_cases import FLCE, TOKENS, OpSpec, _eager_rms_norm, _eager_rope  # noqa: F401
-from optkit.kernel_impls import CHUNK_IMPLS, IMPLS, _eager_call, _liger_call  # noqa: F401
-from optkit.kernel_rows import KERNEL_ROW_FIELDS, KERNEL_SCHEMA_VERSION  # noqa: F401
-from optkit.measure.device_timing import _repeats_for, as_tuple, grad_outputs_like  # noqa: F401
-from optkit.measure.device_trace import (TraceEvent, busy_ms, is_device_work, region_name,  # noqa: F401
-                                         trace_events)
+from optkit.results.rows import append_row
 
 FULL_SETTINGS = Settings()
 QUICK_SETTINGS = Settings(warmup_steps=2, warmup_ms=20.0, loop_ms=60.0, min_repeats=10, max_repeats=50)
@@ -104,22 +97,6 @@ def _release_after_failure(device: torch.device) -> None:
 
 
 # --------------------------------------------------------------------------- the run
-
-
-@dataclass
-class RunContext:
-    run_id: str
-    device: torch.device
-    env: Dict[str, Any]
-    env_fields: Dict[str, Any]
-    settings: Settings
-    flush: Any
-    copy_gbps: Optional[float]
-    compile_cache: CompileCache
-    timer_factory: Callable[[torch.device], Any] = PhaseTimer
-    trace_factory: Optional[Callable[[], Any]] = None  # a profiler session (ProfilerTrace); None: no device pass
-    trace_sessions: int = 0  # profiler sessions opened so far in this process
-    device_note: Optional[str] = None  # device_error of ok rows until the device pass fills them
 
 
 def run_impl(case: Case, impl: str, dtype_name: str, master: Dict[str, torch.Tensor],
@@ -331,7 +308,7 @@ def run_suite(run_dir: Path, *, run_id: Optional[str] = None, quick: bool = Fals
     if trace_factory is None and device.type == "cuda":
         trace_factory = ProfilerTrace
     context = RunContext(
-        run_id=run_id or run_dir.name, device=device, env=env, env_fields=_env_fields(env), settings=settings,
+        run_id=run_id or run_dir.name, device=device, env=env, env_fields=env_stamp(env), settings=settings,
         flush=L2Flush(device), copy_gbps=None,
         compile_cache=CompileCache(SMOKE_COMPILE_REASON if cpu_smoke else None), timer_factory=timer_factory,
         trace_factory=trace_factory, device_note=_device_note(trace_factory, settings))
@@ -370,18 +347,21 @@ def run(cfg, run_dir: Path, quick: bool = False) -> List[Dict[str, Any]]:
     return run_suite(Path(run_dir), run_id=bench.run_id or Path(run_dir).name, quick=quick, device=device)
 
 
-# --------------------------------------------------------------------------- python -m optkit.kernel_suite
+# --------------------------------------------------------------------------- command line
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m optkit.kernel_suite --run-dir DIR [--quick] suite=kernels [overrides]`` (the runner's call)."""
+    """``python -m optkit.bench.kernels.run --run-dir DIR --config FILE [--quick]`` (the runner's call)."""
+    import json
+
+    from optkit.config.compose import typed_config
+
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--config", required=True, type=Path, help="JSON {config: the resolved config}")
     parser.add_argument("--quick", action="store_true", help="one shape per op (< 90 s on an H100)")
-    args, overrides = parser.parse_known_args(argv)
-    from optkit.compose import compose
-
-    cfg = compose(list(overrides) or ["suite=kernels"])
+    args = parser.parse_args(argv)
+    cfg = typed_config(json.loads(args.config.read_text())["config"])
     rows = run(cfg, args.run_dir, quick=args.quick)
     print(format_table(rows))
     return 0

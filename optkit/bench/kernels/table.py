@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, Optional
 
-from optkit.kernel_rows import DEVICE_OFF_REASON, NO_DEVICE_TIME_REASON
+from optkit.bench.kernels.rows import DEVICE_OFF_REASON, NO_DEVICE_TIME_REASON
 
 DEVICE_OVER_EVENTS_TOLERANCE = 1.1  # full_device_ms above this x full_ms is flagged in the table
 

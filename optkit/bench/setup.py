@@ -1,0 +1,44 @@
+"""What a measured point trains, built exactly as the point builds it (tests and diagnosis reuse it):
+model -> training method (LoRA / QLoRA / full) -> optkit.patch -> gradient checkpointing -> optimizer ->
+the batches the loop cycles through.
+"""
+from __future__ import annotations
+
+import torch
+
+from optkit.config.schema import OptkitConfig
+from optkit.data import make_batches
+from optkit.models import build_model
+from optkit.opt import patcher
+from optkit.opt.registry import missing_requirements
+from optkit.train.checkpointing import enable_checkpointing
+from optkit.train.method import apply_training_method
+from optkit.train.optimizers import build_optimizer
+from optkit.train.packing import install_packed_attention
+
+N_DISTINCT_BATCHES = 4  # cycled, so no step re-reads the exact tensors of the previous one
+
+
+class SkipPoint(RuntimeError):
+    """The point cannot run here (missing GPU, library, unsupported model); recorded as `skipped`."""
+
+
+def build_training(cfg: OptkitConfig, device: torch.device):
+    """Model -> training method -> optkit.patch -> checkpointing -> optimizer -> batches, exactly as a
+    measured point builds them (diagnosis scripts reuse it). Returns (model, optimizer, batches, ckpt_info)."""
+    missing = missing_requirements(cfg.opt, device=device)
+    if missing:
+        raise SkipPoint("; ".join(missing))
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, device, seed=cfg.train.seed)
+    vocab_size = model.config.vocab_size
+    model = apply_training_method(model, cfg.train)
+    if cfg.data.packing:  # padding-free rows need boundary-aware attention (metadata per layer, as HF)
+        install_packed_attention(model)
+    model = patcher.patch(model, cfg.opt)
+    ckpt_info = enable_checkpointing(model, cfg.train.checkpointing) or {}
+    optimizer = build_optimizer(model.parameters(), cfg.train)
+    batches = [b.to(device) for b in make_batches(cfg.data, cfg.train.batch_size, vocab_size,
+                                                     N_DISTINCT_BATCHES, cfg.train.seed)]
+    model.train()
+    return model, optimizer, batches, ckpt_info
