@@ -11,7 +11,7 @@ TORCH_PIP_ARGS ?=
 EXTRAS ?= test,quant
 SUITE ?=
 ARGS ?=
-RUNS ?= $(shell ls -d results/*/*/* 2>/dev/null | grep -v '/local/')
+RUNS ?=
 BASELINE ?=
 CANDIDATE ?=
 REGRESS_ARGS ?=
@@ -42,8 +42,17 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(PYTHON) -m pytest -q -m gpu $(PYTEST_ARGS)
 
+# RUNS=<run dirs>: report those (the newest run of each GPU kind and suite); without RUNS, re-render the
+# committed reports from the runs reports/SOURCES names.
 report: $(STAMP)
+ifneq ($(strip $(RUNS)),)
 	$(PYTHON) -m optkit report $(RUNS) $(REPORT_ARGS)
+else
+	@grep -v '^#' reports/SOURCES | while read -r out runs; do \
+	  [ -n "$$out" ] || continue; \
+	  $(PYTHON) -m optkit report $$runs --out $$out $(REPORT_ARGS) || exit 1; \
+	done
+endif
 
 regress: $(STAMP)
 	@test -n "$(BASELINE)" -a -n "$(CANDIDATE)" || { echo "usage: make regress BASELINE=results/<gpu>/<suite>/<run> CANDIDATE=<run dir>"; exit 2; }

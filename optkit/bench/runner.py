@@ -155,8 +155,9 @@ def run_sweep(overrides: Sequence[str]) -> Path:
     points = expand_points(cfg.suite, rest, model_family) if suite_name != "none" else [["suite=none", *rest]]
     point_cfgs = [compose(p) for p in points]  # fail fast, before any work, on a bad name or value
     env = capture_env()
-    run_id = cfg.bench.resume or cfg.bench.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    run_dir = Path(cfg.bench.results_dir) / gpu_slug(env) / suite_name / run_id
+    suite_dir = Path(cfg.bench.results_dir) / gpu_slug(env) / suite_name
+    run_id = cfg.bench.resume or cfg.bench.run_id or default_run_id(suite_dir, suite_name, env.get("git_sha"))
+    run_dir = suite_dir / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "env.json").write_text(json.dumps(env, indent=2, default=str))
 
@@ -185,6 +186,16 @@ def run_sweep(overrides: Sequence[str]) -> Path:
     print_summary(read_rows(results), baseline_opt=cfg.suite.baseline_opt)
     _log(f"results: {results}")
     return run_dir
+
+
+def default_run_id(suite_dir: Path, suite_name: str, git_sha: Optional[str]) -> str:
+    """``<suite>-<yyyymmdd>-<sha7>``: what ran, when and at which commit; ``-2``, ``-3`` ... for a repeat."""
+    stem = f"{suite_name}-{datetime.now(timezone.utc):%Y%m%d}-{(git_sha or 'nosha')[:7]}"
+    run_id, n = stem, 1
+    while (suite_dir / run_id).exists():
+        n += 1
+        run_id = f"{stem}-{n}"
+    return run_id
 
 
 def _hash_of(cfg) -> str:

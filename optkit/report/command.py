@@ -21,17 +21,17 @@ from typing import Dict, List, Optional, Sequence
 
 from optkit.report.cross_gpu import write_cross_gpu
 from optkit.report.sections import write_report
-from optkit.results.runs import ReportInputError, Run, load_run, natural_key
+from optkit.results.runs import ReportInputError, Run, load_run, newest_of
 
 
 def newest_run(runs: Sequence[Run]) -> Run:
-    """The last run by run id (ids default to UTC timestamps); says which ones it leaves out."""
-    ordered = sorted(runs, key=lambda r: natural_key(r.run_id))
-    if len(ordered) > 1:
-        print(f"optkit report: {ordered[-1].gpu_slug}/{ordered[-1].suite}: reporting the newest run "
-              f"{ordered[-1].run_id}, not {', '.join(r.run_id for r in ordered[:-1])} (--merge pools them)",
-              file=sys.stderr)
-    return ordered[-1]
+    """The newest of ``runs`` (results/runs.py: by its last row's time); says which ones it leaves out."""
+    newest = newest_of(runs)
+    others = [r.run_id for r in runs if r is not newest]
+    if others:
+        print(f"optkit report: {newest.gpu_slug}/{newest.suite}: reporting the newest run {newest.run_id}, not "
+              f"{', '.join(others)} (--merge pools them)", file=sys.stderr)
+    return newest
 
 
 def main(argv: Optional[List[str]] = None) -> int:

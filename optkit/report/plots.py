@@ -38,7 +38,9 @@ def _save(fig: Figure, stem: Path, formats: Sequence[str]) -> List[Path]:
     paths = [stem.with_suffix(f".{ext}") for ext in formats]
     with matplotlib.rc_context(RC):
         for path in paths:
-            fig.savefig(path, dpi=150)  # dpi matters for PNG only
+            # dpi matters for PNG only; no creation date in a PDF, so re-rendering a run rewrites identical bytes
+            metadata = {"CreationDate": None} if path.suffix == ".pdf" else None
+            fig.savefig(path, dpi=150, metadata=metadata)
     return paths
 
 

@@ -56,6 +56,26 @@ def load_run(run_dir) -> Run:
     return run
 
 
+def finished_at(run: Run) -> str:
+    """When the run wrote its last row (ISO time; "" without timestamps)."""
+    return max((str(r.get("timestamp") or "") for r in run.rows), default="")
+
+
+def newest_of(runs: Sequence[Run]) -> Run:
+    """The run whose last row was written last (ties: the last run id in natural order)."""
+    return max(runs, key=lambda r: (finished_at(r), natural_key(r.run_id)))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m optkit.results.runs RUN_DIR...``: print the newest of the runs (CI picks its baseline so)."""
+    import sys
+
+    dirs = list(sys.argv[1:] if argv is None else argv)
+    if dirs:
+        print(newest_of([load_run(d) for d in dirs]).path)
+    return 0
+
+
 @dataclass
 class Point:
     """Every row of one point: several with bench.repeats > 1 or when runs are merged."""
@@ -129,3 +149,7 @@ def setting_of(point: Point) -> str:
 
 def natural_key(text: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(text))]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

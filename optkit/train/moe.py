@@ -133,9 +133,11 @@ class NF4ExpertWeight:
                                                      quant_type="nf4", blocksize=blocksize)
 
     def dequantize(self) -> torch.Tensor:
-        import bitsandbytes.functional as bnbf
+        # optkit's kernel, not bitsandbytes' dequantize_4bit: on CPU, bitsandbytes 0.50's is wrong for some
+        # shapes (e.g. (256, 32)), while optkit's matches its float reference on every shape.
+        from optkit.kernels.nf4_dequantize import nf4_dequantize
 
-        return bnbf.dequantize_4bit(self.packed, self.state).view(self.shape).to(self.dtype)
+        return nf4_dequantize(self.packed, self.state, dtype=self.dtype).view(self.shape)
 
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + self.state.absmax.numel() * 4
