@@ -2,7 +2,7 @@
 
 Builds the same model shape with random weights, LoRA on the same projections, AdamW, and times
 `steps` training steps with torch.cuda.synchronize() + time.perf_counter() around the whole window.
-optkit's tokens/s on the same point must agree within 5% (issue 2). Prints one JSON line.
+optkit's tokens/s on the same point should agree within 5%. Prints one JSON line.
 
   python scripts/bare_loop.py --model llama3_8b --batch 2 --seq 2048 --steps 20 --warmup 5 [--checkpointing]
 """

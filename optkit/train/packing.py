@@ -6,7 +6,7 @@ flash-attention varlen kernel shipped in torch >= 2.10; CUDA, fp16/bf16) takes t
 device tensor) plus ``max_seqlen`` (a host int). Where it cannot run (CPU, fp32, older torch) a loop of causal SDPA
 calls, one per example, computes exactly the same thing from the boundaries as host ints.
 
-Baseline, ``install_packed_attention`` (what the seeds call "HF rebuilds the metadata in every layer"):
+Baseline, ``install_packed_attention`` (HF rebuilding the metadata in every layer):
 HF's flash-attention path given only position_ids (transformers 5.17 and 5.24,
 ``modeling_flash_attention_utils._flash_attention_forward``, padding-free branch) re-derives the boundaries inside
 EVERY attention layer with these HF functions, which we call as they are:
