@@ -19,10 +19,17 @@ A kernel is the optimizer's when it was launched inside an ``Optimizer.step#...`
 wraps every optimizer's step in one), whatever its name: a non-foreach AdamW is plain elementwise
 kernels. The 100% is the sum of the counted durations (device busy time summed over streams), not
 the step's wall time.
+
+Host vs device (CUDA only): the step's wall time on the host clock, from its first launch to the end
+of the region (the step synchronizes before it leaves), against the union of its device-work
+intervals. A device that sat idle for much of that time waited on the host: the step is host-bound.
+The same intervals give each copy direction's busy time and the share of it a compute kernel ran
+beside (offloaded checkpointing hides its reloads that way). Device intervals are clipped to
+[first launch, region end]: work launched in the region runs there, so a record outside carries a
+timestamp from another clock.
 """
 from __future__ import annotations
 
-import bisect
 import gzip
 import json
 import re
@@ -33,7 +40,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from optkit.measure.intervals import Intervals
+from optkit.measure.intervals import Intervals, busy_ms, clip_intervals, overlap_ms
 
 PROFILED_STEP_REGION = "optkit/profiled_step"
 CATEGORIES = ("attention", "matmul", "optkit", "other triton", "optimizer", "copy/memset", "elementwise/other")
@@ -45,6 +52,10 @@ DEVICE_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_KINDS = ("cpu_op", "user_annotation")
 LAUNCH_KINDS = ("cuda_runtime", "cuda_driver")
 OPTIMIZER_RANGE_PREFIX = "Optimizer.step#"
+COPY_DIRECTIONS = ("HtoD", "DtoH")  # as Kineto names memcpys: "Memcpy HtoD (Pinned -> Device)"
+DEVICE_SPLIT_FIELDS = ("profile_step_wall_ms", "profile_device_busy_ms", "profile_device_idle_share",
+                       "profile_htod_busy_ms", "profile_htod_overlap_fraction",
+                       "profile_dtoh_busy_ms", "profile_dtoh_overlap_fraction")
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
 
 # Name patterns, checked in CATEGORIES' precedence order (see categorize). Lower-cased names.
@@ -112,6 +123,8 @@ class TimedEvent:
     kind: str  # "kernel" | "gpu_memcpy" | "gpu_memset" | "cpu_op" | "user_annotation"
     time_us: float
     in_optimizer: bool
+    start_us: float = 0.0  # device events: where the device ran it, on the trace's (host) clock
+    launched_us: Optional[float] = None  # device events: the host time of its launch
 
 
 class ProfileError(ValueError):
@@ -143,8 +156,36 @@ def device_events(events: Sequence[Dict[str, Any]], region: str = PROFILED_STEP_
             continue
         launched = launches.get((e.get("args") or {}).get("correlation"), float(e.get("ts", 0.0)))
         if start <= launched <= end:
-            out.append(TimedEvent(str(e.get("name")), e["cat"], float(e.get("dur", 0.0)), optimizer.contains(launched)))
+            out.append(TimedEvent(str(e.get("name")), e["cat"], float(e.get("dur", 0.0)), optimizer.contains(launched),
+                                  start_us=float(e.get("ts", 0.0)), launched_us=launched))
     return out
+
+
+def device_split(timed: Sequence[TimedEvent], region_end_us: float) -> Dict[str, Any]:
+    """DEVICE_SPLIT_FIELDS of a step from its device events (``device_events``) and the region's end:
+    wall time from the first launch, the device's busy time and idle share, and per copy direction the
+    copies' busy time and the share of it overlapped by a compute kernel (None without such copies)."""
+    if not timed:
+        return dict.fromkeys(DEVICE_SPLIT_FIELDS)
+    first_launch = min(e.launched_us for e in timed)
+
+    def spans(events: Iterable[TimedEvent]) -> List[Tuple[float, float]]:
+        return clip_intervals(((e.start_us, e.start_us + e.time_us) for e in events), first_launch, region_end_us)
+
+    wall_ms = (region_end_us - first_launch) / 1e3
+    busy = busy_ms(spans(timed))
+    fields: Dict[str, Any] = {
+        "profile_step_wall_ms": round(wall_ms, 4), "profile_device_busy_ms": round(busy, 4),
+        "profile_device_idle_share": round(1.0 - busy / wall_ms, 4) if wall_ms > 0 else None,
+    }
+    compute = spans(e for e in timed if e.kind == "kernel")
+    for direction in COPY_DIRECTIONS:
+        copies = spans(e for e in timed if e.kind == "gpu_memcpy" and direction in e.name)
+        copy_busy = busy_ms(copies)
+        prefix = f"profile_{direction.lower()}"
+        fields[f"{prefix}_busy_ms"] = round(copy_busy, 4) if copies else None
+        fields[f"{prefix}_overlap_fraction"] = round(overlap_ms(copies, compute) / copy_busy, 4) if copy_busy else None
+    return fields
 
 
 def host_self_events(events: Sequence[Dict[str, Any]], region: str = PROFILED_STEP_REGION) -> List[TimedEvent]:
@@ -201,12 +242,15 @@ def summarize_trace(trace: Dict[str, Any], on_cuda: bool, region: str = PROFILED
     timed = device_events(events, region) if on_cuda else host_self_events(events, region)
     if not timed:
         raise ProfileError(f"no {'device' if on_cuda else 'host op'} events inside {region!r}")
-    return {
+    fields = {
         "profile_time_source": TIME_SOURCE_CUDA if on_cuda else TIME_SOURCE_CPU,
         "profile_step_ms": round(sum(e.time_us for e in timed) / 1e3, 4),
         "profile_kernel_share": kernel_share(timed),
         "profile_top_kernels": top_kernels(timed),
     }
+    # without CUDA there is no device work to set against the host's time: None, as profile_time_source says
+    fields.update(device_split(timed, _region(events, region)[1]) if on_cuda else dict.fromkeys(DEVICE_SPLIT_FIELDS))
+    return fields
 
 
 def profile_step(step: Callable[[], Any], device, trace_path: Path) -> Dict[str, Any]:

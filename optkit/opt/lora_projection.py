@@ -106,8 +106,8 @@ class LoRAOperandCache:
     """Casts a group's adapters (fp32 parameters under peft) to the activation dtype once per step.
 
     A step uses them three times per layer (forward, checkpoint recompute, backward); casting and
-    stacking each time was ~30 small kernels per layer per step, paid in host time (see
-    scripts/gpu_host_overhead.py). The entry is keyed by every adapter's version counter and storage, so an
+    stacking each time was ~30 small kernels per layer per step, paid in host time (a profiled point's
+    profile_device_idle_share shows it). The entry is keyed by every adapter's version counter and storage, so an
     optimizer step or a load invalidates it; backward drops it (the next use follows an update), so it
     lives only from a layer's forward to its backward: ~2 bytes per adapter parameter (84 MB on Llama-3-8B
     r16). Updates that bypass the version counter (bitsandbytes' 8-bit optimizers write through raw

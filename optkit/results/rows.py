@@ -108,6 +108,22 @@ ROW_FIELDS: Dict[str, str] = {
     "profile_step_ms": "sum of that time in the profiled step (the 100% of profile_kernel_share)",
     "profile_kernel_share": "[{category, time_ms, share_pct}] per optkit.measure.profile.CATEGORIES",
     "profile_top_kernels": "[{name (truncated), category, calls, total_ms}] the top 15 by time",
+    "profile_step_wall_ms": "host-clock time of the profiled step from its first launch of device work to the end "
+                            "of the profiled region, right after the step's final synchronize (None without CUDA: "
+                            "see profile_time_source)",
+    "profile_device_busy_ms": "union of the profiled step's kernel, memcpy and memset intervals (time any stream "
+                              "had work) within profile_step_wall_ms (None without CUDA)",
+    "profile_device_idle_share": "1 - profile_device_busy_ms / profile_step_wall_ms: the share of the step the device "
+                                 "sat waiting for the host. High means host-bound: Python and kernel launches, not "
+                                 "kernels, set the step time, so faster kernels will not shorten it (None without CUDA)",
+    "profile_htod_busy_ms": "union of the profiled step's host->device memcpy intervals (e.g. offloaded "
+                            "checkpointing's reloads); None when the step has none (or no CUDA)",
+    "profile_htod_overlap_fraction": "share of profile_htod_busy_ms during which a compute kernel ran too (copy time "
+                                     "hidden behind compute; the rest the step may wait on); None without such copies",
+    "profile_dtoh_busy_ms": "union of the profiled step's device->host memcpy intervals (e.g. offloaded "
+                            "checkpointing's layer inputs, .item() reads); None when the step has none (or no CUDA)",
+    "profile_dtoh_overlap_fraction": "share of profile_dtoh_busy_ms during which a compute kernel ran too; None "
+                                     "without such copies",
     "profile_error": "why the profile failed (the timed windows are unaffected), else None",
     # sanity
     "checkpointing_info": "what enable_checkpointing reported (e.g. extra buffer bytes)",

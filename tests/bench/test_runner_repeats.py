@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from optkit.bench import runner as runner
-from optkit.measure.profile import CATEGORIES, TIME_SOURCE_CPU
+from optkit.measure.profile import CATEGORIES, DEVICE_SPLIT_FIELDS, TIME_SOURCE_CPU
 from optkit.results.rows import empty_row, identity_fields, read_rows
 
 TINY = ["suite=smoke", "model=tiny_llama", "opt=baseline", "train.warmup_steps=1", "train.steps=2",
@@ -65,6 +65,8 @@ def test_profile_on_cpu_writes_a_trace_and_a_kernel_share_table(profiled):
         trace = json.load(fh)
     assert trace["traceEvents"] and any(e.get("cat") == "cpu_op" for e in trace["traceEvents"])
     assert last["profile_time_source"] == TIME_SOURCE_CPU
+    # no device work to set against the host's time on a CPU: every host-vs-device field is None, not 0
+    assert all(f in last and last[f] is None for f in DEVICE_SPLIT_FIELDS)
     share = last["profile_kernel_share"]
     assert [s["category"] for s in share] == list(CATEGORIES)
     assert sum(s["share_pct"] for s in share) == pytest.approx(100, abs=0.1)

@@ -119,7 +119,8 @@ def test_custom_op_registration():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(4096, 14336), (14336, 4096), (1024, 4096)])
+# Llama-3-8B's weights: gate/up, down, q/o, k/v projections
+@pytest.mark.parametrize("shape", [(4096, 14336), (14336, 4096), (4096, 4096), (1024, 4096)])
 def test_matches_bitsandbytes_bitwise_gpu(shape, dtype):
     packed, state = _quantized(shape, dtype, True, device="cuda")
     expected = bnb_functional.dequantize_4bit(packed, state)

@@ -4,6 +4,7 @@ from the events each test writes."""
 import pytest
 
 from optkit.measure import profile as P
+from optkit.measure.intervals import clip_intervals, overlap_ms
 
 OURS = frozenset({"_rms_norm_fwd_kernel", "_rope_kernel"})
 
@@ -134,6 +135,60 @@ def test_host_self_time_subtracts_direct_children_per_thread():
     assert fields["profile_time_source"] == P.TIME_SOURCE_CPU
 
 
+def split_trace():
+    """Region 1000..2000 us; first launch at 1100. Compute stream: gemm 1110-1400, rms 1450-1480, add 1995-2100
+    (runs past the region's end: clipped to 2000). Copy stream: HtoD 1300-1500 (kernels beside it 1300-1400 and
+    1450-1480: 130 of 200 us), DtoH 1700-1800 with only a memset beside it (a memset is not compute)."""
+    return {"traceEvents": [
+        _launch(1, 500), _kernel("void pad_kernel<1>()", 1, 510, 5),  # before the region: not counted
+        _host(P.PROFILED_STEP_REGION, 1000, 1000, cat="user_annotation"),
+        _launch(2, 1100), _kernel("sm90_xmma_gemm_bf16bf16_bf16f32", 2, 1110, 290),
+        _launch(3, 1120), _kernel("Memcpy HtoD (Pinned -> Device)", 3, 1300, 200, cat="gpu_memcpy"),
+        _launch(4, 1150), _kernel("_rms_norm_fwd_kernel", 4, 1450, 30),
+        _launch(5, 1600), _kernel("Memcpy DtoH (Device -> Pinned)", 5, 1700, 100, cat="gpu_memcpy"),
+        _launch(6, 1610), _kernel("Memset (Device)", 6, 1750, 10, cat="gpu_memset"),
+        _launch(7, 1620), _kernel("flash_fwd_kernel", 7, 9.9e9, 50),  # foreign clock: outside the step, left out
+        _kernel("gpu annotation copy", 99, 1000, 1000, cat="gpu_user_annotation"),  # not work
+        _launch(8, 1990), _kernel("void at::native::vectorized_elementwise_kernel<4, Add>()", 8, 1995, 105),
+        _launch(9, 2100), _kernel("sm90_xmma_gemm_after", 9, 2110, 1000),  # launched after the region
+    ]}
+
+
+def test_device_split_sets_the_busy_union_against_the_wall_from_the_first_launch():
+    fields = P.summarize_trace(split_trace(), on_cuda=True)
+    busy_us = (1500 - 1110) + (1800 - 1700) + (2000 - 1995)  # gemm+copy+rms merged, DtoH (memset inside), add
+    assert fields["profile_step_wall_ms"] == pytest.approx((2000 - 1100) / 1e3)
+    assert fields["profile_device_busy_ms"] == pytest.approx(busy_us / 1e3)
+    assert fields["profile_device_idle_share"] == pytest.approx(1 - busy_us / 900, abs=1e-4)
+
+
+def test_device_split_gives_each_copy_direction_its_busy_time_and_overlap_with_kernels():
+    fields = P.summarize_trace(split_trace(), on_cuda=True)
+    assert fields["profile_htod_busy_ms"] == pytest.approx(0.2)
+    assert fields["profile_htod_overlap_fraction"] == pytest.approx((100 + 30) / 200)
+    assert fields["profile_dtoh_busy_ms"] == pytest.approx(0.1)
+    assert fields["profile_dtoh_overlap_fraction"] == 0.0
+
+
+def test_device_split_without_copies_or_without_cuda_is_none():
+    no_copies = {"traceEvents": [_host(P.PROFILED_STEP_REGION, 0, 100, cat="user_annotation"),
+                                 _launch(1, 10), _kernel("gemm", 1, 20, 30)]}
+    fields = P.summarize_trace(no_copies, on_cuda=True)
+    assert fields["profile_device_busy_ms"] == pytest.approx(0.03) and fields["profile_step_wall_ms"] == 0.09
+    assert all(fields[f"profile_{d}_{f}"] is None for d in ("htod", "dtoh") for f in ("busy_ms", "overlap_fraction"))
+    on_cpu = P.summarize_trace({"traceEvents": [_host(P.PROFILED_STEP_REGION, 0, 100, cat="user_annotation"),
+                                                _host("aten::mm", 10, 50)]}, on_cuda=False)
+    assert all(on_cpu[f] is None for f in P.DEVICE_SPLIT_FIELDS) and on_cpu["profile_time_source"] == P.TIME_SOURCE_CPU
+
+
+def test_overlap_is_the_intersection_of_the_two_unions():
+    copies = [(30, 60), (0, 20), (10, 25)]  # unsorted and overlapping: union 0-25, 30-60
+    kernels = [(5, 40), (35, 50), (55, 100)]  # union 5-50, 55-100
+    assert overlap_ms(copies, kernels) * 1e3 == pytest.approx((25 - 5) + (50 - 30) + (60 - 55))
+    assert overlap_ms(copies, []) == 0.0
+    assert clip_intervals([(0, 10), (5, 30), (40, 50)], 8, 35) == [(8, 10), (8, 30)]
+
+
 def test_a_trace_without_the_region_is_an_error_that_says_so():
     with pytest.raises(P.ProfileError, match="record_function"):
         P.summarize_trace({"traceEvents": [_host("aten::mm", 0, 10)]}, on_cuda=False)
@@ -175,3 +230,6 @@ def test_profile_step_on_cuda_attributes_matmuls_and_the_optimizer(tmp_path):
     assert share["optimizer"] > 0, share
     assert all("pad" not in t["name"] for t in fields["profile_top_kernels"])
     assert fields["profile_top_kernels"][0]["category"] == "matmul"
+    # ~9 TFLOP of matmuls behind a few dozen launches: the device, not the host, sets this step's time
+    assert 0 < fields["profile_device_busy_ms"] <= fields["profile_step_wall_ms"], fields
+    assert fields["profile_device_idle_share"] < 0.5, fields

@@ -1,4 +1,4 @@
-"""Bitwise check of what the offload checkpointing modes reload (GPU test and scripts/gpu_ckpt_diag.py).
+"""Bitwise check of what the offload checkpointing modes reload (tests/train/test_checkpointing.py, on a GPU).
 
 While active, every layer input handed to ``LayerInputOffloader.offload`` is kept (a device clone), and
 every tensor ``reload`` returns is compared with it once its copy has finished; mismatches are

@@ -274,3 +274,32 @@ def test_gpu_varlen_matches_per_example_and_syncs_drop_to_one():
     apply_packed_metadata_cache(model, compose(["opt.packed_metadata_cache=true"]).opt)
     per_batch = count_device_syncs(lambda: model(**tensors).loss.backward())
     assert per_layer >= 3 * 2 and per_batch <= 1, (per_layer, per_batch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", [False, True], ids=["per_layer", "per_batch"])
+def test_gpu_packed_loss_and_grads_equal_the_padded_examples_at_qwen3_14b_widths(cache):
+    """Qwen3-14B widths (H=5120, I=17408, 40/8 heads of D=128) cut to 2 layers, bf16, one packed row of 2048 tokens
+    through torch's varlen kernel, metadata rebuilt per layer or built once per batch: the loss and every gradient
+    against the same examples padded through HF's sdpa in float64, HF's bf16 padded run as the same-dtype bar."""
+    dev = torch.device("cuda")
+    cfg = compose(["model=qwen3_14b", "model.num_layers=2", "model.hf_config.vocab_size=1024",
+                   f"opt.packed_metadata_cache={str(cache).lower()}", "data=packed", "data.seq_len=2048",
+                   "data.length_dist=uniform", "data.min_len=16", "data.max_len=512"])
+    model = build_model(cfg.model, device=dev).train()
+    padded = padded_batch(1, 2048, 1024, torch.Generator().manual_seed(8), cfg.data).to(dev)
+    packed = packed_batch(1, 2048, 1024, torch.Generator().manual_seed(8), cfg.data).to(dev)
+    ref_loss, ref_grads = _loss_grads(copy.deepcopy(model).double(), **padded.tensors)
+    torch_loss, torch_grads = _loss_grads(model, **padded.tensors)
+    if cache:
+        apply_packed_metadata_cache(model, cfg.opt)
+    else:
+        P.install_packed_attention(model)
+    loss, grads = _loss_grads(model, **packed.tensors)
+    stats = P.packing_stats(model)
+    assert (stats.varlen_kernel_calls, stats.loop_kernel_calls) == (2, 0), stats
+    assert (stats.per_layer_rebuilds, stats.per_batch_builds) == ((0, 1) if cache else (2, 0)), stats
+    assert_close_to_reference(loss, ref_loss, torch_loss, torch.bfloat16, name="loss")
+    assert set(grads) == set(ref_grads)
+    for name in ref_grads:
+        assert_close_to_reference(grads[name], ref_grads[name], torch_grads[name], torch.bfloat16, name=name)
