@@ -180,7 +180,7 @@ def _release_setup_cache(device: torch.device) -> None:
     Building a model in bf16 and then quantizing it (QLoRA) leaves the bf16 weights' blocks cached:
     NVML would count ~16 GiB at Llama-3-8B that a user loading a 4-bit checkpoint never holds. The
     warm-up steps then grow the cache to what training needs, so the timed window's NVML peak is the
-    training footprint. (Schema 2: rows before it kept the setup cache.)"""
+    training footprint."""
     if device.type == "cuda":
         import gc
 
