@@ -1,4 +1,5 @@
-"""pytest-benchmark micro-suite: one forward+backward of each op x implementation.
+"""pytest-benchmark micro-suite: one forward+backward of each op x implementation (the forward alone
+for a forward-only op: nf4_dequantize).
 
 Not part of the main test run (pyproject's testpaths = tests); run it explicitly:
 
@@ -13,7 +14,9 @@ suite's shapes, inputs and implementations (optkit/bench/kernels/cases.py, optki
 Timing is pytest-benchmark's host clock around one step that ends in ``torch.cuda.synchronize``;
 the setup of every round (untimed) copies fresh inputs, flushes L2 and synchronizes, so a round
 starts with an idle GPU and a cold cache. With a GPU: the quick shapes (one per op, Llama-3-8B
-first). Without one: the tiny CPU smoke shapes (eager and optkit under the Triton interpreter).
+first). Without one: the tiny CPU smoke shapes (eager and optkit under the Triton interpreter). The
+implementations are every op's and the peers of one op (bitsandbytes for nf4_dequantize); FLCE's
+chunk-size sweep stays in the kernels suite.
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ DTYPE = "bfloat16"
 CASES = kernel_cases.sweep_cases(quick=True) if HAS_CUDA else kernel_cases.smoke_cases()
 # Rounds: pytest-benchmark keeps every round; 30 medians out GPU noise, 3 keep the CPU smoke short.
 ROUNDS, WARMUP_ROUNDS = (30, 5) if HAS_CUDA else (3, 1)
+IMPLS = kernel_impls.IMPLS + (kernel_impls.BITSANDBYTES,)
+POINTS = [(case, impl) for case in CASES for impl in kernel_impls.impls_for(case.op, IMPLS)]
 
 _compile_cache = kernel_impls.CompileCache(None if HAS_CUDA else kernel_rows.SMOKE_COMPILE_REASON)
 _flush = device_timing.L2Flush(DEVICE)
@@ -49,19 +54,20 @@ def _sync() -> None:
         torch.cuda.synchronize(DEVICE)
 
 
-@pytest.mark.parametrize("impl", kernel_impls.IMPLS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.op}-{c.shape}")
+@pytest.mark.parametrize("case, impl", POINTS, ids=[f"{c.op}-{c.shape}-{impl}" for c, impl in POINTS])
 def test_forward_backward(benchmark, case, impl):
     spec = kernel_cases.SPECS[case.op]
+    dtype = kernel_cases.DTYPES[DTYPE]
     try:
-        call = kernel_impls.resolve_impl(impl, spec, case, DEVICE, _compile_cache)
-    except kernel_impls.ImplUnavailable as exc:
+        call = kernel_impls.resolve_impl(impl, spec, case, DEVICE, _compile_cache, dtype)
+        torch.manual_seed(0)
+        master = spec.make_inputs(case, dtype, DEVICE)
+    except (kernel_impls.ImplUnavailable, kernel_cases.InputsUnavailable) as exc:
         pytest.skip(str(exc))
-    torch.manual_seed(0)
-    master = spec.make_inputs(case, kernel_cases.DTYPES[DTYPE], DEVICE)
     first = device_timing.fresh_inputs(master)
-    grad_outputs = device_timing.grad_outputs_like(device_timing.as_tuple(call(**first)))  # also the compile / JIT call
-    del first
+    outs = device_timing.as_tuple(call(**first))  # also the compile / JIT call
+    grad_outputs = None if spec.forward_only else device_timing.grad_outputs_like(outs)
+    del first, outs
 
     def setup():
         inputs, grads = device_timing.fresh_inputs(master), device_timing.clone_all(grad_outputs)
@@ -70,11 +76,15 @@ def test_forward_backward(benchmark, case, impl):
         return (inputs, grads), {}
 
     def step(inputs, grads):
-        device_timing.forward_backward(call, inputs, grads)
+        if spec.forward_only:
+            call(**inputs)
+        else:
+            device_timing.forward_backward(call, inputs, grads)
         _sync()
 
-    fwd_bytes, bwd_bytes = spec.bytes_moved(case, kernel_cases.DTYPES[DTYPE].itemsize)
+    fwd_bytes, bwd_bytes = spec.bytes_moved(case, dtype.itemsize)
     benchmark.group = f"{case.op}/{DTYPE}/{case.shape}"
-    benchmark.extra_info.update(op=case.op, impl=impl, shape=case.shape, dtype=DTYPE, bytes_full=fwd_bytes + bwd_bytes,
-                                loss_in_forward=spec.fused_loss and impl in ("optkit", "liger"))
+    benchmark.extra_info.update(op=case.op, impl=impl, shape=case.shape, dtype=DTYPE,
+                                bytes_full=fwd_bytes + (bwd_bytes or 0), forward_only=spec.forward_only,
+                                loss_in_forward=kernel_impls.computes_grad_in_forward(spec, impl))
     benchmark.pedantic(step, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)

@@ -118,17 +118,39 @@ class Measurement:
     peak_reserved_bytes: Optional[int]
 
 
-def _peak_memory(call, master, grad_outputs, device) -> Tuple[Optional[int], Optional[int], Optional[int]]:
+def _peak_memory(prepare: Callable[[], Any], run: Callable[[Any], Any],
+                 device) -> Tuple[Optional[int], Optional[int], Optional[int]]:
+    """(peak, peak over what was allocated before, reserved peak) of one ``run(prepare())``; None off CUDA.
+    The inputs ``prepare`` makes are allocated before the baseline, so the delta is the op's own memory."""
     if device.type != "cuda":
         return None, None, None
-    inputs, grads = fresh_inputs(master), clone_all(grad_outputs)
+    prepared = prepare()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    forward_backward(call, inputs, grads)
+    run(prepared)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     return peak, peak - before, torch.cuda.max_memory_reserved(device)
+
+
+def _warm_up(step: Callable[[], Any], device, settings: Settings) -> Tuple[int, int]:
+    """Warm-up by steps and by time (after the first, compiling call); returns (steps, timed repeats).
+
+    Its mean step (input copies included) sizes the timed loops. Each step is waited for: a host that
+    queues ahead would see 50 ms pass only after the step cap (50 steps of a 50 ms op: 2.5 s of warm-up
+    per impl)."""
+    warm = WallClock(device).start()
+    warm_started = time.perf_counter()
+    steps = 1
+    while steps < settings.max_warmup_steps:
+        step()
+        synchronize(device)
+        steps += 1
+        enough_time = (time.perf_counter() - warm_started) * 1e3 >= settings.warmup_ms
+        if steps >= settings.warmup_steps and enough_time:
+            break
+    return steps, _repeats_for(warm.stop() / (steps - 1), settings)
 
 
 def _repeats_for(step_ms: float, settings: Settings) -> int:
@@ -143,24 +165,10 @@ def measure(call: Callable, master: Dict[str, torch.Tensor], device: torch.devic
     grad_outputs = first_step(call, master)
     compile_s = first.stop() / 1e3
 
-    # Warm-up by steps and by time; its mean step (input copies included) sizes the timed loops. Each
-    # step is waited for: a host that queues ahead would see 50 ms pass only after the step cap (50
-    # steps of a 50 ms op: 2.5 s of warm-up per impl).
-    warm = WallClock(device).start()
-    warm_started = time.perf_counter()
-    steps = 1
-    while steps < settings.max_warmup_steps:
-        inputs = fresh_inputs(master)
-        forward_backward(call, inputs, clone_all(grad_outputs))
-        synchronize(device)
-        steps += 1
-        enough_time = (time.perf_counter() - warm_started) * 1e3 >= settings.warmup_ms
-        if steps >= settings.warmup_steps and enough_time:
-            break
-    repeats = _repeats_for(warm.stop() / (steps - 1), settings)
-    del inputs
-
-    peak, peak_delta, peak_reserved = _peak_memory(call, master, grad_outputs, device)
+    steps, repeats = _warm_up(lambda: forward_backward(call, fresh_inputs(master), clone_all(grad_outputs)),
+                              device, settings)
+    peak, peak_delta, peak_reserved = _peak_memory(lambda: (fresh_inputs(master), clone_all(grad_outputs)),
+                                                   lambda prepared: forward_backward(call, *prepared), device)
 
     full_timer = timer_factory(device)
     for _ in range(repeats):
@@ -193,6 +201,29 @@ def measure(call: Callable, master: Dict[str, torch.Tensor], device: torch.devic
         full_ms=[r["step_ms"] for r in full], peak_bytes=peak, peak_delta_bytes=peak_delta,
         peak_reserved_bytes=peak_reserved,
     )
+
+
+def measure_forward(call: Callable, master: Dict[str, torch.Tensor], device: torch.device, settings: Settings,
+                    flush: Callable[[], None], timer_factory: Callable[[torch.device], Any] = PhaseTimer) -> Measurement:
+    """``measure`` for an op without a backward (a frozen weight's dequantize): one timed loop of forward
+    calls, which are the "full" phase too; the backward lists stay empty."""
+    first = WallClock(device).start()
+    call(**fresh_inputs(master))
+    compile_s = first.stop() / 1e3
+    steps, repeats = _warm_up(lambda: call(**fresh_inputs(master)), device, settings)
+    peak, peak_delta, peak_reserved = _peak_memory(lambda: fresh_inputs(master), lambda inputs: call(**inputs), device)
+    timer = timer_factory(device)
+    for _ in range(repeats):
+        inputs = fresh_inputs(master)
+        flush()
+        timer.begin_step()
+        out = call(**inputs)
+        timer.end_step()
+        del inputs, out
+    forward_ms = [r["step_ms"] for r in timer.results()]
+    return Measurement(compile_s=compile_s, warmup_steps=steps, repeats=repeats, fwd_ms=forward_ms, bwd_ms=[],
+                       full_ms=forward_ms, peak_bytes=peak, peak_delta_bytes=peak_delta,
+                       peak_reserved_bytes=peak_reserved)
 
 
 def measure_copy_gbps(device: torch.device, timer_factory: Callable[[torch.device], Any] = PhaseTimer,

@@ -1,7 +1,8 @@
 """CPU tests of the kernel benchmark harness (optkit/bench/kernels/run.py): the sweep, byte counts, rows,
 implementation discovery, failure rows, fresh inputs per repeat, compile caching, the device-time
 pass (trace parsing on synthetic events, its plumbing with a scripted trace), the FLCE chunk sweep,
-and a tiny run.
+the forward-only NF4 dequantize op (its cases, bytes, bitwise correctness, rows without a backward),
+the command line, and a tiny run.
 
 Byte counts are checked against the nbytes of real tensors (inputs, outputs, gradients) rather
 than against the formulas they test. Timing uses a fake timer and a fake trace wherever numbers
@@ -10,6 +11,7 @@ are asserted.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import sys
 import types
@@ -28,6 +30,8 @@ from optkit.bench.kernels import cases as kernel_cases
 from optkit.bench.kernels import context as kernel_context
 
 from optkit.bench.kernels import impls as kernel_impls
+
+from optkit.bench.kernels import phases as kernel_phases
 
 from optkit.bench.kernels import rows as kernel_rows
 
@@ -79,6 +83,11 @@ def _context(timer_factory=FakeTimer, settings=kernel_run.SMOKE_SETTINGS, copy_g
 
 def _case(op):
     return next(c for c in kernel_cases.smoke_cases((op,)))
+
+
+def _resolve(impl, case, dtype, cache=None):
+    return kernel_impls.resolve_impl(impl, kernel_cases.SPECS[case.op], case, CPU,
+                                     cache or kernel_impls.CompileCache(None), dtype)
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -222,8 +231,8 @@ def test_measure_never_keeps_a_graph_for_a_second_backward(monkeypatch):
     monkeypatch.setattr(torch.autograd, "grad", spying_grad)
     case = _case("swiglu")
     master = kernel_cases.SPECS["swiglu"].make_inputs(case, torch.float32, CPU)
-    m = device_timing.measure(kernel_impls._eager_call(kernel_cases.SPECS["swiglu"], case, CPU), master, CPU, kernel_run.SMOKE_SETTINGS,
-                   lambda: None, FakeTimer)
+    m = device_timing.measure(_resolve("eager", case, torch.float32), master, CPU, kernel_run.SMOKE_SETTINGS,
+                              lambda: None, FakeTimer)
     assert len(seen) == m.warmup_steps + 2 * m.repeats
     assert set(seen) == {(None, None)}
 
@@ -258,8 +267,8 @@ def test_ok_row_statistics_and_bandwidth_from_a_fake_timer():
 def test_fused_loss_rows_are_flagged_and_get_no_split_bandwidth(monkeypatch):
     case = _case("cross_entropy")
     master = kernel_cases.SPECS["cross_entropy"].make_inputs(case, torch.float32, CPU)
-    eager = kernel_impls._eager_call(kernel_cases.SPECS["cross_entropy"], case, CPU)
-    monkeypatch.setattr("optkit.bench.kernels.impls._optkit_call", lambda spec, case, device: eager)
+    eager = kernel_impls._eager_call(kernel_cases.SPECS["cross_entropy"], case, torch.float32)
+    monkeypatch.setattr("optkit.bench.kernels.impls._optkit_call", lambda spec, case, dtype: eager)
     row = kernel_run.run_impl(case, "optkit", "float32", master, _context())
     assert row["status"] == "ok" and row["loss_in_forward"] is True
     assert row["gbps_fwd"] is None and row["gbps_bwd"] is None and row["gbps_full"] > 0
@@ -318,11 +327,12 @@ def test_liger_calls_map_our_inputs_to_its_functional_api(monkeypatch):
         return fn
 
     fake = types.ModuleType("liger_kernel.transformers.functional")
-    for spec in kernel_cases.SPECS.values():
-        setattr(fake, spec.liger_fn, recorder(spec.name))
+    liger_ops = [spec.name for spec in kernel_cases.SPECS.values() if spec.liger_fn]
+    for op in liger_ops:
+        setattr(fake, kernel_cases.SPECS[op].liger_fn, recorder(op))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", fake)
     cuda = torch.device("cuda")  # resolving needs no GPU; the fakes run on CPU tensors
-    for op in kernel_cases.OPS:
+    for op in liger_ops:
         case = _case(op)
         inputs = kernel_cases.SPECS[op].make_inputs(case, torch.float32, CPU)
         kernel_impls._liger_call(kernel_cases.SPECS[op], case, cuda)(**inputs)
@@ -358,11 +368,11 @@ def test_compile_compiles_once_per_shape_across_token_counts():
     for tokens in (16, 24, 40):
         case = kernel_cases.Case("rms_norm", "t", {"T": tokens, "H": 32}, params)
         inputs = spec.make_inputs(case, torch.float32, CPU)
-        out = cache.call_for(spec, case, CPU)(**inputs)
+        out = cache.call_for(spec, case, torch.float32)(**inputs)
         torch.testing.assert_close(out, kernel_cases._eager_rms_norm(inputs["x"], inputs["weight"], **params))
     assert len(graphs) == 1, "a token sweep must reuse one compiled graph"
     other = kernel_cases.Case("rms_norm", "t", {"T": 16, "H": 48}, params)
-    cache.call_for(spec, other, CPU)(**spec.make_inputs(other, torch.float32, CPU))
+    cache.call_for(spec, other, torch.float32)(**spec.make_inputs(other, torch.float32, CPU))
     assert len(graphs) == 2
     torch._dynamo.reset()
 
@@ -396,7 +406,8 @@ def test_run_without_cuda_gives_skipped_rows_for_the_whole_sweep(tmp_path, monke
     assert cfg.suite.requires_cuda is True
     rows = kernel_run.run(cfg, tmp_path / "run7")
     cases = kernel_cases.sweep_cases()
-    assert len(rows) == len(cases) * len(kernel_impls.IMPLS) + len(kernel_impls.CHUNK_IMPLS)  # the chunk sweep: one FLCE shape
+    nf4_cases = sum(c.op == kernel_cases.NF4 for c in cases)  # + bitsandbytes; the chunk sweep: one FLCE shape
+    assert len(rows) == len(cases) * len(kernel_impls.IMPLS) + nf4_cases + len(kernel_impls.CHUNK_IMPLS)
     assert {r["status"] for r in rows} == {"skipped"} and rows[0]["error"] == kernel_rows.NO_CUDA_REASON
     assert {r["run_id"] for r in rows} == {"run7"}
     assert "gradient computed in forward" not in kernel_table.format_table(rows)  # the note is about ok rows
@@ -430,15 +441,16 @@ def test_chunk_impls_apply_to_flce_only_and_pass_chunk_rows(monkeypatch):
     inputs = kernel_cases.SPECS[kernel_cases.FLCE].make_inputs(flce, torch.float32, CPU)
     cache = kernel_impls.CompileCache("unused")
     for impl, rows in kernel_impls.CHUNK_IMPLS.items():
-        kernel_impls.resolve_impl(impl, kernel_cases.SPECS[kernel_cases.FLCE], flce, CPU, cache)(**inputs)
+        _resolve(impl, flce, torch.float32, cache)(**inputs)
         assert seen["chunk_rows"] == rows
     seen.clear()
-    kernel_impls.resolve_impl("optkit", kernel_cases.SPECS[kernel_cases.FLCE], flce, CPU, cache)(**inputs)
+    _resolve("optkit", flce, torch.float32, cache)(**inputs)
     assert "chunk_rows" not in seen, "plain optkit keeps the kernel's own default"
-    with pytest.raises(kernel_impls.ImplUnavailable, match="chunk"):
-        kernel_impls.resolve_impl("optkit-c256", kernel_cases.SPECS["swiglu"], _case("swiglu"), CPU, cache)
+    with pytest.raises(kernel_impls.ImplUnavailable, match=f"of {kernel_cases.FLCE} only"):
+        _resolve("optkit-c256", _case("swiglu"), torch.float32, cache)
     assert kernel_impls.impls_for("swiglu", kernel_impls.ALL_IMPLS) == list(kernel_impls.IMPLS)
-    assert kernel_impls.impls_for(kernel_cases.FLCE, kernel_impls.ALL_IMPLS) == list(kernel_impls.ALL_IMPLS)
+    flce_impls = kernel_impls.impls_for(kernel_cases.FLCE, kernel_impls.ALL_IMPLS)
+    assert flce_impls == [*kernel_impls.IMPLS, *kernel_impls.CHUNK_IMPLS]
 
 
 def test_chunk_rows_say_what_they_are():
@@ -663,7 +675,7 @@ def test_an_impl_failing_in_the_device_pass_is_noted_on_its_row_only(monkeypatch
     context = _context()
     context.trace_factory = FakeTrace
     rows = [kernel_rows.base_row(case, impl, "float32", context) for impl in ("eager", "liger")]
-    eager = kernel_impls._eager_call(kernel_cases.SPECS["swiglu"], case, CPU)
+    eager = kernel_impls._eager_call(kernel_cases.SPECS["swiglu"], case, torch.float32)
 
     def broken(**tensors):
         raise RuntimeError("boom in the device pass")
@@ -672,6 +684,161 @@ def test_an_impl_failing_in_the_device_pass_is_noted_on_its_row_only(monkeypatch
     kernel_run.measure_device_case(case, "float32", rows, context, log=lambda m: None)
     assert rows[0]["full_device_ms"] == pytest.approx(0.4) and rows[0]["device_error"] is None
     assert rows[1]["full_device_ms"] is None and "boom in the device pass" in rows[1]["device_error"]
+
+
+# --------------------------------------------------------------------------- nf4_dequantize: a forward-only op
+
+NF4 = kernel_cases.NF4
+needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+
+
+def _nf4_case(out_features, in_features):
+    return kernel_cases.Case(NF4, "t", {"O": out_features, "I": in_features},
+                             {"blocksize": 64, "nested_blocksize": 256})
+
+
+def _bits(t):
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t.view(torch.int32)
+
+
+def test_nf4_cases_are_llama3_8b_linear_weights():
+    cases = kernel_cases.sweep_cases(ops=(NF4,))
+    # q/o, k/v, gate/up, down of conf/model/llama3_8b.yaml, each shape once
+    assert [(c.dims["O"], c.dims["I"]) for c in cases] == [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+    assert {c.model for c in cases} == {"llama3_8b"} and all(c.tokens is None for c in cases)
+    assert all(c.params == {"blocksize": 64, "nested_blocksize": 256} for c in cases)
+    assert [c.shape for c in kernel_cases.sweep_cases(quick=True, ops=(NF4,))] == ["O4096xI4096"]
+    spec = kernel_cases.SPECS[NF4]
+    assert spec.forward_only and set(spec.not_applicable) == {"compile", "liger"}
+    assert kernel_impls.impls_for(NF4, kernel_impls.ALL_IMPLS) == [*kernel_impls.IMPLS, kernel_impls.BITSANDBYTES]
+    assert kernel_impls.BITSANDBYTES not in kernel_impls.impls_for("swiglu", kernel_impls.ALL_IMPLS)
+
+
+@needs_bnb
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nf4_bytes_match_the_tensors_it_must_touch(dtype):
+    case = _nf4_case(256, 128)  # 512 absmax blocks: two nested blocks of 256
+    t = kernel_cases.SPECS[NF4].make_inputs(case, dtype, CPU)
+    assert t["weight_packed"].dtype == torch.uint8 and t["absmax"].dtype == torch.uint8
+    assert t["nested_absmax"].numel() == 2
+    out = _resolve("eager", case, dtype)(**t)
+    fwd, bwd = kernel_cases.SPECS[NF4].bytes_moved(case, dtype.itemsize)
+    assert fwd == _nbytes(*t.values(), out)  # packed codes, absmax codes, nested scales, code tables, offset -> W
+    assert bwd is None
+
+
+@needs_bnb
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nf4_optkit_equals_the_reference_on_the_suites_inputs(dtype):
+    """Bit for bit: the reference is the source of truth. bitsandbytes' CPU dequantize_4bit agrees at the
+    smoke shapes (it does not at every shape: smoke_cases picks these for it)."""
+    for case in kernel_cases.smoke_cases((NF4,)) + [_nf4_case(256, 128)]:
+        torch.manual_seed(0)
+        master = kernel_cases.SPECS[NF4].make_inputs(case, dtype, CPU)
+        expected = _resolve("eager", case, dtype)(**device_timing.fresh_inputs(master))
+        assert expected.shape == (case.dims["O"], case.dims["I"]) and expected.dtype == dtype
+        for impl in ("optkit", "bitsandbytes"):
+            got = _resolve(impl, case, dtype)(**device_timing.fresh_inputs(master))
+            assert torch.equal(_bits(got), _bits(expected)), f"{impl} at {case.shape} differs from the reference"
+
+
+def test_nf4_compile_and_liger_are_skipped_with_the_reason():
+    case = _nf4_case(64, 64)
+    context = _context(compile_cache=kernel_impls.CompileCache(None))  # compile enabled: the op's own reason
+    for impl in ("compile", "liger"):
+        row = kernel_run.run_impl(case, impl, "bfloat16", {}, context)
+        assert row["status"] == "skipped" and row["error"] == kernel_cases.NF4_NOT_APPLICABLE[impl]
+    assert "bitsandbytes" in kernel_cases.NF4_NOT_APPLICABLE["compile"]
+    assert "no NF4 dequantize" in kernel_cases.NF4_NOT_APPLICABLE["liger"]
+
+
+@needs_bnb
+def test_forward_only_rows_time_the_forward_and_have_no_backward():
+    case = _nf4_case(64, 64)
+    master = kernel_cases.SPECS[NF4].make_inputs(case, torch.bfloat16, CPU)
+    row = kernel_run.run_impl(case, "eager", "bfloat16", master, _context(copy_gbps=2.0))
+    assert row["status"] == "ok" and row["forward_only"] is True and row["loss_in_forward"] is False
+    assert row["full_times_ms"] == row["fwd_times_ms"] == [1.0, 2.0, 3.0]  # FakeTimer's steps: one loop, forwards
+    assert row["full_ms"] == row["fwd_ms"] == 2.0 and row["repeats"] == 3
+    assert row["bwd_ms"] is None and row["bwd_times_ms"] is None and row["bytes_bwd"] is None
+    assert row["gbps_bwd"] is None and row["bytes_full"] == row["bytes_fwd"]
+    assert row["gbps_full"] == pytest.approx(row["bytes_fwd"] / 2e-3 / 1e9) == row["gbps_fwd"]
+    assert row["tokens"] is None and row["hidden"] == 64
+
+
+@needs_bnb
+def test_forward_only_measure_gives_every_repeat_fresh_inputs():
+    case = _nf4_case(64, 64)
+    master = kernel_cases.SPECS[NF4].make_inputs(case, torch.bfloat16, CPU)
+    eager = _resolve("eager", case, torch.bfloat16)
+    seen = []
+
+    def recording_call(**tensors):
+        seen.append(tensors["weight_packed"].data_ptr())
+        return eager(**tensors)
+
+    m = kernel_phases.measure_forward(recording_call, master, CPU, kernel_run.SMOKE_SETTINGS, lambda: None, FakeTimer)
+    assert len(seen) == 1 + (m.warmup_steps - 1) + m.repeats  # first call, warm-up, timed forwards: no backward
+    assert master["weight_packed"].data_ptr() not in seen and m.bwd_ms == []
+
+
+@needs_bnb
+def test_cpu_smoke_runs_nf4_dequantize(tmp_path):
+    """The plumbing end to end: real (interpreted) optkit kernel, the reference, bitsandbytes' CPU path."""
+    rows = kernel_run.run_suite(tmp_path, cpu_smoke=True, ops=(NF4,), env=FAKE_ENV, log=lambda m: None)
+    cases = kernel_cases.smoke_cases((NF4,))
+    assert [(r["shape"], r["impl"]) for r in rows] == [
+        (c.shape, impl) for c in cases for impl in kernel_impls.impls_for(NF4, kernel_impls.ALL_IMPLS)]
+    for row in rows:
+        ok = row["impl"] in ("optkit", "eager", "bitsandbytes")
+        assert row["status"] == ("ok" if ok else "skipped"), row["error"]
+        assert row["forward_only"] is True and row["bwd_ms"] is None
+        if ok:
+            assert row["full_ms"] > 0 and row["fwd_ms"] == row["full_ms"] and row["bytes_bwd"] is None
+    assert {r["impl_version"] for r in rows if r["impl"] == "bitsandbytes"} == {None}  # FAKE_ENV has no version
+    table = kernel_table.format_table(rows)
+    assert "forward-only ops (nf4_dequantize)" in table and "bitsandbytes" in table
+
+
+def test_missing_bitsandbytes_skips_the_case_with_the_install_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)  # import -> ImportError
+    rows = kernel_run.run_suite(tmp_path, cpu_smoke=True, ops=(NF4,), impls=("optkit", "eager", "bitsandbytes"),
+                                env=FAKE_ENV, log=lambda m: None)
+    assert rows and {r["status"] for r in rows} == {"skipped"}
+    assert all("pip install bitsandbytes" in r["error"] for r in rows)
+    with pytest.raises(kernel_impls.ImplUnavailable, match="pip install bitsandbytes"):
+        _resolve("bitsandbytes", _nf4_case(64, 64), torch.bfloat16)
+
+
+@needs_bnb
+def test_forward_only_device_pass_traces_the_forward_as_full(tmp_path):
+    order = []
+    rows = kernel_run.run_suite(tmp_path, run_id="d", cpu_smoke=True, ops=(NF4,), impls=("eager",), env=FAKE_ENV,
+                                timer_factory=FakeTimer, trace_factory=lambda: FakeTrace(order), log=lambda m: None)
+    for row in rows:
+        assert row["status"] == "ok" and row["device_error"] is None
+        assert row["full_device_ms"] == pytest.approx(0.4) == row["fwd_device_ms"]  # FakeTrace's "full" work
+        assert row["bwd_device_ms"] is None and row["n_kernels_full"] == 2
+        assert row["device_repeats"] == kernel_run.SMOKE_SETTINGS.device_repeats
+    assert order.count("trace") == len(kernel_cases.smoke_cases((NF4,))), "one session per case"
+    with pytest.raises(device_trace.DeviceTraceError, match="lacks 2 of eager's 2 forward regions"):
+        kernel_phases.forward_device_times({}, "eager", 2)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_command_line_runs_a_standalone_subset_and_will_not_mix_runs(tmp_path, capsys):
+    argv = ["--run-dir", str(tmp_path), "--cpu-smoke", "--ops", "swiglu", "--impls", "eager,liger",
+            "--dtypes", "bfloat16,float32", "--device-repeats", "0"]
+    assert kernel_run.main(argv) == 0
+    rows = read_rows(tmp_path / "results.jsonl")
+    assert [(r["impl"], r["dtype"], r["status"]) for r in rows] == [
+        ("eager", "bfloat16", "ok"), ("liger", "bfloat16", "skipped"),
+        ("eager", "float32", "ok"), ("liger", "float32", "skipped")]
+    assert "4 rows (2 ok, 2 skipped)" in capsys.readouterr().out
+    assert kernel_run.main(argv) == 2, "a second run into the same directory would mix runs"
+    assert len(read_rows(tmp_path / "results.jsonl")) == 4
 
 
 # --------------------------------------------------------------------------- on the GPU

@@ -1,26 +1,17 @@
 """The kernels suite's cases: which op at which shape (from conf/model/<name>.yaml, the published
-config.json values), its inputs, its eager PyTorch baseline and the bytes it must move.
+config.json values), its inputs and its eager PyTorch baseline.
 
 One ``OpSpec`` per op in ``SPECS``: ``make_inputs(case, dtype, device)`` gives named leaf tensors
 (those with requires_grad get gradients), ``eager`` is the code as users run it (HF's module math,
-F.* on upcast logits), ``bytes_moved`` the byte model below. The implementations that are timed
-against it (optkit, torch.compile, Liger) are resolved in optkit/bench/kernels/impls.py.
+F.* on upcast logits; for nf4_dequantize, whose users run bitsandbytes, optkit's PyTorch reference),
+``bytes_moved`` the byte model of optkit/bench/kernels/byte_model.py. The implementations that are
+timed against it (optkit, torch.compile, Liger, bitsandbytes) are resolved in
+optkit/bench/kernels/impls.py.
 
-Bytes the op must move: a lower bound every implementation is held to (N tokens, s bytes per
-element of the benchmark dtype; int64 targets; fp32 per-row statistics; "+" terms are small):
-
-| op                         | forward                                   | backward                                            |
-|----------------------------|-------------------------------------------|-----------------------------------------------------|
-| rms_norm (N, H)            | read x, w; write y (+ rstd N*4)           | read dy, x, w, rstd; write dx, dw                   |
-| rope q (B,Hq,S,D), k       | read q, k, cos, sin (S*D); write q', k'   | read dq', dk', cos, sin; write dq, dk               |
-| swiglu / geglu (N, I)      | read gate, up; write out (3*N*I*s)        | read dout, gate, up; write dgate, dup (5*N*I*s)     |
-| cross_entropy (N, V)       | read logits (+ target); write lse (N*4)   | read logits, lse, target; write dlogits             |
-| fused_linear_cross_entropy | read h (N,H), W (V,H) (+ target)          | read h, W again; write dh, dW                       |
-
-"full" is forward + backward. The counts are logical traffic: a fused cross entropy that re-reads a
-row's logits from L2 in its gradient pass moves less through HBM and can show > 100% of copy. The
-FLCE op is compute-bound (6*N*H*V matmul FLOPs per forward+backward): its rows also carry
-``tflops_full``.
+A forward-only op (``OpSpec.forward_only``: nf4_dequantize, whose quantized weight is frozen) has no
+backward to time: its "full" phase is the forward and its rows' backward fields are None
+(optkit/bench/kernels/phases.py). The FLCE op is compute-bound (6*N*H*V matmul FLOPs per
+forward+backward): its rows also carry ``tflops_full``.
 """
 from __future__ import annotations
 
@@ -30,8 +21,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-OPS = ("rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy")
+from optkit.bench.kernels import byte_model
+
+OPS = ("rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy", "nf4_dequantize")
 FLCE = "fused_linear_cross_entropy"
+NF4 = "nf4_dequantize"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 # The sweep: shapes come from conf/model/<name>.yaml (published config.json values).
@@ -40,11 +34,20 @@ TOKENS = (1024, 4096, 16384)
 CE_TOKENS = (4096, 8192)
 FLCE_POINTS = (("llama3_8b", 8192),)  # 8192 x 4096 -> 128256
 ROPE_SEQ_LEN = 4096  # rope batches of tokens // 4096 sequences (one shorter sequence below that)
+# NF4 dequantize: Llama-3-8B's linear weights, quantized as optkit's QLoRA (train/qlora.py) quantizes
+# them: NF4 in bitsandbytes' Linear4bit blocks of 64, double-quantized absmax, uint8 storage.
+NF4_MODELS = ("llama3_8b",)
+NF4_BLOCKSIZE = 64
+NF4_NESTED_BLOCKSIZE = 256  # bitsandbytes' block of absmax values under double quantization (fixed)
 # Quick mode: one shape per op (the first model providing it) at a typical step's token count.
 QUICK_TOKENS = (4096,)
 QUICK_CE_TOKENS = (8192,)
 IGNORE_INDEX = -100
 TOKEN_DIMS = ("T", "B", "S")  # dims of a Case that grow with the token count
+
+
+class InputsUnavailable(Exception):
+    """The op's inputs cannot be made here (a package missing): every impl of the case is a skipped row."""
 
 
 @dataclass
@@ -57,8 +60,9 @@ class Case:
     params: Dict[str, Any] = field(default_factory=dict)
 
     @property
-    def tokens(self) -> int:
-        return self.dims["T"]
+    def tokens(self) -> Optional[int]:
+        """Rows of the op; None for an op on a weight (nf4_dequantize), which has no token count."""
+        return self.dims.get("T")
 
     @property
     def shape(self) -> str:
@@ -98,6 +102,13 @@ def model_shape(name: str) -> Dict[str, Any]:
     }
 
 
+def linear_shapes(m: Dict[str, Any]) -> List[Tuple[int, int]]:
+    """The (out, in) shapes of a decoder layer's linear weights, each once: q/o, k/v, gate/up, down."""
+    q, kv, hidden, inter = m["heads_q"] * m["head_dim"], m["heads_kv"] * m["head_dim"], m["hidden"], m["intermediate"]
+    shapes = [(q, hidden), (kv, hidden), (kv, hidden), (hidden, q), (inter, hidden), (inter, hidden), (hidden, inter)]
+    return list(dict.fromkeys(shapes))
+
+
 def _cases_for_model(op: str, model: str, m: Dict[str, Any], tokens: Sequence[int]) -> List[Case]:
     gemma = m["family"].startswith("gemma")
     if op == "rms_norm":
@@ -123,6 +134,9 @@ def _cases_for_model(op: str, model: str, m: Dict[str, Any], tokens: Sequence[in
     if op == "fused_linear_cross_entropy":
         return [Case(op, model, {"T": t, "H": m["hidden"], "V": m["vocab"]}, {"softcap": m["softcap"]})
                 for t in tokens]
+    if op == NF4:  # a weight, whatever the token count
+        params = {"blocksize": NF4_BLOCKSIZE, "nested_blocksize": NF4_NESTED_BLOCKSIZE}
+        return [Case(op, model, {"O": out, "I": inp}, params) for out, inp in linear_shapes(m)]
     raise ValueError(f"op {op!r} unknown; choose one of: {', '.join(OPS)}")
 
 
@@ -135,6 +149,8 @@ def sweep_cases(quick: bool = False, ops: Sequence[str] = OPS) -> List[Case]:
     for op in ops:
         if op == "fused_linear_cross_entropy":
             per_model = [(model, (t,)) for model, t in FLCE_POINTS]
+        elif op == NF4:
+            per_model = [(model, ()) for model in NF4_MODELS]
         else:
             tokens = (QUICK_CE_TOKENS if quick else CE_TOKENS) if op == "cross_entropy" else (
                 QUICK_TOKENS if quick else TOKENS)
@@ -156,10 +172,12 @@ def smoke_cases(ops: Sequence[str] = OPS) -> List[Case]:
     """Tiny shapes (a vocab of 257: not a power of 2) for the CPU plumbing check."""
     tiny = {"family": "llama", "hidden": 64, "intermediate": 96, "heads_q": 4, "heads_kv": 2, "head_dim": 16,
             "vocab": 257, "eps": 1e-6, "softcap": None, "activation": "silu"}
+    # nf4_dequantize: an intermediate of 128, as bitsandbytes 0.50's CPU dequantize_4bit is wrong for some
+    # shapes, down_proj's (64, 96) among them; it gets these right (tests/bench/test_kernels_suite.py checks).
+    per_op = {"geglu": dict(tiny, activation="gelu_pytorch_tanh"), NF4: dict(tiny, intermediate=128)}
     out: List[Case] = []
     for op in ops:
-        m = dict(tiny, activation="gelu_pytorch_tanh") if op == "geglu" else tiny
-        out.extend(_cases_for_model(op, "tiny", m, (16,)))
+        out.extend(_cases_for_model(op, "tiny", per_op.get(op, tiny), (16,)))
     return out
 
 
@@ -208,6 +226,34 @@ def _flce_inputs(case: Case, dtype, device) -> Dict[str, torch.Tensor]:
             "target": _targets(case, device)}
 
 
+def _nf4_inputs(case: Case, dtype, device) -> Dict[str, torch.Tensor]:
+    try:
+        from bitsandbytes.functional import quantize_4bit
+    except ImportError as exc:
+        raise InputsUnavailable(f"bitsandbytes is not importable ({exc}); nf4_dequantize's input is its NF4 format: "
+                                "pip install bitsandbytes (optkit's quant extra) to measure it") from None
+    weight = _randn((case.dims["O"], case.dims["I"]), dtype, device, 0.02, grad=False)  # a Linear's scale
+    packed, state = quantize_4bit(weight, blocksize=case.params["blocksize"], compress_statistics=True,
+                                  quant_type="nf4", quant_storage=torch.uint8)
+    if state.state2.blocksize != case.params["nested_blocksize"]:
+        raise ValueError(f"this bitsandbytes double-quantizes absmax in blocks of {state.state2.blocksize}, "
+                         f"not {case.params['nested_blocksize']}: update NF4_NESTED_BLOCKSIZE")
+    # The QuantState is no tensor the harness could copy per repeat: its tensors are the inputs, and
+    # nf4_quant_state puts them back together around each repeat's copies.
+    return {"weight_packed": packed, "absmax": state.absmax, "nested_absmax": state.state2.absmax,
+            "nested_code": state.state2.code, "offset": state.offset, "code": state.code}
+
+
+def nf4_quant_state(case: Case, dtype: torch.dtype, absmax, nested_absmax, nested_code, offset, code):
+    """bitsandbytes' QuantState of the case's double-quantized weight (``dtype``: the weight's, so the output's)."""
+    from bitsandbytes.functional import QuantState
+
+    nested = QuantState(absmax=nested_absmax, code=nested_code, blocksize=case.params["nested_blocksize"],
+                        dtype=torch.float32)
+    return QuantState(absmax=absmax, shape=torch.Size((case.dims["O"], case.dims["I"])), code=code,
+                      blocksize=case.params["blocksize"], quant_type="nf4", dtype=dtype, offset=offset, state2=nested)
+
+
 # The eager baselines: the code as users run it (HF's module math, F.* on upcast logits).
 
 
@@ -249,37 +295,13 @@ def _eager_flce(hidden, weight, target, softcap=None):
     return _eager_cross_entropy(F.linear(hidden, weight), target, softcap)
 
 
-# Bytes the op must move (see the table in the module docstring): (forward, backward).
+def _eager_nf4_dequantize(weight_packed, quant_state):
+    # Users dequantize with bitsandbytes (an impl of its own): "eager" is optkit's plain-PyTorch reference,
+    # imported here because its module also defines the Triton kernel (triton must not load before the
+    # CPU smoke sets TRITON_INTERPRET).
+    from optkit.kernels.nf4_dequantize import reference_nf4_dequantize
 
-
-def _rms_norm_bytes(case: Case, s: int) -> Tuple[int, int]:
-    n, h = case.tokens, case.dims["H"]
-    fwd = 2 * n * h * s + h * s + 4 * n
-    bwd = 3 * n * h * s + 2 * h * s + 4 * n
-    return fwd, bwd
-
-
-def _rope_bytes(case: Case, s: int) -> Tuple[int, int]:
-    d = case.dims
-    qk = d["B"] * d["S"] * (d["Hq"] + d["Hkv"]) * d["D"] * s
-    cos_sin = 2 * d["S"] * d["D"] * s
-    return 2 * qk + cos_sin, 2 * qk + cos_sin
-
-
-def _gated_bytes(case: Case, s: int) -> Tuple[int, int]:
-    n_i = case.tokens * case.dims["I"]
-    return 3 * n_i * s, 5 * n_i * s
-
-
-def _ce_bytes(case: Case, s: int) -> Tuple[int, int]:
-    n, v = case.tokens, case.dims["V"]
-    return n * v * s + 8 * n + 4 * n, 2 * n * v * s + 8 * n + 4 * n
-
-
-def _flce_bytes(case: Case, s: int) -> Tuple[int, int]:
-    n, h, v = case.tokens, case.dims["H"], case.dims["V"]
-    operands = (n * h + v * h) * s
-    return operands + 8 * n, 2 * operands
+    return reference_nf4_dequantize(weight_packed, quant_state)
 
 
 @dataclass(frozen=True)
@@ -288,29 +310,42 @@ class OpSpec:
     make_inputs: Callable[[Case, torch.dtype, torch.device], Dict[str, torch.Tensor]]
     eager: Callable[..., Any]
     optkit_fn: str  # function name in optkit/kernels/<name>.py
-    liger_fn: str  # function name in liger_kernel.transformers.functional
-    bytes_moved: Callable[[Case, int], Tuple[int, int]]
+    liger_fn: Optional[str]  # function name in liger_kernel.transformers.functional (None: not_applicable says why)
+    byte_model: Callable[..., Tuple[int, Optional[int]]]  # (dims, params, s) -> bytes (forward, backward or None)
     token_dims: Dict[str, Tuple[int, ...]]  # input -> dims that grow with tokens (dynamic under compile)
     fused_loss: bool = False  # optkit and Liger compute the gradient in forward
+    forward_only: bool = False  # no backward (the op of a frozen weight): "full" is the forward, bwd fields None
+    not_applicable: Dict[str, str] = field(default_factory=dict)  # impl -> why it has no measurement (skipped row)
+
+    def bytes_moved(self, case: Case, itemsize: int) -> Tuple[int, Optional[int]]:
+        """Bytes the op must move at ``case`` (optkit/bench/kernels/byte_model.py), forward and backward."""
+        return self.byte_model(case.dims, case.params, itemsize)
 
     def flops_full(self, case: Case) -> Optional[int]:
-        if self.name != "fused_linear_cross_entropy":
+        if self.name != FLCE:
             return None
         return 6 * case.tokens * case.dims["H"] * case.dims["V"]
 
 
+NF4_NOT_APPLICABLE = {
+    "compile": "torch.compile does not apply: users run bitsandbytes (its own row), not the PyTorch reference (eager)",
+    "liger": "Liger-Kernel has no NF4 dequantize",
+}
+
 SPECS: Dict[str, OpSpec] = {s.name: s for s in (
-    OpSpec("rms_norm", _rms_norm_inputs, _eager_rms_norm, "rms_norm", "liger_rms_norm", _rms_norm_bytes,
+    OpSpec("rms_norm", _rms_norm_inputs, _eager_rms_norm, "rms_norm", "liger_rms_norm", byte_model.rms_norm_bytes,
            {"x": (0,)}),
-    OpSpec("rope", _rope_inputs, _eager_rope, "apply_rotary", "liger_rope", _rope_bytes,
+    OpSpec("rope", _rope_inputs, _eager_rope, "apply_rotary", "liger_rope", byte_model.rope_bytes,
            {"q": (0, 2), "k": (0, 2), "cos": (0,), "sin": (0,)}),
-    OpSpec("swiglu", _gated_inputs, _eager_swiglu, "swiglu", "liger_swiglu", _gated_bytes,
+    OpSpec("swiglu", _gated_inputs, _eager_swiglu, "swiglu", "liger_swiglu", byte_model.gated_bytes,
            {"gate": (0,), "up": (0,)}),
-    OpSpec("geglu", _gated_inputs, _eager_geglu, "geglu", "liger_geglu", _gated_bytes,
+    OpSpec("geglu", _gated_inputs, _eager_geglu, "geglu", "liger_geglu", byte_model.gated_bytes,
            {"gate": (0,), "up": (0,)}),
-    OpSpec("cross_entropy", _ce_inputs, _eager_cross_entropy, "cross_entropy", "liger_cross_entropy", _ce_bytes,
-           {"logits": (0,), "target": (0,)}, fused_loss=True),
-    OpSpec("fused_linear_cross_entropy", _flce_inputs, _eager_flce, "fused_linear_cross_entropy",
-           "liger_fused_linear_cross_entropy", _flce_bytes, {"hidden": (0,), "target": (0,)}, fused_loss=True),
+    OpSpec("cross_entropy", _ce_inputs, _eager_cross_entropy, "cross_entropy", "liger_cross_entropy",
+           byte_model.ce_bytes, {"logits": (0,), "target": (0,)}, fused_loss=True),
+    OpSpec(FLCE, _flce_inputs, _eager_flce, FLCE, "liger_fused_linear_cross_entropy", byte_model.flce_bytes,
+           {"hidden": (0,), "target": (0,)}, fused_loss=True),
+    OpSpec(NF4, _nf4_inputs, _eager_nf4_dequantize, "nf4_dequantize", None, byte_model.nf4_dequantize_bytes, {},
+           forward_only=True, not_applicable=NF4_NOT_APPLICABLE),
 )}
 assert tuple(SPECS) == OPS

@@ -3,10 +3,11 @@ status or device time can carry, and filling a row from a measurement.
 
 One row per op x shape x dtype x implementation. A row's fields and their meaning are versioned by
 ``KERNEL_SCHEMA_VERSION``: bump it when a field changes meaning. Also per row: achieved GB/s from
-the bytes the op must move (optkit/bench/kernels/cases.py), beside the device's copy bandwidth measured in
-the same run (one large device-to-device copy, bytes read + written); allocator peak of one
-forward+backward, absolute and as the delta over the inputs; NVML clocks, throttle reasons and
-other GPU processes while the row's event pass ran.
+the bytes the op must move (optkit/bench/kernels/byte_model.py), beside the device's copy bandwidth
+measured in the same run (one large device-to-device copy, bytes read + written); allocator peak of
+one forward+backward, absolute and as the delta over the inputs; NVML clocks, throttle reasons and
+other GPU processes while the row's event pass ran. A forward-only op's rows (``forward_only``) have
+no backward: their full_* fields are the forward's and their bwd_* fields are None.
 """
 from __future__ import annotations
 
@@ -30,28 +31,32 @@ KERNEL_ROW_FIELDS: Dict[str, str] = {
     "schema_version": "KERNEL_SCHEMA_VERSION of the code that wrote the row",
     "run_id": "id of the run (its directory name)", "suite": "'kernels'", "kind": "'kernel'",
     "status": "ok | oom | error | skipped", "error": "why, when status != ok",
-    "op": "one of OPS", "impl": "optkit | eager | compile | liger | optkit-c<rows> (FLCE chunk sweep)",
+    "op": "one of OPS",
+    "impl": "optkit | eager | compile | liger | bitsandbytes (nf4_dequantize) | optkit-c<rows> (FLCE chunk sweep)",
     "impl_version": "version of the impl's code",
     "dtype": "input dtype", "model": "zoo model the shape comes from", "shape": "shape string, e.g. T4096xH4096",
     "dims": "named dims of the shape", "params": "op parameters (eps, cast_mode, softcap, ...)",
-    "tokens": "N, rows of the op", "hidden": "features per token of the op's main input",
+    "tokens": "N, rows of the op (None for nf4_dequantize: a weight, no tokens)",
+    "hidden": "features per token of the op's main input (nf4_dequantize: the weight's in-features)",
     "point_key": "op/impl/dtype/shape (what regress matches on)", "device": "cuda | cpu",
-    "timer": "cuda_events | host_clock", "warmup_steps": "untimed forward+backward steps",
+    "timer": "cuda_events | host_clock", "warmup_steps": "untimed forward+backward (forward_only: forward) steps",
     "repeats": "timed repeats per loop", "compile_s": "wall time of the first call (compile / JIT), s",
     "fwd_ms": "median forward event time (cold L2; launch gaps included)",
-    "bwd_ms": "median backward event time (own loop, cold L2)",
-    "full_ms": "median forward+backward event time: first launch to last kernel end, host gaps included",
+    "bwd_ms": "median backward event time (own loop, cold L2); None when forward_only",
+    "full_ms": "median forward+backward event time (the forward when forward_only): first launch to last kernel "
+               "end, host gaps included",
     "full_ms_p10": "10th percentile", "full_ms_p90": "90th percentile",
     "full_ms_iqr": "interquartile range", "full_ms_noisy": "IQR / median > 10%",
-    "full_times_ms": "every timed full repeat", "fwd_times_ms": "every forward", "bwd_times_ms": "every backward",
-    "bytes_fwd": "bytes the forward must move", "bytes_bwd": "bytes the backward must move",
-    "bytes_full": "bytes_fwd + bytes_bwd",
+    "full_times_ms": "every timed full repeat", "fwd_times_ms": "every forward",
+    "bwd_times_ms": "every backward (None when forward_only)",
+    "bytes_fwd": "bytes the forward must move", "bytes_bwd": "bytes the backward must move; None when forward_only",
+    "bytes_full": "bytes_fwd + bytes_bwd (bytes_fwd when forward_only)",
     "gbps_full": "bytes_full / full_ms, GB/s (1e9): op + launch path (a host-bound op shows the host here)",
-    "gbps_fwd": "None when loss_in_forward", "gbps_bwd": "None when loss_in_forward",
+    "gbps_fwd": "None when loss_in_forward", "gbps_bwd": "None when loss_in_forward or forward_only",
     "copy_gbps": "device-to-device copy bandwidth measured in this run (read + written)",
     "frac_of_copy": "gbps_full / copy_gbps", "flops_full": "matmul FLOPs of forward+backward (FLCE only)",
     "fwd_device_ms": "median time the forward's kernels/memcpys/memsets ran (profiler, cold L2): no host gaps",
-    "bwd_device_ms": "the same for the backward (forward untraced, L2 flushed in between)",
+    "bwd_device_ms": "the same for the backward (forward untraced, L2 flushed in between); None when forward_only",
     "full_device_ms": "the same for forward+backward in one traced region",
     "full_device_times_ms": "every profiled forward+backward's device time",
     "device_repeats": "profiled repeats per phase",
@@ -61,7 +66,9 @@ KERNEL_ROW_FIELDS: Dict[str, str] = {
     "device_error": "why the device fields are None on an ok row (no CUDA, pass not run, trace lost records)",
     "tflops_full": "flops_full / full_ms, TFLOP/s",
     "loss_in_forward": "impl computes grads in forward: compare full_ms / full_device_ms",
-    "peak_bytes": "allocator peak during one forward+backward (includes inputs and the flush buffer)",
+    "forward_only": "the op has no backward (nf4_dequantize: the quantized weight is frozen): full_* is the forward",
+    "peak_bytes": "allocator peak during one forward+backward, or forward when forward_only (includes inputs and "
+                  "the flush buffer)",
     "peak_delta_bytes": "peak_bytes - allocated before the call: the op's own memory",
     "peak_reserved_bytes": "allocator reserved peak", "l2_flush_bytes": "bytes written before each repeat",
     "throttled": "NVML saw a performance-limiting clock reason while this row was measured (None: no NVML)",
@@ -81,7 +88,7 @@ def empty_kernel_row() -> Dict[str, Any]:
 
 
 NO_CUDA_REASON = ("no CUDA device: the kernels suite times GPU kernels; run it on a GPU machine "
-                  "(scripts/bench_kernels.py --cpu-smoke checks the plumbing on CPU)")
+                  "(python -m optkit.bench.kernels.run --run-dir DIR --cpu-smoke checks the plumbing on CPU)")
 SMOKE_COMPILE_REASON = "torch.compile is not timed in the CPU smoke (inductor's C++ build takes minutes)"
 NO_DEVICE_TIME_REASON = "device time needs CUDA (torch.profiler's CUDA activity); this run is on the CPU"
 DEVICE_OFF_REASON = "device pass off (device_repeats=0)"
@@ -106,7 +113,8 @@ def fill_measurement(row: Dict[str, Any], m: Measurement, copy_gbps: Optional[fl
         status="ok", compile_s=m.compile_s, warmup_steps=m.warmup_steps, repeats=m.repeats,
         fwd_ms=fwd, bwd_ms=bwd, full_ms=stats["median"], full_ms_p10=stats["p10"], full_ms_p90=stats["p90"],
         full_ms_iqr=stats["iqr"], full_ms_noisy=stats["noisy"],
-        full_times_ms=list(m.full_ms), fwd_times_ms=list(m.fwd_ms), bwd_times_ms=list(m.bwd_ms),
+        full_times_ms=list(m.full_ms), fwd_times_ms=list(m.fwd_ms),
+        bwd_times_ms=None if row["forward_only"] else list(m.bwd_ms),
         gbps_full=_gbps(row["bytes_full"], stats["median"]),
         gbps_fwd=_gbps(row["bytes_fwd"], fwd) if split_is_meaningful else None,
         gbps_bwd=_gbps(row["bytes_bwd"], bwd) if split_is_meaningful else None,
@@ -142,9 +150,9 @@ def base_row(case: Case, impl: str, dtype_name: str, context: RunContext) -> Dic
         dtype=dtype_name, model=case.model, shape=case.shape, dims=dict(dims), params=params,
         tokens=case.tokens, hidden=hidden, point_key=f"{case.op}/{impl}/{dtype_name}/{case.shape}",
         device=context.device.type, timer="cuda_events" if context.device.type == "cuda" else "host_clock",
-        bytes_fwd=fwd_bytes, bytes_bwd=bwd_bytes, bytes_full=fwd_bytes + bwd_bytes,
+        bytes_fwd=fwd_bytes, bytes_bwd=bwd_bytes, bytes_full=fwd_bytes + (bwd_bytes or 0),
         flops_full=spec.flops_full(case), copy_gbps=context.copy_gbps, l2_flush_bytes=context.flush.nbytes,
-        loss_in_forward=computes_grad_in_forward(spec, impl),
+        loss_in_forward=computes_grad_in_forward(spec, impl), forward_only=spec.forward_only,
     )
     return row
 

@@ -1,8 +1,9 @@
 """Per-op kernel benchmark (``optkit bench suite=kernels``): optkit's Triton kernels side by side with
-eager PyTorch, torch.compile of that eager code and Liger-Kernel, at published model shapes.
+eager PyTorch, torch.compile of that eager code, Liger-Kernel and bitsandbytes, at published model shapes.
 
 One row per op x shape x dtype x implementation (fields: ``KERNEL_ROW_FIELDS``), all in one process.
-Two times per phase (forward, backward, forward+backward = "full"), from two separate passes:
+Two times per phase (forward, backward, forward+backward = "full"; a forward-only op's one phase, its
+forward, is its "full"), from two separate passes:
 
 - event time (``fwd_ms``, ``bwd_ms``, ``full_ms``): CUDA events on the stream around the phase
   (``PhaseTimer``), median of many repeats, warm-up excluded. The device's wall time from the first
@@ -37,16 +38,18 @@ so). The rows are appended to results.jsonl as the event pass makes them (a kill
 with ``device_error`` saying that the device pass did not run) and rewritten in place, device times
 filled, when the device pass ends. Device time needs CUDA: on the CPU its fields are None.
 
-The suite's parts, one job each: optkit/bench/kernels/cases.py (ops, shapes, inputs, eager baselines, the
-bytes each op must move), optkit/bench/kernels/impls.py (optkit / eager / compile / liger callables),
-optkit/bench/kernels/rows.py (row fields and filling them), optkit/measure/device_timing.py (event timing,
-L2 flush, copy bandwidth), optkit/measure/device_trace.py (profiler device time) and
-optkit/bench/kernels/table.py (the printed table). This module runs them: the event pass, the device pass,
-results.jsonl and the command line. It also re-exports the names its callers (tests, suites/,
-scripts/bench_kernels.py) reach through it.
+The suite's parts, one job each: optkit/bench/kernels/cases.py (ops, shapes, inputs, eager baselines),
+optkit/bench/kernels/byte_model.py (the bytes each op must move), optkit/bench/kernels/impls.py (optkit /
+eager / compile / liger / bitsandbytes callables), optkit/bench/kernels/rows.py (row fields and filling
+them), optkit/bench/kernels/phases.py (forward+backward or forward-only steps of both passes),
+optkit/measure/device_timing.py (event timing, L2 flush, copy bandwidth), optkit/measure/device_trace.py
+(profiler device time) and optkit/bench/kernels/table.py (the printed table). This module runs them: the
+event pass, the device pass, results.jsonl and the command line.
 
-Entry points: ``run(cfg, run_dir)`` (the runner, via ``python -m optkit.bench.kernels.run``),
-``run_suite(...)`` (scripts/bench_kernels.py, tests) and ``format_table(rows)``.
+Entry points: ``run(cfg, run_dir)`` (the runner: ``optkit bench suite=kernels`` calls
+``python -m optkit.bench.kernels.run --config``), ``main()`` (the same command line without a config:
+a standalone run, a subset of ops / impls / dtypes, the CPU smoke), ``run_suite(...)`` (tests, the
+other two) and ``format_table(rows)``.
 """
 from __future__ import annotations
 
@@ -56,26 +59,24 @@ import gc
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from optkit.bench.kernels.cases import DTYPES, OPS, SPECS, Case, smoke_cases, sweep_cases
-from optkit.bench.kernels.impls import ALL_IMPLS, CompileCache, ImplUnavailable, impls_for, resolve_impl
-from optkit.bench.kernels.rows import (DEVICE_OFF_REASON, DEVICE_PENDING_REASON, NO_CUDA_REASON, NO_DEVICE_TIME_REASON,
-                                SMOKE_COMPILE_REASON, base_row, failure_row, fill_device, fill_measurement, fill_nvml,
-                                start_nvml, stamp_row)
+from optkit.bench.kernels.cases import DTYPES, OPS, SPECS, Case, InputsUnavailable, smoke_cases, sweep_cases
 from optkit.bench.kernels.context import RunContext
-from optkit.results.rows import env_stamp
+from optkit.bench.kernels.impls import ALL_IMPLS, CompileCache, ImplUnavailable, impls_for, resolve_impl
+from optkit.bench.kernels.phases import Phases, phases_of
+from optkit.bench.kernels.rows import (DEVICE_OFF_REASON, DEVICE_PENDING_REASON, NO_CUDA_REASON, NO_DEVICE_TIME_REASON,
+                                       SMOKE_COMPILE_REASON, base_row, failure_row, fill_device, fill_measurement,
+                                       fill_nvml, start_nvml, stamp_row)
 from optkit.bench.kernels.table import format_table
-from optkit.measure.device_timing import (L2Flush, Settings, clone_all, first_step, forward_backward, fresh_inputs,
-                                          measure, measure_copy_gbps)
+from optkit.measure.device_timing import L2Flush, Settings, measure_copy_gbps
 from optkit.measure.device_trace import (PAD_LAUNCHES, PAD_REGION, DeviceTraceError, ProfilerTrace,
-                                         device_time_by_region, device_times, pad_session_head, trace_phases)
+                                         device_time_by_region, pad_session_head)
 from optkit.measure.timing import PhaseTimer
-from optkit.results.rows import append_row
+from optkit.results.rows import append_row, env_stamp
 
 FULL_SETTINGS = Settings()
 QUICK_SETTINGS = Settings(warmup_steps=2, warmup_ms=20.0, loop_ms=60.0, min_repeats=10, max_repeats=50)
@@ -107,8 +108,9 @@ def run_impl(case: Case, impl: str, dtype_name: str, master: Dict[str, torch.Ten
     failure = None
     sampler = start_nvml(context.device)
     try:
-        call = resolve_impl(impl, spec, case, context.device, context.compile_cache)
-        measurement = measure(call, master, context.device, context.settings, context.flush, context.timer_factory)
+        call = resolve_impl(impl, spec, case, context.device, context.compile_cache, DTYPES[dtype_name])
+        measurement = phases_of(spec).measure(call, master, context.device, context.settings, context.flush,
+                                              context.timer_factory)
     except ImplUnavailable as exc:
         failure = ("skipped", str(exc))
     except torch.cuda.OutOfMemoryError as exc:
@@ -130,15 +132,17 @@ def run_case(case: Case, dtype_name: str, impls: Sequence[str], context: RunCont
              emit: Callable[[Dict[str, Any]], None]) -> List[Dict[str, Any]]:
     """The event pass of one case: a row per impl, each emitted as it is made; returns them."""
     torch.manual_seed(0)
-    master, message, rows = None, None, []
+    master, failure, rows = None, None, []
     try:
         master = SPECS[case.op].make_inputs(case, DTYPES[dtype_name], context.device)
+    except InputsUnavailable as exc:
+        failure = ("skipped", str(exc))
     except torch.cuda.OutOfMemoryError as exc:
-        message = f"inputs do not fit: {_error_text(exc)}"
+        failure = ("oom", f"inputs do not fit: {_error_text(exc)}")
     if master is None:
         _release_after_failure(context.device)
         for impl in impls:
-            rows.append(failure_row(base_row(case, impl, dtype_name, context), "oom", message))
+            rows.append(failure_row(base_row(case, impl, dtype_name, context), *failure))
             emit(rows[-1])
         return rows
     for impl in impls:
@@ -154,17 +158,15 @@ def _warm_up_for_trace(case: Case, rows: Sequence[Dict[str, Any]], master: Dict[
     traced = []
     for row in rows:
         try:
-            call = resolve_impl(row["impl"], spec, case, device, context.compile_cache)
-            grad_outputs = first_step(call, master)
-            for _ in range(context.settings.device_warmup_steps):
-                forward_backward(call, fresh_inputs(master), clone_all(grad_outputs))
+            call = resolve_impl(row["impl"], spec, case, device, context.compile_cache, DTYPES[row["dtype"]])
+            grad_outputs = phases_of(spec).warm_up(call, master, context.settings.device_warmup_steps)
             traced.append((row, call, grad_outputs))
         except Exception as exc:  # it ran in the event pass; say what changed rather than stop
             errors[row["impl"]] = f"device pass warm-up: {_error_text(exc)}"
     return traced
 
 
-def _trace_session(traced, master: Dict[str, torch.Tensor], context: RunContext, pad: int,
+def _trace_session(phases: Phases, traced, master: Dict[str, torch.Tensor], context: RunContext, pad: int,
                    errors: Dict[str, str]) -> Dict[str, Tuple[float, int]]:
     """One profiler session: the head pad, then every phase of every impl; returns its regions."""
     context.trace_sessions += 1
@@ -174,7 +176,7 @@ def _trace_session(traced, master: Dict[str, torch.Tensor], context: RunContext,
             if row["impl"] in errors:
                 continue
             try:
-                trace_phases(trace, row["impl"], call, master, grad_outputs, context.device, context.flush,
+                phases.trace(trace, row["impl"], call, master, grad_outputs, context.device, context.flush,
                              context.settings.device_repeats)
             except Exception as exc:
                 errors[row["impl"]] = f"device pass: {_error_text(exc)}"
@@ -186,13 +188,14 @@ def measure_device_case(case: Case, dtype_name: str, rows: Sequence[Dict[str, An
     """Device times of a case's ok rows: warm each impl up, then trace them all in one session (a second,
     with a longer head pad, if the first lost the whole pad)."""
     torch.manual_seed(0)
-    master = SPECS[case.op].make_inputs(case, DTYPES[dtype_name], context.device)
+    spec = SPECS[case.op]
+    master, phases = spec.make_inputs(case, DTYPES[dtype_name], context.device), phases_of(spec)
     errors: Dict[str, str] = {}
     traced = _warm_up_for_trace(case, rows, master, context, errors)
     pad = PAD_LAUNCHES + 2 * context.trace_sessions
     regions, pad_seen = {}, 0
     for attempt in range(2 if traced else 0):
-        regions = _trace_session(traced, master, context, pad, errors)
+        regions = _trace_session(phases, traced, master, context, pad, errors)
         pad_seen = regions.get(PAD_REGION, (0.0, 0))[1]
         if pad_seen:
             break
@@ -213,7 +216,7 @@ def measure_device_case(case: Case, dtype_name: str, rows: Sequence[Dict[str, An
                                    "so the op's own records may be missing too: no device time")
         else:
             try:
-                times = device_times(regions, row["impl"], context.settings.device_repeats)
+                times = phases.device_times(regions, row["impl"], context.settings.device_repeats)
             except DeviceTraceError as exc:
                 row["device_error"] = str(exc)
                 continue
@@ -337,33 +340,59 @@ def run_suite(run_dir: Path, *, run_id: Optional[str] = None, quick: bool = Fals
     return rows
 
 
-def run(cfg, run_dir: Path, quick: bool = False) -> List[Dict[str, Any]]:
-    """The runner's entry for suite=kernels: bench.device picks the device, bench.run_id the id."""
+def run(cfg, run_dir: Path, **options) -> List[Dict[str, Any]]:
+    """The runner's entry for suite=kernels: bench.device picks the device, bench.run_id the id; ``options``
+    are run_suite's (quick, ops, impls, ...)."""
     bench = cfg.bench
     want = bench.device
     if want == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("bench.device=cuda but CUDA is not available; use bench.device=auto or a GPU machine")
     device = "cpu" if want == "cpu" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return run_suite(Path(run_dir), run_id=bench.run_id or Path(run_dir).name, quick=quick, device=device)
+    return run_suite(Path(run_dir), run_id=bench.run_id or Path(run_dir).name, device=device, **options)
 
 
 # --------------------------------------------------------------------------- command line
 
 
+def _csv(text: str) -> Tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m optkit.bench.kernels.run --run-dir DIR --config FILE [--quick]`` (the runner's call)."""
+    """Run the kernels suite into DIR (env.json, results.jsonl) and print its table. --config is the runner's
+    call (optkit bench suite=kernels: bench.device and bench.run_id come from it); a standalone run needs a
+    DIR without results, so that runs are not mixed. A full run takes < 5 min on an H100, --quick < 90 s."""
     import json
 
-    from optkit.config.compose import typed_config
-
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--run-dir", required=True, type=Path)
-    parser.add_argument("--config", required=True, type=Path, help="JSON {config: the resolved config}")
+    parser.add_argument("--run-dir", required=True, type=Path, help="run directory (env.json, results.jsonl)")
+    parser.add_argument("--config", type=Path, help="JSON {config: the resolved config} (the runner's call)")
     parser.add_argument("--quick", action="store_true", help="one shape per op (< 90 s on an H100)")
+    parser.add_argument("--ops", type=_csv, default=OPS, help=f"comma list of {','.join(OPS)} (default: all)")
+    parser.add_argument("--impls", type=_csv, default=ALL_IMPLS,
+                        help=f"comma list of {','.join(ALL_IMPLS)} (default: all; each op gets those that apply)")
+    parser.add_argument("--dtypes", type=_csv, default=("bfloat16",), help=f"comma list of {','.join(DTYPES)}")
+    parser.add_argument("--device-repeats", type=int, default=None,
+                        help="profiled repeats per phase for device time (default 5; 0 skips the device pass)")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="tiny shapes on the CPU, host clock, Triton interpreter: a plumbing check, no measurement")
     args = parser.parse_args(argv)
-    cfg = typed_config(json.loads(args.config.read_text())["config"])
-    rows = run(cfg, args.run_dir, quick=args.quick)
+    if args.cpu_smoke:  # before optkit's kernels (and so triton) are first imported, when impls resolve
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    options = dict(quick=args.quick, ops=args.ops, impls=args.impls, dtypes=args.dtypes,
+                   device_repeats=args.device_repeats, cpu_smoke=args.cpu_smoke)
+    if args.config is not None:
+        from optkit.config.compose import typed_config
+
+        rows = run(typed_config(json.loads(args.config.read_text())["config"]), args.run_dir, **options)
+    elif (args.run_dir / "results.jsonl").exists():
+        print(f"{args.run_dir / 'results.jsonl'} exists; pass a new --run-dir so runs are not mixed", file=sys.stderr)
+        return 2
+    else:
+        rows = run_suite(args.run_dir, **options)
     print(format_table(rows))
+    statuses = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "oom", "error")}
+    print(f"\n{len(rows)} rows ({', '.join(f'{n} {s}' for s, n in statuses.items() if n)}) -> {args.run_dir}")
     return 0
 
 

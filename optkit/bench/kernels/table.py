@@ -1,6 +1,7 @@
 """Kernel rows -> the text table the kernels suite prints: one line per row, "x eager" (eager's
 full_ms over the row's), share of copy bandwidth by event time and by device time, and flags
-(noisy, THROTTLED, NO-DEVICE-TIME, DEVICE>EVENTS, TFLOP/s of compute-bound ops).
+(noisy, THROTTLED, NO-DEVICE-TIME, DEVICE>EVENTS, TFLOP/s of compute-bound ops). A forward-only op's
+rows (nf4_dequantize: optkit, eager = optkit's PyTorch reference, bitsandbytes) show "-" for bwd ms.
 """
 from __future__ import annotations
 
@@ -71,4 +72,7 @@ def format_table(rows: Iterable[Dict[str, Any]]) -> str:
         lines.append(TABLE_NOTES)
     if any(r.get("loss_in_forward") and r["status"] == "ok" for r in rows):
         lines.append("* gradient computed in forward (fused loss): compare these rows on full ms / dev ms only")
+    if any(r.get("forward_only") and r["status"] == "ok" for r in rows):
+        lines.append("forward-only ops (" + ", ".join(sorted({r["op"] for r in rows if r.get("forward_only")}))
+                     + "): no backward, so full ms and dev ms are the forward's and bwd ms is -")
     return "\n".join(lines)
