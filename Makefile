@@ -37,6 +37,8 @@ bench: $(STAMP)
 	$(PYTHON) -m optkit bench $(if $(SUITE),suite=$(SUITE)) $(ARGS)
 
 test: $(STAMP)
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 test-gpu: $(STAMP)

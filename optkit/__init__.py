@@ -1,9 +1,10 @@
 """optkit: measure and ship LLM fine-tuning kernels and training optimizations.
 
-    import optkit
-    model = optkit.patch(model, "full")   # before an HF Trainer / TRL SFTTrainer / a hand loop
-    optkit.unpatch(model)                 # back to the exact original modules
+import optkit
+model = optkit.patch(model, "full")   # before an HF Trainer / TRL SFTTrainer / a hand loop
+optkit.unpatch(model)                 # back to the exact original modules
 """
+
 from importlib import import_module
 
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
 """The `optkit` command: bench, report, regress, env, list."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,8 @@ USAGE = """optkit <command> [args]
 
 
 def cmd_bench(args: List[str]) -> int:
-    from optkit.config.compose import ConfigError
     from optkit.bench.runner import run_sweep
+    from optkit.config.compose import ConfigError
 
     try:
         run_sweep(args)

@@ -3,6 +3,7 @@
 Every other module asks this table; no family name is spelled anywhere else. Classes are named, not
 imported, so a family missing from the installed transformers is a clear error when it is used.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,14 +22,17 @@ class Family:
     moe: bool  # decoder MLPs are routed experts
 
 
-FAMILIES: Dict[str, Family] = {f.name: f for f in (
-    Family("llama", "LlamaConfig", "LlamaForCausalLM", "Llama", "silu", "llama", False),
-    Family("mistral", "MistralConfig", "MistralForCausalLM", "Mistral", "silu", "llama", False),
-    Family("qwen2", "Qwen2Config", "Qwen2ForCausalLM", "Qwen2", "silu", "llama", False),
-    Family("qwen3", "Qwen3Config", "Qwen3ForCausalLM", "Qwen3", "silu", "llama", False),
-    Family("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", "Qwen3Moe", "silu", "llama", True),
-    Family("gemma2", "Gemma2Config", "Gemma2ForCausalLM", "Gemma2", "gelu", "gemma", False),
-)}
+FAMILIES: Dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("llama", "LlamaConfig", "LlamaForCausalLM", "Llama", "silu", "llama", False),
+        Family("mistral", "MistralConfig", "MistralForCausalLM", "Mistral", "silu", "llama", False),
+        Family("qwen2", "Qwen2Config", "Qwen2ForCausalLM", "Qwen2", "silu", "llama", False),
+        Family("qwen3", "Qwen3Config", "Qwen3ForCausalLM", "Qwen3", "silu", "llama", False),
+        Family("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", "Qwen3Moe", "silu", "llama", True),
+        Family("gemma2", "Gemma2Config", "Gemma2ForCausalLM", "Gemma2", "gelu", "gemma", False),
+    )
+}
 
 
 class UnknownModelError(ValueError):

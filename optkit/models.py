@@ -5,6 +5,7 @@ published config.json), and ``model.path`` loads a local directory with ``local_
 Throughput and memory do not depend on weight values, so random weights measure what real ones
 would. The builder knows nothing of optimizations (those are the patcher's job).
 """
+
 from __future__ import annotations
 
 import os
@@ -47,7 +48,11 @@ def _load_local(path: str, dtype: torch.dtype, device: torch.device, num_layers,
         if getattr(config, "layer_types", None):
             config.layer_types = config.layer_types[: int(num_layers)]
     return AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype, device_map={"": device}, local_files_only=True,
+        path,
+        config=config,
+        dtype=dtype,
+        device_map={"": device},
+        local_files_only=True,
         attn_implementation=attn_implementation,
     )
 

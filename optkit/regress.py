@@ -16,6 +16,7 @@ Exit codes: 1 a regression, 0 none, 2 unusable input (missing files, different G
 common points). A different software stack (driver, torch, ...) is a warning, or an error with
 ``--strict-env``: the gate then measures the stack change too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,14 +26,19 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from optkit.measure.stats import mann_whitney_p, pooled_median, ratio_ci
-from optkit.results.runs import Point, ReportInputError, Run, group_points, load_run
 from optkit.report.tables import DASH, GIB, sig
+from optkit.results.runs import Point, ReportInputError, Run, group_points, load_run
 
 MIN_SAMPLES = 6  # smallest n per side at which Mann-Whitney can reach p < 0.01 (normal approximation)
 ALPHA = 0.01
-STACK_FIELDS = (("GPU", ("gpu_name",)), ("driver", ("driver_version", "driver")), ("CUDA", ("cuda_version", "cuda")),
-                ("torch", ("torch_version", "torch")), ("triton", ("triton_version", "triton")),
-                ("transformers", ("transformers_version", "transformers")))
+STACK_FIELDS = (
+    ("GPU", ("gpu_name",)),
+    ("driver", ("driver_version", "driver")),
+    ("CUDA", ("cuda_version", "cuda")),
+    ("torch", ("torch_version", "torch")),
+    ("triton", ("triton_version", "triton")),
+    ("transformers", ("transformers_version", "transformers")),
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ def _tokens_per_s_groups(point: Point) -> List[List[float]]:
 
 def _counter_groups(*fields: str) -> Callable[[Point], List[List[float]]]:
     """One value per window: the first of ``fields`` the row has (NVML: process, else device)."""
+
     def groups(point: Point) -> List[List[float]]:
         out = []
         for row in point.ok:
@@ -65,6 +72,7 @@ def _counter_groups(*fields: str) -> Callable[[Point], List[List[float]]]:
             if value is not None:
                 out.append([float(value)])
         return out
+
     return groups
 
 
@@ -76,8 +84,14 @@ METRICS = (
     Metric("tokens_per_s", "train", "high", False, _tokens_per_s_groups, lambda v: f"{v:,.0f}"),
     Metric("step_ms", "train", "low", False, _field_groups("step_times_ms"), sig),
     Metric("peak_allocated_bytes", "train", "low", True, _counter_groups("peak_allocated_bytes"), _gib),
-    Metric("peak_nvml_bytes", "train", "low", True,
-           _counter_groups("peak_nvml_process_bytes", "peak_nvml_device_bytes"), _gib),
+    Metric(
+        "peak_nvml_bytes",
+        "train",
+        "low",
+        True,
+        _counter_groups("peak_nvml_process_bytes", "peak_nvml_device_bytes"),
+        _gib,
+    ),
     Metric("full_ms", "kernel", "low", False, _field_groups("full_times_ms"), sig),
     Metric("peak_delta_bytes", "kernel", "low", True, _counter_groups("peak_delta_bytes"), _gib),
 )
@@ -112,8 +126,14 @@ def _worse_factor(base: float, cand: float, better: str) -> float:
     return lower / higher
 
 
-def judge(base_groups: Sequence[Sequence[float]], cand_groups: Sequence[Sequence[float]], better: str,
-          threshold: float, memory: bool, limits: Thresholds) -> Optional[dict]:
+def judge(
+    base_groups: Sequence[Sequence[float]],
+    cand_groups: Sequence[Sequence[float]],
+    better: str,
+    threshold: float,
+    memory: bool,
+    limits: Thresholds,
+) -> Optional[dict]:
     """Verdict of one metric at one point; None when either side has no value."""
     base, cand = pooled_median(base_groups), pooled_median(cand_groups)
     if base is None or cand is None:
@@ -127,15 +147,21 @@ def judge(base_groups: Sequence[Sequence[float]], cand_groups: Sequence[Sequence
         return {**out, **_judge_counter(base_groups, cand_groups, direction, better)}
     n_base, n_cand = sum(len(g) for g in base_groups), sum(len(g) for g in cand_groups)
     if min(n_base, n_cand) < limits.min_samples:
-        return {**out, "verdict": "insufficient data",
-                "evidence": f"{n_base} vs {n_cand} samples (< {limits.min_samples} per side)"}
+        return {
+            **out,
+            "verdict": "insufficient data",
+            "evidence": f"{n_base} vs {n_cand} samples (< {limits.min_samples} per side)",
+        }
     ratio, low, high = ratio_ci(cand_groups, base_groups)
     p = mann_whitney_p([v for g in base_groups for v in g], [v for g in cand_groups for v in g])
     out.update(ci=(low, high), p=p)
     significant = p is not None and p < limits.alpha and (low > 1.0 or high < 1.0)
     if not significant:
-        return {**out, "verdict": "noise", "evidence": f"not significant (p={_p(p)}; needs p < {limits.alpha} and "
-                                                       "a CI excluding 1)"}
+        return {
+            **out,
+            "verdict": "noise",
+            "evidence": f"not significant (p={_p(p)}; needs p < {limits.alpha} and a CI excluding 1)",
+        }
     return {**out, "verdict": direction, "evidence": f"Mann-Whitney p={_p(p)}, CI excludes 1"}
 
 
@@ -167,9 +193,19 @@ def compare_points(base: Point, cand: Point, limits: Thresholds) -> List[Compari
         result = judge(metric.groups(base), metric.groups(cand), metric.better, threshold, metric.memory, limits)
         if result is None:
             continue
-        out.append(Comparison(base.key, metric.name, result["verdict"], metric.fmt(result["base"]),
-                              metric.fmt(result["cand"]), result["change"], result["ci"], result["p"],
-                              result["evidence"]))
+        out.append(
+            Comparison(
+                base.key,
+                metric.name,
+                result["verdict"],
+                metric.fmt(result["base"]),
+                metric.fmt(result["cand"]),
+                result["change"],
+                result["ci"],
+                result["p"],
+                result["evidence"],
+            )
+        )
     return out
 
 
@@ -187,42 +223,63 @@ def check_inputs(baseline: Run, candidate: Run, strict_env: bool) -> List[str]:
     if baseline.gpu_slug != candidate.gpu_slug:
         raise ReportInputError(
             f"baseline ran on '{baseline.gpu_slug}', candidate on '{candidate.gpu_slug}': compare runs of one GPU "
-            f"kind (results/{candidate.gpu_slug}/<suite>/...), or use `optkit report` for a cross-GPU table")
+            f"kind (results/{candidate.gpu_slug}/<suite>/...), or use `optkit report` for a cross-GPU table"
+        )
     diffs = stack_differences(baseline, candidate)
     schemas = ({r.get("schema_version") for r in baseline.rows}, {r.get("schema_version") for r in candidate.rows})
     if schemas[0] != schemas[1]:
-        diffs.append(f"row schema {sorted(schemas[0], key=str)} -> {sorted(schemas[1], key=str)} (what changed: "
-                     "the history in optkit/results/rows.py)")
+        diffs.append(
+            f"row schema {sorted(schemas[0], key=str)} -> {sorted(schemas[1], key=str)} (what changed: "
+            "the history in optkit/results/rows.py)"
+        )
     if diffs and strict_env:
         raise ReportInputError("software stack differs (--strict-env): " + "; ".join(diffs))
     return [f"software stack differs, the verdict includes its effect: {'; '.join(diffs)}"] if diffs else []
 
 
-SECTIONS = (("regression", "Regressions"), ("improvement", "Improvements"),
-            ("insufficient data", "Insufficient data (beyond the threshold, too few samples to tell)"),
-            ("noise", "Beyond the threshold but within noise"), ("unchanged", "Unchanged"))
+SECTIONS = (
+    ("regression", "Regressions"),
+    ("improvement", "Improvements"),
+    ("insufficient data", "Insufficient data (beyond the threshold, too few samples to tell)"),
+    ("noise", "Beyond the threshold but within noise"),
+    ("unchanged", "Unchanged"),
+)
 
 
 def _row(c: Comparison) -> str:
     change = DASH if c.change is None else f"{100 * c.change:+.1f}%"
     ci = DASH if not c.ci or c.ci[0] is None else f"[{c.ci[0]:.3f}, {c.ci[1]:.3f}]"
-    return f"| `{c.point}` | {c.metric} | {c.baseline} | {c.candidate} | {change} | {ci} | {_p(c.p_value)} | " \
-           f"{c.evidence.replace('|', '/')} |"
+    return (
+        f"| `{c.point}` | {c.metric} | {c.baseline} | {c.candidate} | {change} | {ci} | {_p(c.p_value)} | "
+        f"{c.evidence.replace('|', '/')} |"
+    )
 
 
-def render(baseline: Run, candidate: Run, comparisons: List[Comparison], missing: List[str], new: List[str],
-           warnings: List[str], limits: Thresholds) -> str:
+def render(
+    baseline: Run,
+    candidate: Run,
+    comparisons: List[Comparison],
+    missing: List[str],
+    new: List[str],
+    warnings: List[str],
+    limits: Thresholds,
+) -> str:
     regressions = [c for c in comparisons if c.verdict == "regression"]
     head = "REGRESSION" if regressions else "OK"
-    lines = [f"# optkit regress: {head}", "",
-             f"- GPU: `{candidate.gpu_slug}` ({candidate.value('gpu_name') or 'CPU'})",
-             f"- baseline: `{baseline.run_id}` (git `{baseline.value('git_sha')}`), {baseline.path}",
-             f"- candidate: `{candidate.run_id}` (git `{candidate.value('git_sha')}`), {candidate.path}",
-             f"- thresholds: time {limits.time:.0%}, memory {limits.memory:.0%}; evidence: Mann-Whitney "
-             f"p < {limits.alpha} and 95% CI of the ratio excluding 1; at least {limits.min_samples} samples per side"]
+    lines = [
+        f"# optkit regress: {head}",
+        "",
+        f"- GPU: `{candidate.gpu_slug}` ({candidate.value('gpu_name') or 'CPU'})",
+        f"- baseline: `{baseline.run_id}` (git `{baseline.value('git_sha')}`), {baseline.path}",
+        f"- candidate: `{candidate.run_id}` (git `{candidate.value('git_sha')}`), {candidate.path}",
+        f"- thresholds: time {limits.time:.0%}, memory {limits.memory:.0%}; evidence: Mann-Whitney "
+        f"p < {limits.alpha} and 95% CI of the ratio excluding 1; at least {limits.min_samples} samples per side",
+    ]
     lines += [f"- warning: {w}" for w in warnings] + [""]
-    header = ["| point | metric | baseline | candidate | change | 95% CI cand/base | p | evidence |",
-              "|:---|:---|---:|---:|---:|---:|---:|:---|"]
+    header = [
+        "| point | metric | baseline | candidate | change | 95% CI cand/base | p | evidence |",
+        "|:---|:---|---:|---:|---:|---:|---:|:---|",
+    ]
     for verdict, title in SECTIONS:
         chosen = [c for c in comparisons if c.verdict == verdict]
         if not chosen:
@@ -236,8 +293,11 @@ def render(baseline: Run, candidate: Run, comparisons: List[Comparison], missing
         lines += [f"- missing in candidate: `{k}`" for k in missing] + [f"- only in candidate: `{k}`" for k in new]
         lines.append("")
     counts = {v: sum(c.verdict == v for c in comparisons) for v, _ in SECTIONS}
-    lines.append("Summary: " + ", ".join(f"{n} {v}" for v, n in counts.items()) +
-                 f", {len(missing)} missing in candidate, {len(new)} only in candidate.")
+    lines.append(
+        "Summary: "
+        + ", ".join(f"{n} {v}" for v, n in counts.items())
+        + f", {len(missing)} missing in candidate, {len(new)} only in candidate."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -249,8 +309,10 @@ def regress(baseline_dir, candidate_dir, limits: Thresholds, strict_env: bool = 
     cand_points = {p.key: p for p in group_points(candidate.rows)}
     common = [k for k in base_points if k in cand_points]
     if not common:
-        raise ReportInputError(f"no point of {candidate.path} matches one of {baseline.path} (e.g. baseline "
-                               f"'{next(iter(base_points))}'): compare runs of the same suite")
+        raise ReportInputError(
+            f"no point of {candidate.path} matches one of {baseline.path} (e.g. baseline "
+            f"'{next(iter(base_points))}'): compare runs of the same suite"
+        )
     comparisons = [c for k in common for c in compare_points(base_points[k], cand_points[k], limits)]
     missing = [k for k in base_points if k not in cand_points]
     new = [k for k in cand_points if k not in base_points]

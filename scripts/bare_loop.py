@@ -6,6 +6,7 @@ optkit's tokens/s on the same point should agree within 5%. Prints one JSON line
 
   python scripts/bare_loop.py --model llama3_8b --batch 2 --seq 2048 --steps 20 --warmup 5 [--checkpointing]
 """
+
 import argparse
 import json
 import time
@@ -59,9 +60,21 @@ def main():
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     tokens = args.batch * args.seq * args.steps
-    print(json.dumps({"bare_loop": True, "model": args.model, "batch": args.batch, "seq": args.seq,
-                      "checkpointing": args.checkpointing, "steps": args.steps, "mean_step_ms": 1e3 * elapsed / args.steps,
-                      "tokens_per_s": tokens / elapsed, "peak_allocated_bytes": torch.cuda.max_memory_allocated()}))
+    print(
+        json.dumps(
+            {
+                "bare_loop": True,
+                "model": args.model,
+                "batch": args.batch,
+                "seq": args.seq,
+                "checkpointing": args.checkpointing,
+                "steps": args.steps,
+                "mean_step_ms": 1e3 * elapsed / args.steps,
+                "tokens_per_s": tokens / elapsed,
+                "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

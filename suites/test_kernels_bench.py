@@ -9,7 +9,8 @@ Not part of the main test run (pyproject's testpaths = tests); run it explicitly
 What it is for: pytest-benchmark's stored-run comparison as a quick gate on kernel times (time is
 "larger is worse" here, which is what its compare assumes). The numbers of record (CUDA events,
 fwd/bwd split, GB/s, memory) come from ``optkit bench suite=kernels``; this suite reuses that
-suite's shapes, inputs and implementations (optkit/bench/kernels/cases.py, optkit/bench/kernels/impls.py) so the two cannot drift.
+suite's shapes, inputs and implementations (optkit/bench/kernels/cases.py, impls.py) so the two cannot
+drift.
 
 Timing is pytest-benchmark's host clock around one step that ends in ``torch.cuda.synchronize``;
 the setup of every round (untimed) copies fresh inputs, flushes L2 and synchronizes, so a round
@@ -18,6 +19,7 @@ first). Without one: the tiny CPU smoke shapes (eager and optkit under the Trito
 implementations are every op's and the peers of one op (bitsandbytes for nf4_dequantize); FLCE's
 chunk-size sweep stays in the kernels suite.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,13 +31,10 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # must precede the first triton import (the kernels' modules import it)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from optkit.measure import device_timing  # noqa: E402
-
 from optkit.bench.kernels import cases as kernel_cases  # noqa: E402
-
 from optkit.bench.kernels import impls as kernel_impls  # noqa: E402
-
 from optkit.bench.kernels import rows as kernel_rows  # noqa: E402
+from optkit.measure import device_timing  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 DTYPE = "bfloat16"
@@ -84,7 +83,13 @@ def test_forward_backward(benchmark, case, impl):
 
     fwd_bytes, bwd_bytes = spec.bytes_moved(case, dtype.itemsize)
     benchmark.group = f"{case.op}/{DTYPE}/{case.shape}"
-    benchmark.extra_info.update(op=case.op, impl=impl, shape=case.shape, dtype=DTYPE,
-                                bytes_full=fwd_bytes + (bwd_bytes or 0), forward_only=spec.forward_only,
-                                loss_in_forward=kernel_impls.computes_grad_in_forward(spec, impl))
+    benchmark.extra_info.update(
+        op=case.op,
+        impl=impl,
+        shape=case.shape,
+        dtype=DTYPE,
+        bytes_full=fwd_bytes + (bwd_bytes or 0),
+        forward_only=spec.forward_only,
+        loss_in_forward=kernel_impls.computes_grad_in_forward(spec, impl),
+    )
     benchmark.pedantic(step, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)

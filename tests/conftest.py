@@ -3,6 +3,7 @@
 Without CUDA, Triton kernels run under the interpreter: TRITON_INTERPRET must be set before triton
 is first imported, which is why it happens here, at collection time.
 """
+
 import os
 
 import pytest

@@ -5,6 +5,7 @@ A module may import modules of its own layer or of a lower one. Imports inside f
 lazy import still reaches), and so do module names spelled as strings (``import_module("optkit.x")``,
 ``"optkit.x:fn"``): a string must not hide a reach the layer order forbids.
 """
+
 from __future__ import annotations
 
 import ast
@@ -30,7 +31,10 @@ LAYERS: List[List[str]] = [
     ["optkit.cli", "optkit.__main__", "optkit"],
 ]
 MODULE_STRING = re.compile(r"^(optkit(?:\.[A-Za-z_][A-Za-z0-9_]*)+)\.?(?::[A-Za-z_][A-Za-z0-9_]*)?$")
-MAX_LINES, MAX_KERNEL_LINES = 420, 600  # "about 400" (STYLE.md); a kernel file holds kernels, launcher, op and reference
+MAX_LINES, MAX_KERNEL_LINES = (
+    420,
+    600,
+)  # "about 400" (STYLE.md); a kernel file holds kernels, launcher, op and reference
 HYDRA_USERS = ("optkit.config", "optkit.bench.runner")  # Hydra appears only in config and runner code
 THIRD_PARTY_OF_KERNELS = {"torch", "triton"}
 
@@ -90,7 +94,9 @@ def imports_of(module: str) -> Set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names]
         elif isinstance(node, (ast.Constant, ast.JoinedStr)):
             names = list(_string_targets(node))
@@ -121,8 +127,12 @@ def test_every_module_is_in_a_layer():
 
 
 def test_no_import_goes_up_the_layers():
-    upward = [f"{m} (layer {layer_of(m)}) imports {t} (layer {layer_of(t)})"
-              for m, targets in sorted(GRAPH.items()) for t in sorted(targets) if layer_of(t) > layer_of(m)]
+    upward = [
+        f"{m} (layer {layer_of(m)}) imports {t} (layer {layer_of(t)})"
+        for m, targets in sorted(GRAPH.items())
+        for t in sorted(targets)
+        if layer_of(t) > layer_of(m)
+    ]
     assert not upward, "imports against the layer order:\n" + "\n".join(upward)
 
 
@@ -135,7 +145,7 @@ def _find_cycle() -> Optional[List[str]]:
         path.append(node)
         for nxt in sorted(GRAPH.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state:
                 cycle = visit(nxt)
                 if cycle:
@@ -160,8 +170,11 @@ def test_no_import_circle():
 def test_kernels_import_only_torch_and_triton():
     for module in MODULES:
         if layer_of(module) == 0:
-            extra = third_party_imports(module) - THIRD_PARTY_OF_KERNELS - {"functools", "math", "typing", "dataclasses",
-                                                                            "importlib", "os", "collections"}
+            extra = (
+                third_party_imports(module)
+                - THIRD_PARTY_OF_KERNELS
+                - {"functools", "math", "typing", "dataclasses", "importlib", "os", "collections"}
+            )
             assert not extra, f"{module} imports {sorted(extra)}: a kernel file needs torch and triton only"
 
 
@@ -175,18 +188,28 @@ def test_nothing_imports_the_tests(folder):
     for path in (ROOT / folder).rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not any(n == "tests" or n.startswith("tests.") for n in names), f"{path} imports tests/"
 
 
 def test_at_most_six_top_level_modules_and_no_long_files():
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert len(top) <= 6, top
+
     def limit(path: Path) -> int:
         return MAX_KERNEL_LINES if module_name(path).startswith("optkit.kernels.") else MAX_LINES
 
-    long = [f"{p.relative_to(ROOT)}: {n}" for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > limit(p)]
+    long = [
+        f"{p.relative_to(ROOT)}: {n}"
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > limit(p)
+    ]
     assert not long, long
 
 

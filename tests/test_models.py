@@ -1,4 +1,5 @@
 """The zoo builds the published shapes (parameter counts) without downloading, and loads local checkpoints."""
+
 import pytest
 import torch
 
@@ -8,8 +9,15 @@ from optkit.models import build_model, count_parameters
 
 # Published parameter counts (model cards), counted here on the meta device: no memory, no download.
 PUBLISHED_PARAMS = {
-    "llama3_8b": 8.03e9, "llama3_2_1b": 1.24e9, "llama3_2_3b": 3.21e9, "mistral_7b": 7.25e9,
-    "qwen2_5_7b": 7.62e9, "qwen3_8b": 8.19e9, "qwen3_14b": 14.77e9, "qwen3_moe_30b_a3b": 30.5e9, "gemma2_9b": 9.24e9,
+    "llama3_8b": 8.03e9,
+    "llama3_2_1b": 1.24e9,
+    "llama3_2_3b": 3.21e9,
+    "mistral_7b": 7.25e9,
+    "qwen2_5_7b": 7.62e9,
+    "qwen3_8b": 8.19e9,
+    "qwen3_14b": 14.77e9,
+    "qwen3_moe_30b_a3b": 30.5e9,
+    "gemma2_9b": 9.24e9,
 }
 
 
@@ -20,7 +28,9 @@ def test_real_shapes_match_published_parameter_counts(name, expected):
     assert abs(total - expected) / expected < 0.01, f"{name}: {total:,} params, published {expected:,.0f}"
 
 
-@pytest.mark.parametrize("name", ["tiny_llama", "tiny_mistral", "tiny_qwen2", "tiny_qwen3", "tiny_qwen3_moe", "tiny_gemma2"])
+@pytest.mark.parametrize(
+    "name", ["tiny_llama", "tiny_mistral", "tiny_qwen2", "tiny_qwen3", "tiny_qwen3_moe", "tiny_gemma2"]
+)
 def test_tiny_models_train_a_step_on_cpu(name):
     model = build_model(compose([f"model={name}"]).model)
     ids = torch.randint(0, model.config.vocab_size, (2, 16))

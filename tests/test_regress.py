@@ -1,4 +1,5 @@
 """optkit regress on golden runs and synthetic candidates; the statistics helpers against scipy/numpy."""
+
 import importlib.util
 import json
 import shutil
@@ -40,6 +41,7 @@ def candidate(tmp_path: Path, source: Path, edit, name: str = "candidate") -> Pa
 
 def slower(factor: float, point_key=None):
     """Every timed step of the point(s) takes ``factor`` times as long (tokens/s follows)."""
+
     def edit(row):
         if row["status"] != "ok" or (point_key and row["point_key"] != point_key):
             return
@@ -51,6 +53,7 @@ def slower(factor: float, point_key=None):
                 row[key] *= factor
         if row.get("tokens_per_s"):
             row["tokens_per_s"] /= factor
+
     return edit
 
 
@@ -110,6 +113,7 @@ def test_memory_regression_is_detected(tmp_path):
     def more_memory(row):
         if row["point_key"] == LIGER:
             row["peak_allocated_bytes"] = int(row["peak_allocated_bytes"] * 1.2)
+
     cand = candidate(tmp_path, E2E_H100, more_memory)
     code, md = run(tmp_path, E2E_H100, cand)
     assert code == 1
@@ -121,6 +125,7 @@ def test_memory_regression_is_detected(tmp_path):
 def test_memory_threshold_is_its_own(tmp_path):
     def more_memory(row):
         row["peak_allocated_bytes"] = int(row["peak_allocated_bytes"] * 1.08)
+
     cand = candidate(tmp_path, E2E_H100, more_memory)
     assert run(tmp_path, E2E_H100, cand, "--mem-threshold", "0.10")[0] == 0
     assert run(tmp_path, E2E_H100, cand, "--mem-threshold", "0.05")[0] == 1
@@ -156,6 +161,7 @@ def test_a_point_that_now_fails_is_a_regression(tmp_path):
     def oom(row):
         if row["point_key"] == FULL:
             row.update(status="oom", error="torch.OutOfMemoryError: CUDA out of memory", step_times_ms=None)
+
     code, md = run(tmp_path, E2E_H100, candidate(tmp_path, E2E_H100, oom))
     assert code == 1 and "| status | ok | oom |" in md
 
@@ -217,7 +223,7 @@ def test_judge_is_direction_aware():
     assert overlapping["verdict"] == "noise"
 
 
-# --------------------------------------------------------------------------- optkit.measure.stats (bootstrap, Mann-Whitney)
+# ------------------------------------------------------------------ optkit.measure.stats (bootstrap, Mann-Whitney)
 
 
 def test_mann_whitney_matches_scipy_with_ties():

@@ -12,6 +12,7 @@ checkpointing -> optimizer -> warm-up steps (untimed; compile happens here) -> t
 (bench.count_syncs) one untimed step counting syncs -> (bench.profile) one untimed step under
 torch.profiler, last because a profiler session slows every later launch in the process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,7 @@ from optkit.opt.registry import enabled_names
 from optkit.results.rows import empty_row, finite, identity_fields, json_default
 from optkit.train.method import ADAPTER_METHODS
 
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise SkipPoint("bench.device=cuda but no CUDA GPU is visible")
@@ -45,8 +47,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run_point(cfg: OptkitConfig, overrides: List[str], run_id: str = "adhoc", repeats: Sequence[int] = (0,),
-              run_dir: Optional[Path] = None) -> List[Dict[str, Any]]:
+def run_point(
+    cfg: OptkitConfig,
+    overrides: List[str],
+    run_id: str = "adhoc",
+    repeats: Sequence[int] = (0,),
+    run_dir: Optional[Path] = None,
+) -> List[Dict[str, Any]]:
     """Measure one point: one row per index in ``repeats`` (a measurement window each).
 
     ``run_dir`` is where bench.profile writes its trace (``traces/`` below it); rows name it relative."""
@@ -129,8 +136,9 @@ def _inject_fault(cfg) -> None:
         time.sleep(3600)
 
 
-def _train_and_measure(cfg, device: torch.device, n_windows: int, windows: List[Dict[str, Any]], sampler,
-                       trace: Optional[Tuple[Path, str]]) -> None:
+def _train_and_measure(
+    cfg, device: torch.device, n_windows: int, windows: List[Dict[str, Any]], sampler, trace: Optional[Tuple[Path, str]]
+) -> None:
     """Build, warm up once, then measure ``n_windows`` windows; each window's fields are appended to
     ``windows`` as soon as it is done (a later failure keeps them)."""
     from optkit.measure.memory import allocator_peaks, peak_rss_bytes, reset_allocator_peaks
@@ -167,8 +175,9 @@ def _train_and_measure(cfg, device: torch.device, n_windows: int, windows: List[
         fields["loss_last"] = loss_curve[-1] if loss_curve else None
         fields.update(_throughput_fields(cfg, model, batches, fields, device))
         if len(windows) == n_windows - 1:  # the extra untimed steps follow the last window only
-            fields.update(_untimed_extras(cfg, model, optimizer, batches[steps_done % len(batches)], device,
-                                          sampler, trace))
+            fields.update(
+                _untimed_extras(cfg, model, optimizer, batches[steps_done % len(batches)], device, sampler, trace)
+            )
         windows.append(fields)
     for fields in windows:  # counted once per process, true of every window
         fields["device_syncs_per_step"] = windows[-1].get("device_syncs_per_step")
@@ -274,8 +283,11 @@ def _timing_fields(step_records: List[Dict[str, float]], device) -> Dict[str, An
     step = summarize([r["step_ms"] for r in step_records])
     fields = {
         "timer": "cuda_events" if device.type == "cuda" else "host_clock",
-        "step_ms": step["median"], "step_ms_p10": step["p10"], "step_ms_p90": step["p90"],
-        "step_ms_iqr": step["iqr"], "step_ms_noisy": step["noisy"],
+        "step_ms": step["median"],
+        "step_ms_p10": step["p10"],
+        "step_ms_p90": step["p90"],
+        "step_ms_iqr": step["iqr"],
+        "step_ms_noisy": step["noisy"],
         "step_times_ms": [round(r["step_ms"], 4) for r in step_records],
     }
     for phase in ("forward", "backward", "optimizer"):
@@ -292,15 +304,20 @@ def _throughput_fields(cfg, model, batches, fields, device) -> Dict[str, Any]:
     tokens_per_s = real_tokens / (fields["step_ms"] / 1e3) if fields["step_ms"] else None
     hf_config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
     lora_params = fields["trainable_params"] if cfg.train.method in ADAPTER_METHODS else 0
-    flops = training_flops(hf_config, cfg.data.seq_len, cfg.train.method,
-                           cfg.train.checkpointing != "none", lora_params=lora_params)
+    flops = training_flops(
+        hf_config, cfg.data.seq_len, cfg.train.method, cfg.train.checkpointing != "none", lora_params=lora_params
+    )
     peak = cfg.bench.peak_tflops
     if peak is None and device.type == "cuda":
         peak = peak_tflops(torch.cuda.get_device_name(device), cfg.model.dtype)
     return {
-        "tokens_per_step": real_tokens, "padded_tokens_per_step": padded_tokens, "tokens_per_s": tokens_per_s,
-        "flops_per_token": flops["model_flops_per_token"], "hw_flops_per_token": flops["hardware_flops_per_token"],
-        "flops_formula": flops["formula"], "peak_tflops": peak,
+        "tokens_per_step": real_tokens,
+        "padded_tokens_per_step": padded_tokens,
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops["model_flops_per_token"],
+        "hw_flops_per_token": flops["hardware_flops_per_token"],
+        "flops_formula": flops["formula"],
+        "peak_tflops": peak,
         "mfu": mfu(tokens_per_s, flops["model_flops_per_token"], peak) if tokens_per_s else None,
         "hfu": mfu(tokens_per_s, flops["hardware_flops_per_token"], peak) if tokens_per_s else None,
     }
@@ -319,12 +336,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m optkit.bench.point", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="file the rows are written to (a JSON list)")
     parser.add_argument("--run-id", default="adhoc")
-    parser.add_argument("--repeats", default="0", help="comma-separated repeat indexes: one measurement window "
-                        "each, back to back after one warm-up (default: 0)")
-    parser.add_argument("--run-dir", default=None, help="run directory (bench.profile writes traces/ below it; "
-                        "default: the --out file's folder)")
-    parser.add_argument("--config", required=True, help="JSON {config: the resolved config, overrides: the Hydra "
-                        "overrides that define the point} (the runner composes and writes it)")
+    parser.add_argument(
+        "--repeats",
+        default="0",
+        help="comma-separated repeat indexes: one measurement window each, back to back after one warm-up (default: 0)",
+    )
+    parser.add_argument(
+        "--run-dir",
+        default=None,
+        help="run directory (bench.profile writes traces/ below it; default: the --out file's folder)",
+    )
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="JSON {config: the resolved config, overrides: the Hydra "
+        "overrides that define the point} (the runner composes and writes it)",
+    )
     args = parser.parse_args(argv)
     point = json.loads(Path(args.config).read_text())
     cfg = typed_config(point["config"])

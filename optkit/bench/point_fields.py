@@ -4,11 +4,13 @@ NVML is sampled by a background thread for the point's whole life; a window's ow
 one step at full rate) are cut from the raw samples by the time marks the point records on the
 sampler's clock.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict
 
 import torch
+
 
 def start_nvml(cfg, device: torch.device):
     if device.type != "cuda":
@@ -66,5 +68,3 @@ def env_fields() -> Dict[str, Any]:
     from optkit.results.rows import env_stamp
 
     return env_stamp(capture_env())
-
-

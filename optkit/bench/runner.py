@@ -9,6 +9,7 @@ Hydra's own multirun launcher runs jobs in one process, which is exactly what we
 new CUDA context, allocator and autotuning each time). Resume skips every (config_hash, repeat)
 already in results.jsonl and measures only the missing windows.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -68,8 +69,10 @@ def expand_points(suite_cfg, user_overrides: Sequence[str], family_of_model=None
     for values in grid:
         chosen = dict(zip(keys, values))
         if chosen.get("opt") == AXIS_ABLATION:
-            points.extend(base + _axis_overrides(chosen, skip="opt") + opt + user
-                          for opt in ablation_opt_overrides(chosen.get("model"), family_of_model))
+            points.extend(
+                base + _axis_overrides(chosen, skip="opt") + opt + user
+                for opt in ablation_opt_overrides(chosen.get("model"), family_of_model)
+            )
             continue
         points.append(base + _axis_overrides(chosen) + user)
     points.extend(base + [f"{k}={_fmt(v)}" for k, v in p.items()] + user for p in explicit)
@@ -95,9 +98,13 @@ def ablation_opt_overrides(model_name: Optional[str], family_of_model=None) -> L
     from optkit.opt.registry import REGISTRY
 
     family = family_of_model(model_name) if (family_of_model and model_name) else None
-    names = [n for n, o in REGISTRY.items()
-             if not o.peer and (family is None or o.families is None or family in o.families)
-             and _applies_to_family(o, family)]
+    names = [
+        n
+        for n, o in REGISTRY.items()
+        if not o.peer
+        and (family is None or o.families is None or family in o.families)
+        and _applies_to_family(o, family)
+    ]
     sets = [["opt=baseline"], ["opt=full"]]
     for name in names:
         key = REGISTRY[name].config_key
@@ -174,10 +181,11 @@ def run_sweep(overrides: Sequence[str]) -> Path:
         for _ in range(cfg.bench.repeats - len(todo)):
             progress.skip(f"{_label(point)} (done)")
         # One process measures every pending window back to back, or one process per window.
-        for repeats in ([[r] for r in todo] if cfg.bench.isolate_repeats else [todo] if todo else []):
+        for repeats in [[r] for r in todo] if cfg.bench.isolate_repeats else [todo] if todo else []:
             progress.start(_label(point))
-            rows = run_isolated(point, run_id, repeats, timeout_s=cfg.bench.timeout_s, point_cfg=point_cfg,
-                                run_dir=run_dir)
+            rows = run_isolated(
+                point, run_id, repeats, timeout_s=cfg.bench.timeout_s, point_cfg=point_cfg, run_dir=run_dir
+            )
             for row in rows:
                 append_row(results, row)
             progress.finish(rows)
@@ -206,8 +214,9 @@ def _hash_of(cfg) -> str:
     return config_hash(OmegaConf.to_container(cfg, resolve=True))
 
 
-def run_isolated(point: List[str], run_id: str, repeats: Sequence[int], timeout_s: float, point_cfg,
-                 run_dir: Optional[Path] = None) -> List[Dict[str, Any]]:
+def run_isolated(
+    point: List[str], run_id: str, repeats: Sequence[int], timeout_s: float, point_cfg, run_dir: Optional[Path] = None
+) -> List[Dict[str, Any]]:
     """Run one point in a fresh Python process, one measurement window per index in ``repeats``;
     always returns one row per index (failure rows when the process died).
 
@@ -216,23 +225,48 @@ def run_isolated(point: List[str], run_id: str, repeats: Sequence[int], timeout_
     with tempfile.TemporaryDirectory(prefix="optkit-point-") as tmp:
         out, config = Path(tmp) / "rows.json", Path(tmp) / "point.json"
         config.write_text(json.dumps({"config": _container(point_cfg), "overrides": list(point)}))
-        cmd = [sys.executable, "-m", "optkit.bench.point", "--config", str(config), "--out", str(out),
-               "--run-id", run_id, "--repeats", ",".join(map(str, repeats)),
-               *(["--run-dir", str(Path(run_dir).resolve())] if run_dir else [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "optkit.bench.point",
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+            "--run-id",
+            run_id,
+            "--repeats",
+            ",".join(map(str, repeats)),
+            *(["--run-dir", str(Path(run_dir).resolve())] if run_dir else []),
+        ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if not _cuda_available():  # no GPU: optkit's Triton kernels run under Triton's interpreter
             env.setdefault("TRITON_INTERPRET", "1")
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
         except subprocess.TimeoutExpired as exc:
-            return [_failed_row(point, run_id, r, "timeout", f"point exceeded bench.timeout_s={timeout_s}",
-                                _as_text(exc.stderr), point_cfg) for r in repeats]
+            return [
+                _failed_row(
+                    point,
+                    run_id,
+                    r,
+                    "timeout",
+                    f"point exceeded bench.timeout_s={timeout_s}",
+                    _as_text(exc.stderr),
+                    point_cfg,
+                )
+                for r in repeats
+            ]
         if out.exists():
             return json.loads(out.read_text())
         stderr = proc.stderr or ""
         status = "oom" if "out of memory" in stderr.lower() else "error"
-        return [_failed_row(point, run_id, r, status, f"point process exited with code {proc.returncode}",
-                            stderr, point_cfg) for r in repeats]
+        return [
+            _failed_row(
+                point, run_id, r, status, f"point process exited with code {proc.returncode}", stderr, point_cfg
+            )
+            for r in repeats
+        ]
 
 
 def _as_text(data) -> str:
@@ -253,9 +287,14 @@ def _failed_row(point, run_id, repeat, status, message, stderr, point_cfg) -> Di
 
     row = empty_row()
     row.update(identity_fields(_container(point_cfg), point, run_id, repeat))
-    row.update(run_id=run_id, repeat=repeat, overrides=list(point), status=status,
-               error=f"{message}\n--- stderr tail ---\n{stderr[-STDERR_TAIL_CHARS:]}",
-               timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    row.update(
+        run_id=run_id,
+        repeat=repeat,
+        overrides=list(point),
+        status=status,
+        error=f"{message}\n--- stderr tail ---\n{stderr[-STDERR_TAIL_CHARS:]}",
+        timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     return row
 
 
@@ -264,8 +303,9 @@ def _run_kernels_suite(cfg, run_dir: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="optkit-kernels-") as tmp:
         config = Path(tmp) / "suite.json"
         config.write_text(json.dumps({"config": _container(cfg)}))
-        proc = subprocess.run([sys.executable, "-m", "optkit.bench.kernels.run", "--run-dir", str(run_dir),
-                               "--config", str(config)])
+        proc = subprocess.run(
+            [sys.executable, "-m", "optkit.bench.kernels.run", "--run-dir", str(run_dir), "--config", str(config)]
+        )
     if proc.returncode != 0:
         _log(f"kernels suite exited with code {proc.returncode}; rows written so far are in {run_dir}")
 

@@ -2,6 +2,7 @@
 model -> training method (LoRA / QLoRA / full) -> optkit.patch -> gradient checkpointing -> optimizer ->
 the batches the loop cycles through.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,7 +39,9 @@ def build_training(cfg: OptkitConfig, device: torch.device):
     model = patcher.patch(model, cfg.opt)
     ckpt_info = enable_checkpointing(model, cfg.train.checkpointing) or {}
     optimizer = build_optimizer(model.parameters(), cfg.train)
-    batches = [b.to(device) for b in make_batches(cfg.data, cfg.train.batch_size, vocab_size,
-                                                     N_DISTINCT_BATCHES, cfg.train.seed)]
+    batches = [
+        b.to(device)
+        for b in make_batches(cfg.data, cfg.train.batch_size, vocab_size, N_DISTINCT_BATCHES, cfg.train.seed)
+    ]
     model.train()
     return model, optimizer, batches, ckpt_info

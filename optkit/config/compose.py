@@ -5,6 +5,7 @@ The compose API is used instead of ``@hydra.main`` so that one process can compo
 subprocess. Errors name the valid choices: Hydra lists a group's options, and the structured schema
 rejects unknown keys.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -60,7 +61,8 @@ def _check_across_groups(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds model {cfg.model.name!r}'s max_position_embeddings="
             f"{max_positions}: lower data.seq_len, or raise model.hf_config.max_position_embeddings if the model "
-            "really supports longer sequences (RoPE scaling)")
+            "really supports longer sequences (RoPE scaling)"
+        )
 
 
 def _check_group_choices(overrides: List[str]) -> None:

@@ -8,12 +8,14 @@ The choice lists come from the modules that implement each choice (models, famil
 new optimizer or checkpointing mode is valid here the moment it exists there. Hydra itself appears only
 in config/ and the runner: ``register_configs`` puts these schemas in its ConfigStore.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from optkit.data import LENGTH_DISTS, SOURCES as DATA_SOURCES
+from optkit.data import LENGTH_DISTS
+from optkit.data import SOURCES as DATA_SOURCES
 from optkit.families import FAMILIES
 from optkit.models import DTYPES
 from optkit.train.checkpointing import MODES as CHECKPOINTING

@@ -2,6 +2,7 @@
 
 ``make_batches`` is the one entry the training loop uses; each source lives in its own module.
 """
+
 from __future__ import annotations
 
 from typing import List

@@ -11,6 +11,7 @@ curves that stay together.
 The rules are constants (not drawn from the generator), so every batch of every run shares them; the
 generator only picks each row's rule and first token.
 """
+
 from __future__ import annotations
 
 import torch

@@ -16,6 +16,7 @@ segment (positions restart at 0, label -100) so it attends to nothing real.
 padded to the longest, with an attention_mask. Both count ``real_tokens`` as the examples' tokens, so tokens/s compare
 honestly; their mean losses over the same targets are equal.
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,8 +39,9 @@ def load_length_histogram(path: Optional[str] = None) -> Tuple[torch.Tensor, tor
     """(min_len, max_len, probability) per bin from a ``min_len,max_len,weight`` CSV ('#' lines are comments)."""
     path = Path(path) if path else DEFAULT_LENGTHS_CSV
     if not path.is_file():
-        raise FileNotFoundError(f"data.lengths_csv={str(path)!r} does not exist; "
-                                "give a CSV with columns min_len,max_len,weight")
+        raise FileNotFoundError(
+            f"data.lengths_csv={str(path)!r} does not exist; give a CSV with columns min_len,max_len,weight"
+        )
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(line for line in handle if not line.lstrip().startswith("#")))
     try:
@@ -60,8 +62,9 @@ def sample_lengths(n: int, seq_len: int, generator: torch.Generator, data_cfg) -
         lengths = torch.full((n,), int(data_cfg.max_len))
     elif dist == "uniform":
         if not 1 <= data_cfg.min_len <= data_cfg.max_len:
-            raise ValueError(f"uniform lengths need 1 <= data.min_len <= data.max_len, got "
-                             f"{data_cfg.min_len}, {data_cfg.max_len}")
+            raise ValueError(
+                f"uniform lengths need 1 <= data.min_len <= data.max_len, got {data_cfg.min_len}, {data_cfg.max_len}"
+            )
         lengths = torch.randint(data_cfg.min_len, data_cfg.max_len + 1, (n,), generator=generator)
     elif dist == "empirical":
         lows, highs, probs = load_length_histogram(data_cfg.lengths_csv)
@@ -100,8 +103,8 @@ def packed_batch(batch_size: int, seq_len: int, vocab_size: int, generator: torc
         start = 0
         for length in row:
             end = start + length
-            input_ids[r, start:end] = tokens[cursor:cursor + length]
-            labels[r, start:end] = tokens[cursor:cursor + length]
+            input_ids[r, start:end] = tokens[cursor : cursor + length]
+            labels[r, start:end] = tokens[cursor : cursor + length]
             # HF's loss compares logits[t] with labels[t + 1]: masking each example's first label stops the previous
             # example's last token from being trained to predict it (the loss never crosses a boundary).
             labels[r, start] = IGNORE_INDEX
@@ -126,8 +129,8 @@ def padded_batch(batch_size: int, seq_len: int, vocab_size: int, generator: torc
     attention_mask = torch.zeros((len(lengths), longest), dtype=torch.long)
     cursor = 0
     for r, length in enumerate(lengths):
-        input_ids[r, :length] = tokens[cursor:cursor + length]
-        labels[r, :length] = tokens[cursor:cursor + length]
+        input_ids[r, :length] = tokens[cursor : cursor + length]
+        labels[r, :length] = tokens[cursor : cursor + length]
         attention_mask[r, :length] = 1
         cursor += length
     tensors = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -4,6 +4,7 @@ Throughput does not depend on token values, so random tokens measure what real t
 matters is the shape and how many tokens are real. ``data.pad_fraction`` right-pads each row (pad
 tokens carry label -100 and attention_mask 0) so padded and packed layouts compare on real tokens.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,12 +22,14 @@ class Batch:
     padded_tokens: int  # batch_size * seq_len
 
     def to(self, device) -> "Batch":
-        return Batch({k: v.to(device, non_blocking=True) for k, v in self.tensors.items()},
-                     self.real_tokens, self.padded_tokens)
+        return Batch(
+            {k: v.to(device, non_blocking=True) for k, v in self.tensors.items()}, self.real_tokens, self.padded_tokens
+        )
 
 
-def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, generator: torch.Generator,
-                    pad_fraction: float = 0.0) -> Batch:
+def synthetic_batch(
+    batch_size: int, seq_len: int, vocab_size: int, generator: torch.Generator, pad_fraction: float = 0.0
+) -> Batch:
     input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
     labels = input_ids.clone()  # HF shifts labels inside the loss
     n_real = seq_len - int(round(seq_len * pad_fraction))

@@ -8,6 +8,7 @@ the submodules are imported (otherwise the package attribute would be the module
 The kernel modules import only torch and triton; nf4_dequantize is bound lazily (it reads
 bitsandbytes' quantization state layout).
 """
+
 from importlib import import_module
 
 from optkit.kernels.cross_entropy import CrossEntropyLoss, cross_entropy, reference_cross_entropy
@@ -24,10 +25,24 @@ from optkit.kernels.swiglu import SwiGLUMLP, reference_swiglu, swiglu
 _LAZY = {"nf4_dequantize": "nf4_dequantize", "reference_nf4_dequantize": "nf4_dequantize"}
 
 __all__ = [
-    "CrossEntropyLoss", "FusedLinearCrossEntropyLoss", "GeGLUMLP", "RMSNorm", "SwiGLUMLP", "apply_rotary",
-    "cross_entropy", "fused_linear_cross_entropy", "geglu", "reference_cross_entropy",
-    "reference_fused_linear_cross_entropy", "reference_geglu", "reference_rms_norm", "reference_rope",
-    "reference_swiglu", "rms_norm", "swiglu", *_LAZY,
+    "CrossEntropyLoss",
+    "FusedLinearCrossEntropyLoss",
+    "GeGLUMLP",
+    "RMSNorm",
+    "SwiGLUMLP",
+    "apply_rotary",
+    "cross_entropy",
+    "fused_linear_cross_entropy",
+    "geglu",
+    "reference_cross_entropy",
+    "reference_fused_linear_cross_entropy",
+    "reference_geglu",
+    "reference_rms_norm",
+    "reference_rope",
+    "reference_swiglu",
+    "rms_norm",
+    "swiglu",
+    *_LAZY,
 ]
 
 

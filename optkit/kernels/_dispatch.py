@@ -15,6 +15,7 @@ as its first argument.
 Kernels whose autograd has another shape (cross_entropy's in-place gradient scaling, the fused linear
 cross-entropy that recomputes through its own op, nf4's forward-only op) register their ops by hand.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable

@@ -5,6 +5,7 @@ Three jobs, all host-side and cheap (results of the shape -> config functions ar
 - tensors -> the layout the kernels accept (rows with unit last stride, flat contiguous buffers);
 - the gated-MLP drop-in module shared by SwiGLU and GeGLU, which differ only in the activation.
 """
+
 from __future__ import annotations
 
 import functools

@@ -32,6 +32,7 @@ after the 1/n_valid of "mean" but before backward's grad_output, so a GradScaler
 rescue probabilities below ~6e-8 * n_valid from underflow (eager PyTorch rounds after both); bf16
 and fp32 have no such limit.
 """
+
 from __future__ import annotations
 
 import os
@@ -88,12 +89,28 @@ def _tanh(x):
 # nothing and write zeros.
 @triton.jit
 def _cross_entropy_fwd_kernel(
-    logits_ptr, target_ptr, loss_ptr, grad_ptr, n_valid_ptr, row_scale_ptr,
-    n_cols, rows_per_batch,
-    stride_logits_b, stride_logits_t, stride_grad_b, stride_grad_t, stride_row_scale,
-    ignore_index, softcap, label_smoothing,
-    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, MEAN: tl.constexpr,
-    HAS_ROW_SCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    logits_ptr,
+    target_ptr,
+    loss_ptr,
+    grad_ptr,
+    n_valid_ptr,
+    row_scale_ptr,
+    n_cols,
+    rows_per_batch,
+    stride_logits_b,
+    stride_logits_t,
+    stride_grad_b,
+    stride_grad_t,
+    stride_row_scale,
+    ignore_index,
+    softcap,
+    label_smoothing,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    MEAN: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # row * stride passes 2**31 elements on large batches
     batch, pos = row // rows_per_batch, row % rows_per_batch
@@ -167,9 +184,17 @@ def _cross_entropy_fwd_kernel(
 # grid: the common grad_output == 1 case is one wave of programs that read one number and return.
 @triton.jit
 def _scale_rows_kernel(
-    x_ptr, scale_ptr, n_cols, rows_per_batch, n_col_blocks, n_blocks,
-    stride_x_b, stride_x_t, stride_scale,
-    ONE_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    scale_ptr,
+    n_cols,
+    rows_per_batch,
+    n_col_blocks,
+    n_blocks,
+    stride_x_b,
+    stride_x_t,
+    stride_scale,
+    ONE_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     if ONE_SCALE:
         scale = tl.load(scale_ptr).to(tl.float32)
@@ -257,15 +282,29 @@ def launch_cross_entropy_kernel(
     )
     block, num_warps = _block_and_warps(n_cols)
     _cross_entropy_fwd_kernel[(n_rows,)](
-        logits_rows, target, loss_rows, grad_rows,
+        logits_rows,
+        target,
+        loss_rows,
+        grad_rows,
         n_valid if n_valid is not None else target,
         row_scale if row_scale is not None else loss_rows,
-        n_cols, rows_per_batch, stride_lb, stride_lt, stride_gb, stride_gt,
+        n_cols,
+        rows_per_batch,
+        stride_lb,
+        stride_lt,
+        stride_gb,
+        stride_gt,
         row_scale.stride(0) if row_scale is not None else 0,
-        ignore_index, 0.0 if softcap is None else softcap, label_smoothing,
-        HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0, MEAN=n_valid is not None,
-        HAS_ROW_SCALE=row_scale is not None, COMPUTE_GRAD=grad is not None,
-        BLOCK=block, num_warps=num_warps,
+        ignore_index,
+        0.0 if softcap is None else softcap,
+        label_smoothing,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        MEAN=n_valid is not None,
+        HAS_ROW_SCALE=row_scale is not None,
+        COMPUTE_GRAD=grad is not None,
+        BLOCK=block,
+        num_warps=num_warps,
     )
 
 
@@ -287,8 +326,18 @@ def scale_grad_in_place(grad: Tensor, grad_output: Tensor) -> None:
     n_col_blocks = triton.cdiv(n_cols, block)
     n_blocks = n_rows * n_col_blocks
     _scale_rows_kernel[(persistent_programs(grad.device, n_blocks),)](
-        rows, factors, n_cols, rows_per_batch, n_col_blocks, n_blocks, stride_b, stride_t, factors.stride(0),
-        ONE_SCALE=factors.numel() == 1, BLOCK=block, num_warps=num_warps,
+        rows,
+        factors,
+        n_cols,
+        rows_per_batch,
+        n_col_blocks,
+        n_blocks,
+        stride_b,
+        stride_t,
+        factors.stride(0),
+        ONE_SCALE=factors.numel() == 1,
+        BLOCK=block,
+        num_warps=num_warps,
     )
 
 
@@ -315,8 +364,14 @@ def _cross_entropy_fwd(
         grad = logits
     n_valid = (target_rows != ignore_index).sum() if reduction == "mean" else None
     launch_cross_entropy_kernel(
-        logits, target_rows, loss_rows, None if grad_into == "none" else grad,
-        ignore_index, softcap, label_smoothing, n_valid,
+        logits,
+        target_rows,
+        loss_rows,
+        None if grad_into == "none" else grad,
+        ignore_index,
+        softcap,
+        label_smoothing,
+        n_valid,
     )
     loss = loss_rows.view(target.shape) if reduction == "none" else loss_rows.sum()
     return loss, grad
@@ -381,7 +436,12 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index, reduction, softcap, label_smoothing, overwrite_logits):
         loss, grad = _cross_entropy_fwd(
-            logits, target, ignore_index, reduction, softcap, label_smoothing,
+            logits,
+            target,
+            ignore_index,
+            reduction,
+            softcap,
+            label_smoothing,
             "logits" if overwrite_logits else "new",
         )
         if grad is logits:  # whoever saved these logits for backward must now fail loudly
@@ -469,7 +529,12 @@ class CrossEntropyLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return cross_entropy(
-            logits, target, self.ignore_index, self.reduction, self.softcap, self.label_smoothing,
+            logits,
+            target,
+            self.ignore_index,
+            self.reduction,
+            self.softcap,
+            self.label_smoothing,
             overwrite_logits=self.overwrite_logits,
         )
 

@@ -35,6 +35,7 @@ Limits: hidden (..., H), weight (V, H) and bias (V,) share one floating dtype (u
 they are cast to the autocast dtype first, like nn.Linear); loss in fp32; "mean" over zero non-ignored
 tokens is 0 with zero gradients.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -120,8 +121,14 @@ def _flce_fwd(
             else:
                 torch.addmm(bias, hidden_chunk, weight.t(), out=logits)
             launch_cross_entropy_kernel(
-                logits, target_rows[start:end], loss_rows[start:end], logits if writes_dlogits else None,
-                ignore_index, softcap, label_smoothing, n_valid,
+                logits,
+                target_rows[start:end],
+                loss_rows[start:end],
+                logits if writes_dlogits else None,
+                ignore_index,
+                softcap,
+                label_smoothing,
+                n_valid,
                 token_scale[start:end] if token_scale is not None else None,
             )
             if need_grad_hidden:
@@ -146,8 +153,21 @@ _flce_op = torch.library.custom_op("optkit::fused_linear_cross_entropy", mutates
 
 
 @_flce_op.register_fake
-def _(hidden, weight, target, bias, ignore_index, reduction, softcap, label_smoothing, chunk_rows,
-      need_grad_hidden, need_grad_weight, need_grad_bias, row_scale):
+def _(
+    hidden,
+    weight,
+    target,
+    bias,
+    ignore_index,
+    reduction,
+    softcap,
+    label_smoothing,
+    chunk_rows,
+    need_grad_hidden,
+    need_grad_weight,
+    need_grad_bias,
+    row_scale,
+):
     grads = reduction != "none" or row_scale is not None
     loss = hidden.new_empty(target.shape if reduction == "none" else (), dtype=torch.float32)
     grad_hidden = hidden.new_empty(hidden.shape if need_grad_hidden and grads else (0,))
@@ -278,8 +298,17 @@ def fused_linear_cross_entropy(
         grad_on and bias is not None and bias.requires_grad,
     )
     args = (
-        hidden, weight, target, bias, int(ignore_index), reduction, None if softcap is None else float(softcap),
-        float(label_smoothing), int(chunk_rows), *needs, None,
+        hidden,
+        weight,
+        target,
+        bias,
+        int(ignore_index),
+        reduction,
+        None if softcap is None else float(softcap),
+        float(label_smoothing),
+        int(chunk_rows),
+        *needs,
+        None,
     )
     if torch.compiler.is_compiling():  # the custom op is opaque to the graph: no break, our kernels run
         return _flce_op(*args)[0]
@@ -306,8 +335,15 @@ class FusedLinearCrossEntropyLoss(nn.Module):
 
     def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         return fused_linear_cross_entropy(
-            hidden, weight, target, bias, self.ignore_index, self.reduction, self.softcap,
-            self.label_smoothing, chunk_rows=self.chunk_rows,
+            hidden,
+            weight,
+            target,
+            bias,
+            self.ignore_index,
+            self.reduction,
+            self.softcap,
+            self.label_smoothing,
+            chunk_rows=self.chunk_rows,
         )
 
     def extra_repr(self) -> str:

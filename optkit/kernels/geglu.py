@@ -16,6 +16,7 @@ Limits: as SwiGLU (same shapes, non-contiguous inputs copied once, fp32/fp16/bf1
 Dispatch (``_dispatch.autograd_op``): an autograd.Function when eager, the custom ops
 ``optkit::geglu_fwd`` / ``optkit::geglu_bwd`` under ``torch.compile`` (no graph break).
 """
+
 from __future__ import annotations
 
 import torch
@@ -147,8 +148,13 @@ def _geglu_backward(bwd, ctx, d_out: Tensor):
 
 
 _geglu_op = autograd_op(
-    "geglu", _geglu_fwd, _geglu_bwd, fake_fwd=_geglu_fwd_fake, fake_bwd=_geglu_bwd_fake,
-    setup_context=_geglu_setup_context, backward=_geglu_backward,
+    "geglu",
+    _geglu_fwd,
+    _geglu_bwd,
+    fake_fwd=_geglu_fwd_fake,
+    fake_bwd=_geglu_bwd_fake,
+    setup_context=_geglu_setup_context,
+    backward=_geglu_backward,
 )
 
 
@@ -192,5 +198,7 @@ class GeGLUMLP(GatedMLP):
             approximate = form
         _check_approximate(approximate)
         if form is not None and approximate != form:
-            raise ValueError(f"approximate={approximate!r} but {type(hf_mlp).__name__} computes {activation!r} ({form!r})")
+            raise ValueError(
+                f"approximate={approximate!r} but {type(hf_mlp).__name__} computes {activation!r} ({form!r})"
+            )
         return cls(*projections, approximate=approximate)

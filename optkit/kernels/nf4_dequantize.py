@@ -23,6 +23,7 @@ is compiled with ``enable_fp_fusion=False``; nothing else in it could contract.
 Limits: NF4 only (FP4 raises), quant_storage of any dtype (viewed as bytes), blocksizes that are even
 powers of two (bitsandbytes allows 32..4096). There is no backward: the quantized weight is frozen.
 """
+
 from __future__ import annotations
 
 import os
@@ -80,9 +81,19 @@ def reference_nf4_dequantize(weight_packed: torch.Tensor, quant_state) -> torch.
 # A program owns BLOCK_ROWS whole quantization blocks: each scale is loaded once and broadcast.
 @triton.jit
 def _nf4_dequantize_kernel(
-    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
-    n_bytes, n_out,
-    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCK_ROWS: tl.constexpr, HAS_NESTED: tl.constexpr,
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    code_ptr,
+    out_ptr,
+    n_bytes,
+    n_out,
+    BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    HAS_NESTED: tl.constexpr,
     OUT_BF16: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCKSIZE // 2  # bytes per quantization block
@@ -115,9 +126,18 @@ def _use_triton(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _launch(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
-            nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], code: torch.Tensor,
-            blocksize: int, nested_blocksize: int, n_out: int, out: torch.Tensor) -> None:
+def _launch(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    code: torch.Tensor,
+    blocksize: int,
+    nested_blocksize: int,
+    n_out: int,
+    out: torch.Tensor,
+) -> None:
     if blocksize < 2 or blocksize & (blocksize - 1):
         raise ValueError(f"nf4_dequantize needs a power-of-two blocksize >= 2, got {blocksize}")
     # ~4K output elements per program (the elementwise tile of _launch), in whole quantization blocks.
@@ -127,21 +147,39 @@ def _launch(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[
     has_nested = nested_absmax is not None
     out_bf16 = out.dtype == torch.bfloat16
     _nf4_dequantize_kernel[grid](
-        packed, absmax, nested_absmax if has_nested else absmax, nested_code if has_nested else code,
-        offset if has_nested else absmax, code, out.view(torch.int16) if out_bf16 else out, packed.numel(), n_out,
-        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize if has_nested else 1, BLOCK_ROWS=block_rows,
-        HAS_NESTED=has_nested, OUT_BF16=out_bf16, num_warps=num_warps, enable_fp_fusion=False,
+        packed,
+        absmax,
+        nested_absmax if has_nested else absmax,
+        nested_code if has_nested else code,
+        offset if has_nested else absmax,
+        code,
+        out.view(torch.int16) if out_bf16 else out,
+        packed.numel(),
+        n_out,
+        BLOCKSIZE=blocksize,
+        NESTED_BLOCKSIZE=nested_blocksize if has_nested else 1,
+        BLOCK_ROWS=block_rows,
+        HAS_NESTED=has_nested,
+        OUT_BF16=out_bf16,
+        num_warps=num_warps,
+        enable_fp_fusion=False,
     )
 
 
 def _nf4_dequantize(
-    packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
-    nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], code: torch.Tensor,
-    blocksize: int, nested_blocksize: int, shape: Sequence[int], dtype_code: int,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    code: torch.Tensor,
+    blocksize: int,
+    nested_blocksize: int,
+    shape: Sequence[int],
+    dtype_code: int,
 ) -> torch.Tensor:
     out = torch.empty(shape, dtype=_CODE_DTYPES[dtype_code], device=packed.device)
-    _launch(packed, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize,
-            out.numel(), out)
+    _launch(packed, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize, out.numel(), out)
     return out
 
 
@@ -174,11 +212,14 @@ class NF4Dequantizer:
         self.packed = _as_bytes(data)  # a plain tensor: no Params4bit __torch_function__ on every call
         nested = quant_state.state2 if quant_state.nested else None
         self.args = (
-            self.packed, quant_state.absmax,
+            self.packed,
+            quant_state.absmax,
             nested.absmax if nested is not None else None,
             nested.code if nested is not None else None,
             quant_state.offset.reshape(1).float() if nested is not None else None,
-            quant_state.code, int(quant_state.blocksize), int(nested.blocksize) if nested is not None else 1,
+            quant_state.code,
+            int(quant_state.blocksize),
+            int(nested.blocksize) if nested is not None else 1,
         )
         self.shape = tuple(quant_state.shape)
         self.n_out = int(torch.Size(self.shape).numel())
@@ -186,14 +227,19 @@ class NF4Dequantizer:
         self.weight_packed = weight_packed
 
     def is_for(self, weight_packed: torch.Tensor, quant_state) -> bool:
-        return (quant_state is self.quant_state and quant_state.absmax is self.absmax
-                and weight_packed.data_ptr() == self.data_ptr)
+        return (
+            quant_state is self.quant_state
+            and quant_state.absmax is self.absmax
+            and weight_packed.data_ptr() == self.data_ptr
+        )
 
     def __call__(self, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The weight in ``dtype``; written into ``out`` (contiguous, the weight's shape) when given."""
         if out is not None and (tuple(out.shape) != self.shape or out.dtype != dtype or not out.is_contiguous()):
-            raise ValueError(f"nf4 dequantize out= must be a contiguous {dtype} tensor of shape {self.shape}, "
-                             f"got {out.dtype} {tuple(out.shape)}")
+            raise ValueError(
+                f"nf4 dequantize out= must be a contiguous {dtype} tensor of shape {self.shape}, "
+                f"got {out.dtype} {tuple(out.shape)}"
+            )
         if not self.triton:
             result = reference_nf4_dequantize(self.weight_packed, self.quant_state).to(dtype)
             return result if out is None else out.copy_(result)
@@ -206,8 +252,9 @@ class NF4Dequantizer:
         return out
 
 
-def nf4_dequantize(weight_packed: torch.Tensor, quant_state, dtype: Optional[torch.dtype] = None,
-                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def nf4_dequantize(
+    weight_packed: torch.Tensor, quant_state, dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Dequantize a bitsandbytes NF4 weight (``Params4bit`` data + its ``QuantState``) in one kernel.
 
     Returns a tensor of ``quant_state.shape`` in ``dtype`` (default ``quant_state.dtype``), equal bit for

@@ -23,6 +23,7 @@ less host time than a custom op's dispatcher round trip); under ``torch.compile`
 run as the custom ops ``optkit::rms_norm_fwd`` / ``optkit::rms_norm_bwd`` (fake implementations give
 the shapes), so a ``fullgraph=True`` compile has no graph break.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,9 +54,19 @@ def reference_rms_norm(
 # Reads rows*cols*(x bytes) + cols*(w bytes); writes rows*cols*(y bytes) + rows*4 (rstd).
 @triton.jit
 def _rms_norm_fwd_kernel(
-    x_ptr, weight_ptr, y_ptr, rstd_ptr,
-    n_rows, n_cols, stride_x_row, stride_y_row, eps, offset,
-    CAST_NORMALIZED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr,
+    weight_ptr,
+    y_ptr,
+    rstd_ptr,
+    n_rows,
+    n_cols,
+    stride_x_row,
+    stride_y_row,
+    eps,
+    offset,
+    CAST_NORMALIZED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -79,9 +90,22 @@ def _rms_norm_fwd_kernel(
 # + programs*cols*4 (fp32 weight-gradient partials, summed over programs by the launcher).
 @triton.jit
 def _rms_norm_bwd_kernel(
-    dy_ptr, x_ptr, weight_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
-    n_rows, n_cols, stride_dy_row, stride_x_row, stride_dx_row, offset,
-    CAST_NORMALIZED: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    dy_ptr,
+    x_ptr,
+    weight_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dw_partial_ptr,
+    n_rows,
+    n_cols,
+    stride_dy_row,
+    stride_x_row,
+    stride_dx_row,
+    offset,
+    CAST_NORMALIZED: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -131,8 +155,20 @@ def _rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, offset: float, cast_nor
         return y.view(x.shape), rstd.view(x.shape[:-1])
     block_m, block_n, num_warps = row_tile_config(n_rows, n_cols)
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-        x2d, weight, y, rstd, n_rows, n_cols, x2d.stride(0), y.stride(0), eps, offset,
-        CAST_NORMALIZED=cast_normalized, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        x2d,
+        weight,
+        y,
+        rstd,
+        n_rows,
+        n_cols,
+        x2d.stride(0),
+        y.stride(0),
+        eps,
+        offset,
+        CAST_NORMALIZED=cast_normalized,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
     )
     return y.view(x.shape), rstd.view(x.shape[:-1])
 
@@ -153,10 +189,23 @@ def _rms_norm_bwd(
     # the pointer; rstd stands in, as Triton refuses the null pointer of an empty CUDA tensor.
     dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw else rstd
     _rms_norm_bwd_kernel[(n_programs,)](
-        dy2d, x2d, weight, rstd, dx, dw_partial,
-        n_rows, n_cols, dy2d.stride(0), x2d.stride(0), dx.stride(0), offset,
-        CAST_NORMALIZED=cast_normalized, COMPUTE_DW=compute_dw,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        dy2d,
+        x2d,
+        weight,
+        rstd,
+        dx,
+        dw_partial,
+        n_rows,
+        n_cols,
+        dy2d.stride(0),
+        x2d.stride(0),
+        dx.stride(0),
+        offset,
+        CAST_NORMALIZED=cast_normalized,
+        COMPUTE_DW=compute_dw,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
     )
     dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else no_dw
     return dx.view(x.shape), dw
@@ -190,8 +239,14 @@ def _rms_norm_backward(bwd, ctx, dy: Tensor):
 
 # rstd is a hidden output: saved for the backward, never returned.
 _rms_norm_op = autograd_op(
-    "rms_norm", _rms_norm_fwd, _rms_norm_bwd, fake_fwd=_rms_norm_fwd_fake, fake_bwd=_rms_norm_bwd_fake,
-    setup_context=_rms_norm_setup_context, backward=_rms_norm_backward, hidden_outputs=1,
+    "rms_norm",
+    _rms_norm_fwd,
+    _rms_norm_bwd,
+    fake_fwd=_rms_norm_fwd_fake,
+    fake_bwd=_rms_norm_bwd_fake,
+    setup_context=_rms_norm_setup_context,
+    backward=_rms_norm_backward,
+    hidden_outputs=1,
 )
 
 

@@ -18,6 +18,7 @@ no gradient (HF computes them from a buffer under no_grad; passing ones that req
 Dispatch (``_dispatch.autograd_op``): an autograd.Function when eager, the custom ops
 ``optkit::rope_fwd`` / ``optkit::rope_bwd`` under ``torch.compile`` (no graph break).
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,8 +50,18 @@ def _batched(t: Tensor) -> Tensor:
 # Rotates one token's heads [0, n_heads) of one tensor, BLOCK_H heads at a time; the caller has cos/sin.
 @triton.jit
 def _rotate_token_heads(
-    in_ptr, out_ptr, n_heads, stride_in_h, stride_out_h, half, cos_lo, cos_hi, sin_lo, sin_hi,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    in_ptr,
+    out_ptr,
+    n_heads,
+    stride_in_h,
+    stride_out_h,
+    half,
+    cos_lo,
+    cos_hi,
+    sin_lo,
+    sin_hi,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
 ):
     dims = tl.arange(0, BLOCK_HALF)[None, :]
     dim_mask = dims < half
@@ -70,12 +81,34 @@ def _rotate_token_heads(
 # Per token reads (Hq + Hkv) * D elements of q/k plus 2 * D of cos/sin; writes (Hq + Hkv) * D elements.
 @triton.jit
 def _rope_kernel(
-    q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
-    seq_len, n_heads_q, n_heads_k, half,
-    stride_q_b, stride_q_h, stride_q_s, stride_k_b, stride_k_h, stride_k_s,
-    stride_qo_b, stride_qo_h, stride_qo_s, stride_ko_b, stride_ko_h, stride_ko_s,
-    stride_cos_b, stride_cos_s,
-    BACKWARD: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    seq_len,
+    n_heads_q,
+    n_heads_k,
+    half,
+    stride_q_b,
+    stride_q_h,
+    stride_q_s,
+    stride_k_b,
+    stride_k_h,
+    stride_k_s,
+    stride_qo_b,
+    stride_qo_h,
+    stride_qo_s,
+    stride_ko_b,
+    stride_ko_h,
+    stride_ko_s,
+    stride_cos_b,
+    stride_cos_s,
+    BACKWARD: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
 ):
     token = tl.program_id(0)
     b = (token // seq_len).to(tl.int64)  # int64: b * stride_b can pass 2**31 elements
@@ -92,12 +125,32 @@ def _rope_kernel(
         # map with s_lo' = -s_hi and s_hi' = -s_lo (for HF's cos/sin, whose halves are equal: -sin).
         sin_lo, sin_hi = -sin_hi, -sin_lo
     _rotate_token_heads(
-        q_ptr + b * stride_q_b + s * stride_q_s, q_out_ptr + b * stride_qo_b + s * stride_qo_s,
-        n_heads_q, stride_q_h, stride_qo_h, half, cos_lo, cos_hi, sin_lo, sin_hi, BLOCK_HQ, BLOCK_HALF,
+        q_ptr + b * stride_q_b + s * stride_q_s,
+        q_out_ptr + b * stride_qo_b + s * stride_qo_s,
+        n_heads_q,
+        stride_q_h,
+        stride_qo_h,
+        half,
+        cos_lo,
+        cos_hi,
+        sin_lo,
+        sin_hi,
+        BLOCK_HQ,
+        BLOCK_HALF,
     )
     _rotate_token_heads(
-        k_ptr + b * stride_k_b + s * stride_k_s, k_out_ptr + b * stride_ko_b + s * stride_ko_s,
-        n_heads_k, stride_k_h, stride_ko_h, half, cos_lo, cos_hi, sin_lo, sin_hi, BLOCK_HK, BLOCK_HALF,
+        k_ptr + b * stride_k_b + s * stride_k_s,
+        k_out_ptr + b * stride_ko_b + s * stride_ko_s,
+        n_heads_k,
+        stride_k_h,
+        stride_ko_h,
+        half,
+        cos_lo,
+        cos_hi,
+        sin_lo,
+        sin_hi,
+        BLOCK_HK,
+        BLOCK_HALF,
     )
 
 
@@ -137,12 +190,34 @@ def _launch_rope(
     block_hk = min(triton.next_power_of_2(k.shape[1]), max_block_h)
     stride_cos_b = cos.stride(0) if cos.shape[0] > 1 else 0
     _rope_kernel[(n_tokens,)](
-        q, k, cos, sin, q_out, k_out,
-        seq_len, n_heads_q, k.shape[1], head_dim // 2,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        stride_cos_b, cos.stride(1),
-        BACKWARD=backward, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
+        q,
+        k,
+        cos,
+        sin,
+        q_out,
+        k_out,
+        seq_len,
+        n_heads_q,
+        k.shape[1],
+        head_dim // 2,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        q_out.stride(0),
+        q_out.stride(1),
+        q_out.stride(2),
+        k_out.stride(0),
+        k_out.stride(1),
+        k_out.stride(2),
+        stride_cos_b,
+        cos.stride(1),
+        BACKWARD=backward,
+        BLOCK_HQ=block_hq,
+        BLOCK_HK=block_hk,
+        BLOCK_HALF=block_half,
         num_warps=warps_for(2 * max(block_hq, block_hk) * block_half),
     )
     return q_out, k_out
@@ -183,8 +258,13 @@ def _rope_backward(bwd, ctx, dq_rot: Tensor, dk_rot: Tensor):
 
 
 _rope_op = autograd_op(
-    "rope", _rope_fwd, _rope_bwd, fake_fwd=_rope_fwd_fake, fake_bwd=_rope_bwd_fake,
-    setup_context=_rope_setup_context, backward=_rope_backward,
+    "rope",
+    _rope_fwd,
+    _rope_bwd,
+    fake_fwd=_rope_fwd_fake,
+    fake_bwd=_rope_bwd_fake,
+    setup_context=_rope_setup_context,
+    backward=_rope_backward,
 )
 
 

@@ -13,6 +13,7 @@ Limits: gate and up must have the same shape (any leading dims); non-contiguous 
 Dispatch (``_dispatch.autograd_op``): an autograd.Function when eager, the custom ops
 ``optkit::swiglu_fwd`` / ``optkit::swiglu_bwd`` under ``torch.compile`` (no graph break).
 """
+
 from __future__ import annotations
 
 import torch
@@ -90,8 +91,13 @@ def _swiglu_backward(bwd, ctx, d_out: Tensor) -> tuple[Tensor, Tensor]:
 
 
 _swiglu_op = autograd_op(
-    "swiglu", _swiglu_fwd, _swiglu_bwd, fake_fwd=_swiglu_fwd_fake, fake_bwd=_swiglu_bwd_fake,
-    setup_context=_save_inputs, backward=_swiglu_backward,
+    "swiglu",
+    _swiglu_fwd,
+    _swiglu_bwd,
+    fake_fwd=_swiglu_fwd_fake,
+    fake_bwd=_swiglu_bwd_fake,
+    setup_context=_save_inputs,
+    backward=_swiglu_backward,
 )
 
 

@@ -12,6 +12,7 @@ retain_graph. ``measure_copy_gbps`` gives the device's copy bandwidth the op's G
 
 The profiler's device time of the same calls lives in optkit/measure/device_trace.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,7 +41,6 @@ class Settings:
     max_warmup_steps: int = 50
     device_repeats: int = 5  # profiled repeats per phase in the device pass; 0 skips that pass
     device_warmup_steps: int = 2  # forward+backward steps before the profiler session (after the first)
-
 
 
 def fresh_inputs(master: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -118,8 +118,9 @@ class Measurement:
     peak_reserved_bytes: Optional[int]
 
 
-def _peak_memory(prepare: Callable[[], Any], run: Callable[[Any], Any],
-                 device) -> Tuple[Optional[int], Optional[int], Optional[int]]:
+def _peak_memory(
+    prepare: Callable[[], Any], run: Callable[[Any], Any], device
+) -> Tuple[Optional[int], Optional[int], Optional[int]]:
     """(peak, peak over what was allocated before, reserved peak) of one ``run(prepare())``; None off CUDA.
     The inputs ``prepare`` makes are allocated before the baseline, so the delta is the op's own memory."""
     if device.type != "cuda":
@@ -158,17 +159,27 @@ def _repeats_for(step_ms: float, settings: Settings) -> int:
     return int(min(settings.max_repeats, max(settings.min_repeats, wanted)))
 
 
-def measure(call: Callable, master: Dict[str, torch.Tensor], device: torch.device, settings: Settings,
-            flush: Callable[[], None], timer_factory: Callable[[torch.device], Any] = PhaseTimer) -> Measurement:
+def measure(
+    call: Callable,
+    master: Dict[str, torch.Tensor],
+    device: torch.device,
+    settings: Settings,
+    flush: Callable[[], None],
+    timer_factory: Callable[[torch.device], Any] = PhaseTimer,
+) -> Measurement:
     """Warm up, take the memory peak, then time the full loop and the backward-only loop."""
     first = WallClock(device).start()
     grad_outputs = first_step(call, master)
     compile_s = first.stop() / 1e3
 
-    steps, repeats = _warm_up(lambda: forward_backward(call, fresh_inputs(master), clone_all(grad_outputs)),
-                              device, settings)
-    peak, peak_delta, peak_reserved = _peak_memory(lambda: (fresh_inputs(master), clone_all(grad_outputs)),
-                                                   lambda prepared: forward_backward(call, *prepared), device)
+    steps, repeats = _warm_up(
+        lambda: forward_backward(call, fresh_inputs(master), clone_all(grad_outputs)), device, settings
+    )
+    peak, peak_delta, peak_reserved = _peak_memory(
+        lambda: (fresh_inputs(master), clone_all(grad_outputs)),
+        lambda prepared: forward_backward(call, *prepared),
+        device,
+    )
 
     full_timer = timer_factory(device)
     for _ in range(repeats):
@@ -196,15 +207,26 @@ def measure(call: Callable, master: Dict[str, torch.Tensor], device: torch.devic
     bwd = bwd_timer.results()
 
     return Measurement(
-        compile_s=compile_s, warmup_steps=steps, repeats=repeats,
-        fwd_ms=[r["forward_ms"] for r in full], bwd_ms=[r["backward_ms"] for r in bwd],
-        full_ms=[r["step_ms"] for r in full], peak_bytes=peak, peak_delta_bytes=peak_delta,
+        compile_s=compile_s,
+        warmup_steps=steps,
+        repeats=repeats,
+        fwd_ms=[r["forward_ms"] for r in full],
+        bwd_ms=[r["backward_ms"] for r in bwd],
+        full_ms=[r["step_ms"] for r in full],
+        peak_bytes=peak,
+        peak_delta_bytes=peak_delta,
         peak_reserved_bytes=peak_reserved,
     )
 
 
-def measure_forward(call: Callable, master: Dict[str, torch.Tensor], device: torch.device, settings: Settings,
-                    flush: Callable[[], None], timer_factory: Callable[[torch.device], Any] = PhaseTimer) -> Measurement:
+def measure_forward(
+    call: Callable,
+    master: Dict[str, torch.Tensor],
+    device: torch.device,
+    settings: Settings,
+    flush: Callable[[], None],
+    timer_factory: Callable[[torch.device], Any] = PhaseTimer,
+) -> Measurement:
     """``measure`` for an op without a backward (a frozen weight's dequantize): one timed loop of forward
     calls, which are the "full" phase too; the backward lists stay empty."""
     first = WallClock(device).start()
@@ -221,13 +243,22 @@ def measure_forward(call: Callable, master: Dict[str, torch.Tensor], device: tor
         timer.end_step()
         del inputs, out
     forward_ms = [r["step_ms"] for r in timer.results()]
-    return Measurement(compile_s=compile_s, warmup_steps=steps, repeats=repeats, fwd_ms=forward_ms, bwd_ms=[],
-                       full_ms=forward_ms, peak_bytes=peak, peak_delta_bytes=peak_delta,
-                       peak_reserved_bytes=peak_reserved)
+    return Measurement(
+        compile_s=compile_s,
+        warmup_steps=steps,
+        repeats=repeats,
+        fwd_ms=forward_ms,
+        bwd_ms=[],
+        full_ms=forward_ms,
+        peak_bytes=peak,
+        peak_delta_bytes=peak_delta,
+        peak_reserved_bytes=peak_reserved,
+    )
 
 
-def measure_copy_gbps(device: torch.device, timer_factory: Callable[[torch.device], Any] = PhaseTimer,
-                      repeats: int = 20) -> float:
+def measure_copy_gbps(
+    device: torch.device, timer_factory: Callable[[torch.device], Any] = PhaseTimer, repeats: int = 20
+) -> float:
     """Device copy bandwidth: median over ``repeats`` copies of a buffer >> L2, read + written bytes."""
     nbytes = COPY_BYTES["cuda" if device.type == "cuda" else "cpu"]
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)

@@ -13,6 +13,7 @@ clock, one more per session (pytorch/pytorch#192021): a session therefore opens 
 throw-away launches (``pad_session_head``), and a session whose burst was entirely lost gives no
 device times. Event timing of the same calls lives in optkit/measure/device_timing.py.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -71,8 +72,9 @@ def is_device_work(event: TraceEvent) -> bool:
 def device_time_by_region(events: Iterable[TraceEvent]) -> Dict[str, Tuple[float, int]]:
     """Region name -> (busy ms, number of device events) of the device work that started inside it."""
     events = list(events)
-    regions = sorted((e.start_us, e.end_us, e.name) for e in events
-                     if not e.on_device and e.name.startswith(REGION_PREFIX))
+    regions = sorted(
+        (e.start_us, e.end_us, e.name) for e in events if not e.on_device and e.name.startswith(REGION_PREFIX)
+    )
     starts = [start for start, _, _ in regions]
     members: Dict[str, List[Tuple[float, float]]] = {name: [] for _, _, name in regions}
     for e in events:
@@ -102,13 +104,18 @@ def device_times(regions: Dict[str, Tuple[float, int]], impl: str, repeats: int)
         if missing:
             raise DeviceTraceError(f"the trace lacks {missing} of {impl}'s {repeats} {phase} regions")
         if any(n_events == 0 for _, n_events in found):
-            raise DeviceTraceError(f"a traced {phase} repeat of {impl} holds no device work: "
-                                   "the profiler lost its records")
+            raise DeviceTraceError(
+                f"a traced {phase} repeat of {impl} holds no device work: the profiler lost its records"
+            )
         by_phase[phase] = found
     uneven = [phase for phase, found in by_phase.items() if len({n_events for _, n_events in found}) > 1]
-    return DeviceTimes(fwd_ms=[ms for ms, _ in by_phase["fwd"]], bwd_ms=[ms for ms, _ in by_phase["bwd"]],
-                       full_ms=[ms for ms, _ in by_phase["full"]], full_events=[n for _, n in by_phase["full"]],
-                       uneven_phases=uneven)
+    return DeviceTimes(
+        fwd_ms=[ms for ms, _ in by_phase["fwd"]],
+        bwd_ms=[ms for ms, _ in by_phase["bwd"]],
+        full_ms=[ms for ms, _ in by_phase["full"]],
+        full_events=[n for _, n in by_phase["full"]],
+        uneven_phases=uneven,
+    )
 
 
 def trace_events(function_events: Iterable[Any]) -> List[TraceEvent]:
@@ -123,8 +130,15 @@ def trace_events(function_events: Iterable[Any]) -> List[TraceEvent]:
         on_device = str(e.device_type).rsplit(".", 1)[-1] == "CUDA"
         if on_device or e.name.startswith(REGION_PREFIX):
             kind = getattr(e, "activity_type", None)
-            out.append(TraceEvent(e.name, on_device, float(e.time_range.start), float(e.time_range.end),
-                                  None if kind is None else str(kind)))
+            out.append(
+                TraceEvent(
+                    e.name,
+                    on_device,
+                    float(e.time_range.start),
+                    float(e.time_range.end),
+                    None if kind is None else str(kind),
+                )
+            )
     return out
 
 
@@ -156,8 +170,16 @@ def _settle(flush: Callable[[], None], device: torch.device) -> None:
     synchronize(device)
 
 
-def trace_phases(trace, impl: str, call: Callable, master: Dict[str, torch.Tensor], grad_outputs,
-                 device: torch.device, flush: Callable[[], None], repeats: int) -> None:
+def trace_phases(
+    trace,
+    impl: str,
+    call: Callable,
+    master: Dict[str, torch.Tensor],
+    grad_outputs,
+    device: torch.device,
+    flush: Callable[[], None],
+    repeats: int,
+) -> None:
     """full, fwd and bwd ``repeats`` times each, as the event pass runs them, one region per repeat."""
     for i in range(repeats):
         inputs, grads = fresh_inputs(master), clone_all(grad_outputs)

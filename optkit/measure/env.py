@@ -8,6 +8,7 @@ Nothing here raises on a machine without a GPU, NVML, git or any optional librar
 None. GPU facts come from NVML first, so that capturing the environment in a parent process does
 not initialise CUDA there; torch.cuda is the fallback when NVML is unavailable.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -37,12 +38,24 @@ _DISTRIBUTIONS = {
 }
 # Variables that change what is measured; recorded verbatim when set.
 _ENV_VARS = (
-    "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF",
-    "CUBLAS_WORKSPACE_CONFIG", "NVIDIA_TF32_OVERRIDE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_INTERPRET",
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+    "PYTORCH_CUDA_ALLOC_CONF",
+    "PYTORCH_ALLOC_CONF",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "NVIDIA_TF32_OVERRIDE",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "TRITON_INTERPRET",
     "OMP_NUM_THREADS",
 )
-FINGERPRINT_FIELDS = ("gpu_name", "driver_version", "cuda_version", "torch_version", "triton_version",
-                      "transformers_version")
+FINGERPRINT_FIELDS = (
+    "gpu_name",
+    "driver_version",
+    "cuda_version",
+    "torch_version",
+    "triton_version",
+    "transformers_version",
+)
 
 
 def package_version(name: str) -> Optional[str]:
@@ -67,8 +80,9 @@ def _cpu_model() -> Optional[str]:
 
 def _git(*args: str) -> Optional[str]:
     try:
-        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *args],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(Path(__file__).resolve().parent), *args], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -80,8 +94,10 @@ def git_state() -> dict:
     if sha is None:
         # A copy of the tree without .git (e.g. shipped to a GPU machine): the caller says which commit.
         dirty = os.environ.get("OPTKIT_GIT_DIRTY")
-        return {"git_sha": os.environ.get("OPTKIT_GIT_SHA"),
-                "git_dirty": None if dirty is None else dirty.lower() in ("1", "true", "yes")}
+        return {
+            "git_sha": os.environ.get("OPTKIT_GIT_SHA"),
+            "git_dirty": None if dirty is None else dirty.lower() in ("1", "true", "yes"),
+        }
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {"git_sha": sha, "git_dirty": None if status is None else bool(status)}
 
@@ -126,9 +142,19 @@ def _torch_gpu_facts(device_index: int) -> dict:
     }
 
 
-_GPU_FIELDS = ("gpu_name", "gpu_total_memory_bytes", "compute_capability", "driver_version",
-               "cuda_driver_version", "sm_clock_max_mhz", "sm_clock_mhz", "mem_clock_max_mhz",
-               "power_limit_w", "ecc_enabled", "mig_enabled")
+_GPU_FIELDS = (
+    "gpu_name",
+    "gpu_total_memory_bytes",
+    "compute_capability",
+    "driver_version",
+    "cuda_driver_version",
+    "sm_clock_max_mhz",
+    "sm_clock_mhz",
+    "mem_clock_max_mhz",
+    "power_limit_w",
+    "ecc_enabled",
+    "mig_enabled",
+)
 
 
 def gpu_facts(device_index: int = 0) -> dict:

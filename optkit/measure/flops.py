@@ -37,6 +37,7 @@ Hardware FLOPs (HFU) add what activation checkpointing recomputes: one more forw
 decoder layers (not of the LM head): R = 2*N_layers + A (+ 2*P for LoRA adapters inside them).
 FlashAttention's own recomputation of QK^T in its backward is not counted (kernel-internal).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -84,8 +85,11 @@ def model_shape(hf_config: Any) -> dict:
 
 
 def is_moe_layer(shape: dict, layer: int) -> bool:
-    return (shape["n_experts"] > 0 and (layer + 1) % shape["decoder_sparse_step"] == 0
-            and layer not in shape["mlp_only_layers"])
+    return (
+        shape["n_experts"] > 0
+        and (layer + 1) % shape["decoder_sparse_step"] == 0
+        and layer not in shape["mlp_only_layers"]
+    )
 
 
 def matmul_params(hf_config: Any) -> dict:
@@ -102,8 +106,13 @@ def matmul_params(hf_config: Any) -> dict:
         if s["shared_expert_intermediate"]:
             mlp += 3 * d * s["shared_expert_intermediate"] + d
     lm_head = d * s["vocab"]
-    return {"attention": attention, "mlp": mlp, "layers": attention + mlp, "lm_head": lm_head,
-            "total": attention + mlp + lm_head}
+    return {
+        "attention": attention,
+        "mlp": mlp,
+        "layers": attention + mlp,
+        "lm_head": lm_head,
+        "total": attention + mlp + lm_head,
+    }
 
 
 def lora_params_per_token(hf_config: Any, r: int, targets=ATTENTION_TARGETS + MLP_TARGETS) -> int:
@@ -118,8 +127,9 @@ def lora_params_per_token(hf_config: Any, r: int, targets=ATTENTION_TARGETS + ML
     attn_dims = {"q_proj": (d, q_out), "k_proj": (d, kv_out), "v_proj": (d, kv_out), "o_proj": (q_out, d)}
     unknown = set(targets) - set(attn_dims) - set(MLP_TARGETS) - {"lm_head"}
     if unknown:
-        raise ValueError(f"LoRA targets {sorted(unknown)} unknown; choose from "
-                         f"{list(ATTENTION_TARGETS + MLP_TARGETS) + ['lm_head']}")
+        raise ValueError(
+            f"LoRA targets {sorted(unknown)} unknown; choose from {list(ATTENTION_TARGETS + MLP_TARGETS) + ['lm_head']}"
+        )
 
     def mlp_adapter(width: int) -> int:
         dims = {"gate_proj": (d, width), "up_proj": (d, width), "down_proj": (width, d)}

@@ -14,6 +14,7 @@ matches "a100" or "a10g", and "l4" never matches "l40s". Entries are tried in or
 specific first ("h100 nvl" before "h100 pcie" before plain "h100", which is the SXM part: torch
 and NVML call it "NVIDIA H100 80GB HBM3").
 """
+
 from __future__ import annotations
 
 import re
@@ -21,10 +22,15 @@ from dataclasses import dataclass
 from typing import Optional
 
 DTYPE_ALIASES = {
-    "bf16": "bf16", "bfloat16": "bf16",
-    "fp16": "fp16", "float16": "fp16", "half": "fp16",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "half": "fp16",
     "tf32": "tf32",
-    "fp32": "fp32", "float32": "fp32", "float": "fp32",
+    "fp32": "fp32",
+    "float32": "fp32",
+    "float": "fp32",
 }
 
 
@@ -57,8 +63,16 @@ _SPECS = (
     _spec("h200-nvl", "h200 nvl", 835.5, 835.5, 417.5, 60.0, 4800.0, _H200_DS + " (H200 NVL column)"),
     _spec("h200", "h200", 989.4, 989.4, 494.7, 66.9, 4800.0, _H200_DS + " (H200 SXM column)"),
     # Blackwell: HGX B200 per-GPU figures (4.5 PF bf16 sparse, 2.2 PF tf32 sparse, 7.7 TB/s).
-    _spec("b200", "b200", 2250.0, 2250.0, 1100.0, 75.0, 7700.0,
-          "NVIDIA Blackwell datasheet (nvdam.widen.net/s/wwnsxrhm2w), HGX B200 column: sparse / 2"),
+    _spec(
+        "b200",
+        "b200",
+        2250.0,
+        2250.0,
+        1100.0,
+        75.0,
+        7700.0,
+        "NVIDIA Blackwell datasheet (nvdam.widen.net/s/wwnsxrhm2w), HGX B200 column: sparse / 2",
+    ),
     # Ampere data center. Same compute for every A100; bandwidth differs by memory and board.
     _spec("a100-80gb-pcie", "a100 80gb pcie", 312.0, 312.0, 156.0, 19.5, 1935.0, _A100_DS),
     _spec("a100-80gb", "a100 80gb", 312.0, 312.0, 156.0, 19.5, 2039.0, _A100_DS),
@@ -71,10 +85,26 @@ _SPECS = (
     _spec("l40", "l40", 181.05, 181.05, 90.5, 90.5, 864.0, "NVIDIA L40 datasheet: sparse figures / 2"),
     _spec("l4", "l4", 121.0, 121.0, 60.0, 30.3, 300.0, "NVIDIA L4 datasheet: sparse figures / 2"),
     # GeForce: tensor throughput with fp32 accumulation is half the fp16-accumulate figure.
-    _spec("rtx-4090", "rtx 4090", 165.2, 165.2, 82.6, 82.6, 1008.0,
-          "NVIDIA Ada Lovelace architecture whitepaper, Appendix (RTX 4090, FP32 accumulate, dense)"),
-    _spec("rtx-3090", "rtx 3090", 71.0, 71.0, 35.6, 35.6, 936.0,
-          "NVIDIA Ampere GA102 whitepaper, Appendix A (RTX 3090, FP32 accumulate, dense)"),
+    _spec(
+        "rtx-4090",
+        "rtx 4090",
+        165.2,
+        165.2,
+        82.6,
+        82.6,
+        1008.0,
+        "NVIDIA Ada Lovelace architecture whitepaper, Appendix (RTX 4090, FP32 accumulate, dense)",
+    ),
+    _spec(
+        "rtx-3090",
+        "rtx 3090",
+        71.0,
+        71.0,
+        35.6,
+        35.6,
+        936.0,
+        "NVIDIA Ampere GA102 whitepaper, Appendix A (RTX 3090, FP32 accumulate, dense)",
+    ),
 )
 # Not listed on purpose: A10G (AWS-only part, no NVIDIA datasheet to cite), H800/A800 (export
 # variants with differing boards). They come out as "unknown peak" until someone adds a source.

@@ -3,6 +3,7 @@ part of one stream's busy time another stream was busy too.
 
 Torch-free: traces are read and reports are rendered without torch.
 """
+
 from __future__ import annotations
 
 import bisect

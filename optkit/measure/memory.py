@@ -4,6 +4,7 @@ The allocator's peaks catch spikes shorter than NVML's polling interval but miss
 caching allocator does not own (CUDA context, cuBLAS workspaces, CUDA managed memory such as
 bitsandbytes' paged optimizers). Host RSS matters for CPU offloading of activations.
 """
+
 from __future__ import annotations
 
 import sys
@@ -13,8 +14,15 @@ import torch
 
 DeviceLike = Union[torch.device, str, int]
 
-ALLOCATOR_FIELDS = ("peak_allocated_bytes", "peak_reserved_bytes", "peak_active_bytes",
-                    "current_allocated_bytes", "current_reserved_bytes", "num_alloc_retries", "num_ooms")
+ALLOCATOR_FIELDS = (
+    "peak_allocated_bytes",
+    "peak_reserved_bytes",
+    "peak_active_bytes",
+    "current_allocated_bytes",
+    "current_reserved_bytes",
+    "num_alloc_retries",
+    "num_ooms",
+)
 # torch.cuda.memory_stats key for each field
 _STAT_KEYS = {
     "peak_allocated_bytes": "allocated_bytes.all.peak",

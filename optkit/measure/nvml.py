@@ -13,6 +13,7 @@ device figures (and their delta over the baseline) are the ones to read.
 Cost: each sample is 3-4 NVML calls (ctypes releases the GIL during them); the thread holds the
 GIL only briefly every ``interval_ms``.
 """
+
 from __future__ import annotations
 
 import os
@@ -131,8 +132,7 @@ def list_processes(pynvml, handle) -> Optional[list[dict]]:
     procs = try_call(pynvml.nvmlDeviceGetComputeRunningProcesses, handle)
     if procs is None:
         return None
-    return [{"pid": int(p.pid), "used_bytes": None if p.usedGpuMemory is None else int(p.usedGpuMemory)}
-            for p in procs]
+    return [{"pid": int(p.pid), "used_bytes": None if p.usedGpuMemory is None else int(p.usedGpuMemory)} for p in procs]
 
 
 def read_throttle_mask(pynvml, handle) -> Optional[int]:

@@ -28,6 +28,7 @@ beside (offloaded checkpointing hides its reloads that way). Device intervals ar
 [first launch, region end]: work launched in the region runs there, so a record outside carries a
 timestamp from another clock.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -53,19 +54,29 @@ HOST_KINDS = ("cpu_op", "user_annotation")
 LAUNCH_KINDS = ("cuda_runtime", "cuda_driver")
 OPTIMIZER_RANGE_PREFIX = "Optimizer.step#"
 COPY_DIRECTIONS = ("HtoD", "DtoH")  # as Kineto names memcpys: "Memcpy HtoD (Pinned -> Device)"
-DEVICE_SPLIT_FIELDS = ("profile_step_wall_ms", "profile_device_busy_ms", "profile_device_idle_share",
-                       "profile_htod_busy_ms", "profile_htod_overlap_fraction",
-                       "profile_dtoh_busy_ms", "profile_dtoh_overlap_fraction")
+DEVICE_SPLIT_FIELDS = (
+    "profile_step_wall_ms",
+    "profile_device_busy_ms",
+    "profile_device_idle_share",
+    "profile_htod_busy_ms",
+    "profile_htod_overlap_fraction",
+    "profile_dtoh_busy_ms",
+    "profile_dtoh_overlap_fraction",
+)
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
 
 # Name patterns, checked in CATEGORIES' precedence order (see categorize). Lower-cased names.
 _ATTENTION = re.compile(r"flash|fmha|attention|sdpa|scaled_dot_product")
-_MATMUL = re.compile(r"gemm|gemv|xmma|nvjet|cutlass|cublas|matmul|s16816|h16816|wgmma|splitk"
-                     r"|^aten::(mm|addmm|bmm|baddbmm|addbmm|_addmm_activation|linear)$"
-                     r"|(^|: )(mm|addmm|bmm|baddbmm)backward")  # autograd's nodes of those ops (CPU profile)
+_MATMUL = re.compile(
+    r"gemm|gemv|xmma|nvjet|cutlass|cublas|matmul|s16816|h16816|wgmma|splitk"
+    r"|^aten::(mm|addmm|bmm|baddbmm|addbmm|_addmm_activation|linear)$"
+    r"|(^|: )(mm|addmm|bmm|baddbmm)backward"
+)  # autograd's nodes of those ops (CPU profile)
 _OPTIMIZER = re.compile(r"multi_tensor_apply|adam|^aten::_foreach_|^aten::_fused_|koptimizer|optimizer")
-_COPY = re.compile(r"memcpy|memset|copy_kernel|catarraybatchedcopy|fill_kernel|fillfunctor"
-                   r"|^aten::(copy_|_to_copy|fill_|zero_|clone|cat|contiguous)$")
+_COPY = re.compile(
+    r"memcpy|memset|copy_kernel|catarraybatchedcopy|fill_kernel|fillfunctor"
+    r"|^aten::(copy_|_to_copy|fill_|zero_|clone|cat|contiguous)$"
+)
 _TRITON_SUFFIX = re.compile(r"\d[0-9a-z]*")
 _PLAIN_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # Triton kernels; C++ kernels read "void ns::f<...>(...)"
 
@@ -90,8 +101,9 @@ def _is_optkit(name: str, optkit_names: frozenset) -> bool:
     return bool(stem in optkit_names and _TRITON_SUFFIX.fullmatch(suffix))
 
 
-def categorize(name: str, kind: str = "kernel", in_optimizer: bool = False,
-               optkit_names: Optional[frozenset] = None) -> str:
+def categorize(
+    name: str, kind: str = "kernel", in_optimizer: bool = False, optkit_names: Optional[frozenset] = None
+) -> str:
     """One of CATEGORIES for a kernel / memcpy / memset / host op named ``name``.
 
     Precedence: optkit (ours, by name) > optimizer (launched in the optimizer's step, or an optimizer
@@ -146,18 +158,32 @@ def _region(events: Sequence[Dict[str, Any]], region: str) -> Tuple[float, float
 def device_events(events: Sequence[Dict[str, Any]], region: str = PROFILED_STEP_REGION) -> List[TimedEvent]:
     """The kernels / memcpys / memsets launched inside ``region``, with their device durations."""
     start, end = _region(events, region)
-    optimizer = Intervals(_interval(e) for e in events if e.get("cat") in HOST_KINDS
-                           and str(e.get("name", "")).startswith(OPTIMIZER_RANGE_PREFIX))
-    launches = {e["args"]["correlation"]: float(e.get("ts", 0.0)) for e in events
-                if e.get("cat") in LAUNCH_KINDS and "correlation" in (e.get("args") or {})}
+    optimizer = Intervals(
+        _interval(e)
+        for e in events
+        if e.get("cat") in HOST_KINDS and str(e.get("name", "")).startswith(OPTIMIZER_RANGE_PREFIX)
+    )
+    launches = {
+        e["args"]["correlation"]: float(e.get("ts", 0.0))
+        for e in events
+        if e.get("cat") in LAUNCH_KINDS and "correlation" in (e.get("args") or {})
+    }
     out = []
     for e in events:
         if e.get("cat") not in DEVICE_KINDS:
             continue
         launched = launches.get((e.get("args") or {}).get("correlation"), float(e.get("ts", 0.0)))
         if start <= launched <= end:
-            out.append(TimedEvent(str(e.get("name")), e["cat"], float(e.get("dur", 0.0)), optimizer.contains(launched),
-                                  start_us=float(e.get("ts", 0.0)), launched_us=launched))
+            out.append(
+                TimedEvent(
+                    str(e.get("name")),
+                    e["cat"],
+                    float(e.get("dur", 0.0)),
+                    optimizer.contains(launched),
+                    start_us=float(e.get("ts", 0.0)),
+                    launched_us=launched,
+                )
+            )
     return out
 
 
@@ -175,7 +201,8 @@ def device_split(timed: Sequence[TimedEvent], region_end_us: float) -> Dict[str,
     wall_ms = (region_end_us - first_launch) / 1e3
     busy = busy_ms(spans(timed))
     fields: Dict[str, Any] = {
-        "profile_step_wall_ms": round(wall_ms, 4), "profile_device_busy_ms": round(busy, 4),
+        "profile_step_wall_ms": round(wall_ms, 4),
+        "profile_device_busy_ms": round(busy, 4),
         "profile_device_idle_share": round(1.0 - busy / wall_ms, 4) if wall_ms > 0 else None,
     }
     compute = spans(e for e in timed if e.kind == "kernel")
@@ -191,8 +218,14 @@ def device_split(timed: Sequence[TimedEvent], region_end_us: float) -> Dict[str,
 def host_self_events(events: Sequence[Dict[str, Any]], region: str = PROFILED_STEP_REGION) -> List[TimedEvent]:
     """Host ops inside ``region`` with their self time (duration minus direct children), per thread."""
     start, end = _region(events, region)
-    inside = [e for e in events if e.get("cat") in HOST_KINDS and e.get("name") != region
-              and start <= _interval(e)[0] and _interval(e)[1] <= end]
+    inside = [
+        e
+        for e in events
+        if e.get("cat") in HOST_KINDS
+        and e.get("name") != region
+        and start <= _interval(e)[0]
+        and _interval(e)[1] <= end
+    ]
     optimizer = Intervals(_interval(e) for e in inside if str(e.get("name", "")).startswith(OPTIMIZER_RANGE_PREFIX))
     by_thread: Dict[Any, List[Dict[str, Any]]] = defaultdict(list)
     for e in inside:
@@ -210,8 +243,10 @@ def host_self_events(events: Sequence[Dict[str, Any]], region: str = PROFILED_ST
             if stack and _interval(ordered[stack[-1]])[0] <= e_start:
                 self_us[stack[-1]] -= e_end - e_start
             stack.append(i)
-        out.extend(TimedEvent(str(e.get("name")), e["cat"], max(0.0, s), optimizer.contains(_interval(e)[0]))
-                   for e, s in zip(ordered, self_us))
+        out.extend(
+            TimedEvent(str(e.get("name")), e["cat"], max(0.0, s), optimizer.contains(_interval(e)[0]))
+            for e, s in zip(ordered, self_us)
+        )
     return out
 
 
@@ -221,19 +256,29 @@ def kernel_share(events: Sequence[TimedEvent], optkit_names: Optional[frozenset]
     for e in events:
         totals[categorize(e.name, e.kind, e.in_optimizer, optkit_names)] += e.time_us
     whole = sum(totals.values())
-    return [{"category": c, "time_ms": round(us / 1e3, 4), "share_pct": round(100.0 * us / whole, 2) if whole else 0.0}
-            for c, us in totals.items()]
+    return [
+        {"category": c, "time_ms": round(us / 1e3, 4), "share_pct": round(100.0 * us / whole, 2) if whole else 0.0}
+        for c, us in totals.items()
+    ]
 
 
-def top_kernels(events: Sequence[TimedEvent], n: int = TOP_KERNELS,
-                optkit_names: Optional[frozenset] = None) -> List[Dict[str, Any]]:
+def top_kernels(
+    events: Sequence[TimedEvent], n: int = TOP_KERNELS, optkit_names: Optional[frozenset] = None
+) -> List[Dict[str, Any]]:
     """The ``n`` names with the most time: [{name (truncated), category, calls, total_ms}]."""
     grouped: Dict[Tuple[str, str], List[float]] = defaultdict(list)
     for e in events:
         grouped[(e.name, categorize(e.name, e.kind, e.in_optimizer, optkit_names))].append(e.time_us)
     ranked = sorted(grouped.items(), key=lambda item: -sum(item[1]))[:n]
-    return [{"name": name if len(name) <= NAME_CHARS else name[: NAME_CHARS - 1] + "…", "category": category,
-             "calls": len(times), "total_ms": round(sum(times) / 1e3, 4)} for (name, category), times in ranked]
+    return [
+        {
+            "name": name if len(name) <= NAME_CHARS else name[: NAME_CHARS - 1] + "…",
+            "category": category,
+            "calls": len(times),
+            "total_ms": round(sum(times) / 1e3, 4),
+        }
+        for (name, category), times in ranked
+    ]
 
 
 def summarize_trace(trace: Dict[str, Any], on_cuda: bool, region: str = PROFILED_STEP_REGION) -> Dict[str, Any]:

@@ -17,6 +17,7 @@ replacement inside each drawn window, and take the median of the pooled draw (wi
 the ordinary percentile bootstrap). ``mann_whitney_p`` is the two-sided rank test regress uses
 (normal approximation, numpy only, no scipy).
 """
+
 from __future__ import annotations
 
 import math
@@ -77,8 +78,12 @@ def summarize(samples_ms: Sequence[float]) -> dict:
     out["iqr"] = out["p75"] - out["p25"]
     out["cv"] = stdev / mean if mean else None
     low, high, coverage = median_ci_order_stats(values)
-    out.update(ci95_low=low, ci95_high=high, ci95_coverage=coverage,
-               ci95_method="order statistics (binomial), distribution-free")
+    out.update(
+        ci95_low=low,
+        ci95_high=high,
+        ci95_coverage=coverage,
+        ci95_method="order statistics (binomial), distribution-free",
+    )
     out["iqr_over_median"] = out["iqr"] / median if median else None
     out["noisy"] = out["iqr_over_median"] is not None and out["iqr_over_median"] > NOISY_IQR_OVER_MEDIAN
     return out
@@ -166,8 +171,9 @@ def _bootstrap_medians(arrays: list, n_boot: int, rng: np.random.Generator) -> n
     return np.nanmedian(draws.reshape(n_boot, -1), axis=1)
 
 
-def median_ci(groups: Groups, level: float = 0.95, n_boot: int = N_BOOT,
-              seed: int = 0) -> Tuple[Optional[float], Optional[float], Optional[float]]:
+def median_ci(
+    groups: Groups, level: float = 0.95, n_boot: int = N_BOOT, seed: int = 0
+) -> Tuple[Optional[float], Optional[float], Optional[float]]:
     """(median, low, high) of the pooled samples; (None, None, None) without samples."""
     arrays = _clean_groups(groups)
     if not arrays:
@@ -177,8 +183,9 @@ def median_ci(groups: Groups, level: float = 0.95, n_boot: int = N_BOOT,
     return pooled_median(arrays), float(np.quantile(meds, tail)), float(np.quantile(meds, 1 - tail))
 
 
-def ratio_ci(num: Groups, den: Groups, level: float = 0.95, n_boot: int = N_BOOT,
-             seed: int = 0) -> Tuple[Optional[float], Optional[float], Optional[float]]:
+def ratio_ci(
+    num: Groups, den: Groups, level: float = 0.95, n_boot: int = N_BOOT, seed: int = 0
+) -> Tuple[Optional[float], Optional[float], Optional[float]]:
     """median(num) / median(den) with a bootstrap CI; the two sides are resampled independently."""
     a, b = _clean_groups(num), _clean_groups(den)
     if not a or not b:
@@ -186,8 +193,7 @@ def ratio_ci(num: Groups, den: Groups, level: float = 0.95, n_boot: int = N_BOOT
     rng = np.random.default_rng(seed)
     ratios = _bootstrap_medians(a, n_boot, rng) / _bootstrap_medians(b, n_boot, rng)
     tail = (1.0 - level) / 2.0
-    return (pooled_median(a) / pooled_median(b),
-            float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1 - tail)))
+    return (pooled_median(a) / pooled_median(b), float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1 - tail)))
 
 
 def _average_ranks(values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -216,7 +222,7 @@ def mann_whitney_p(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
     ranks, ties = _average_ranks(np.concatenate([x, y]))
     u1 = ranks[:n1].sum() - n1 * (n1 + 1) / 2.0
     n = n1 + n2
-    tie_term = float((ties ** 3 - ties).sum()) / (n * (n - 1))
+    tie_term = float((ties**3 - ties).sum()) / (n * (n - 1))
     var_u = n1 * n2 / 12.0 * ((n + 1) - tie_term)
     if var_u <= 0:
         return None

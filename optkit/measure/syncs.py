@@ -9,6 +9,7 @@ Not seen (torch's own limits): ``torch.cuda.synchronize()``, ``Event.synchronize
 torch.distributed and torch.sparse, and syncs made by extensions calling CUDA directly. Run it on
 an untimed step: the debug mode has its own cost.
 """
+
 from __future__ import annotations
 
 import warnings

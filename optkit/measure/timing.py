@@ -12,6 +12,7 @@ used twice in a step (gradient accumulation) adds up. Whatever runs between the 
 
 ``WallClock`` is the host clock for things that are not steps: compile time, warm-up duration.
 """
+
 from __future__ import annotations
 
 import time

@@ -6,10 +6,11 @@ exact object it replaced, which ``unpatch`` puts back. ``replace_module``, ``ove
 ``rebind_attention_globals`` are the only ways the apply functions change a model (an optimization
 with its own undo registers it as ``unapply`` in the registry).
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import types
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import nn
@@ -22,7 +23,6 @@ CALL_UNAPPLY = "<unapply>"  # a change record whose "original" is an optimizatio
 
 class PatchConflict(RuntimeError):
     """Two enabled optimizations replace the same module or attribute."""
-
 
 
 @dataclass
@@ -121,7 +121,6 @@ def family_of_patched(model: nn.Module) -> str:
         ) from None
 
 
-
 def is_moe(hf: nn.Module) -> bool:
     config = getattr(hf, "config", None)
     return bool(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0))
@@ -129,9 +128,9 @@ def is_moe(hf: nn.Module) -> bool:
 
 # ---- module lookups and per-instance forwards whose globals see other functions ------------------------
 
+
 def modules_of_class(model: nn.Module, class_name: str) -> List[Tuple[str, nn.Module]]:
     return [(path, m) for path, m in model.named_modules() if type(m).__name__ == class_name]
-
 
 
 def _innermost(fn: Callable) -> Callable:
@@ -155,7 +154,9 @@ def with_globals(fn: Callable, replacements: Dict[str, Any]) -> Callable:
         cells = fn.__closure__ or ()
         holds_inner = [_cell_value(c) is inner for c in cells]
         if not any(holds_inner):
-            raise TypeError(f"cannot see through the decorator around {inner.__qualname__}; optkit's patch needs updating")
+            raise TypeError(
+                f"cannot see through the decorator around {inner.__qualname__}; optkit's patch needs updating"
+            )
         cells = tuple(types.CellType(new_inner) if hit else c for c, hit in zip(cells, holds_inner))
         new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells)
     new.__kwdefaults__ = fn.__kwdefaults__
@@ -184,8 +185,10 @@ def rebind_attention_globals(model: nn.Module, replacements: Dict[str, Any], by:
             names_used = _innermost(cls.forward).__code__.co_names
             unknown = [name for name in replacements if name not in names_used]
             if unknown:
-                raise RuntimeError(f"{cls.__name__}.forward no longer calls {', '.join(unknown)} in this "
-                                   "transformers version; optkit's rope patch needs updating")
+                raise RuntimeError(
+                    f"{cls.__name__}.forward no longer calls {', '.join(unknown)} in this "
+                    "transformers version; optkit's rope patch needs updating"
+                )
             copies[cls] = with_globals(cls.forward, replacements)
         override_attr(model, attention, "forward", types.MethodType(copies[cls], attention), by=by)
     return len(found)

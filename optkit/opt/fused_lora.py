@@ -27,6 +27,7 @@ Qwen3's q_norm/k_norm applied after the projections, runs unchanged). The fast p
 adapter with lora_dropout == 0, no DoRA/variants and no merged weights; anything else stays peft's and
 is named in the log.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -38,7 +39,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optkit.opt.edits import override_attr, state_of
-from optkit.train.method import decoder_layers
 from optkit.opt.lora_projection import (
     LoRAOperandCache,
     LoRAProjection,
@@ -47,6 +47,7 @@ from optkit.opt.lora_projection import (
     project_backward,
     projection_of,
 )
+from optkit.train.method import decoder_layers
 
 QKV_NAMES = ("q_proj", "k_proj", "v_proj")
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
@@ -76,8 +77,9 @@ class _FusedProjectionsFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         dys = [g.reshape(-1, g.shape[-1]) for g in grads]
         group = ctx.group
-        dx, d_lora = project_backward(x2d, xa, dys, group.projections, group.operands.get(dys[0].dtype),
-                                       ctx.needs_input_grad[0])
+        dx, d_lora = project_backward(
+            x2d, xa, dys, group.projections, group.operands.get(dys[0].dtype), ctx.needs_input_grad[0]
+        )
         group.operands.drop()
         return (dx.view_as(x) if dx is not None else None, None, None, *d_lora)
 
@@ -125,8 +127,12 @@ def gated_activation(name: Optional[str]) -> Union[GatedActivation, str]:
         return _kernel_or_torch("swiglu", (), lambda g, u: F.silu(g) * u, "silu(gate) * up")
     if name in ("gelu_pytorch_tanh", "gelu"):
         approximate = "tanh" if name == "gelu_pytorch_tanh" else "none"
-        return _kernel_or_torch("geglu", (approximate,), lambda g, u: F.gelu(g, approximate=approximate) * u,
-                                f"gelu(gate, {approximate}) * up")
+        return _kernel_or_torch(
+            "geglu",
+            (approximate,),
+            lambda g, u: F.gelu(g, approximate=approximate) * u,
+            f"gelu(gate, {approximate}) * up",
+        )
     return f"activation {name!r} is not gated SiLU/GELU"
 
 
@@ -158,14 +164,21 @@ class _FusedMLPFunction(torch.autograd.Function):
         x, gate, up, xa_gate_up, xa_down = ctx.saved_tensors
         group = ctx.group
         h = group.act.forward(gate, up)
-        dh, d_down = project_backward(h, xa_down, [dy.reshape(-1, dy.shape[-1])], group.down,
-                                       group.down_operands.get(h.dtype), True)
+        dh, d_down = project_backward(
+            h, xa_down, [dy.reshape(-1, dy.shape[-1])], group.down, group.down_operands.get(h.dtype), True
+        )
         del h
         d_gate, d_up = group.act.backward(dh, gate, up)
         del dh
         x2d = x.reshape(-1, x.shape[-1])
-        dx, d_gate_up = project_backward(x2d, xa_gate_up, [d_gate, d_up], group.gate_up,
-                                          group.gate_up_operands.get(d_gate.dtype), ctx.needs_input_grad[0])
+        dx, d_gate_up = project_backward(
+            x2d,
+            xa_gate_up,
+            [d_gate, d_up],
+            group.gate_up,
+            group.gate_up_operands.get(d_gate.dtype),
+            ctx.needs_input_grad[0],
+        )
         group.down_operands.drop()
         group.gate_up_operands.drop()
         return (dx.view_as(x) if dx is not None else None, None, None, *d_gate_up, *d_down)

@@ -3,6 +3,7 @@
 The new module keeps the HF module's own projections (LoRA wrappers included) and fuses only the activation
 and the product; MLPs with another activation are left alone and logged.
 """
+
 from __future__ import annotations
 
 from typing import Callable, List

@@ -8,6 +8,7 @@
   every x A^T, one for every dA, LoRA scales in the GEMM epilogue. No autograd inside: the callers are
   autograd.Functions (optkit.opt.fused_lora), which save what backward needs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -158,23 +159,30 @@ def _scaled_mm(a: Tensor, b: Tensor, scale: float, out: Optional[Tensor] = None)
     return torch.addmm(zero, a, b, beta=0, alpha=scale, out=out)
 
 
-def project(x: Tensor, projections: Sequence[LoRAProjection],
-             operands: LoRAOperands) -> Tuple[List[Tensor], Optional[Tensor]]:
+def project(
+    x: Tensor, projections: Sequence[LoRAProjection], operands: LoRAOperands
+) -> Tuple[List[Tensor], Optional[Tensor]]:
     """Forward of projections sharing the input ``x`` (N, in): outputs and x A^T (N, sum r) for backward."""
     xa = x @ operands.A.t() if operands.A is not None else None
     outputs, col, lora_index = [], 0, 0
     for p in projections:
         y = F.linear(x, p.weight(x.dtype), p.bias(x.dtype))
         if p.has_lora:
-            y.addmm_(xa[:, col:col + p.rank], operands.Bs[lora_index].t(), alpha=p.scale)
+            y.addmm_(xa[:, col : col + p.rank], operands.Bs[lora_index].t(), alpha=p.scale)
             col += p.rank
             lora_index += 1
         outputs.append(y)
     return outputs, xa
 
 
-def project_backward(x: Tensor, xa: Optional[Tensor], grads: Sequence[Tensor],
-                      projections: Sequence[LoRAProjection], operands: LoRAOperands, need_dx: bool):
+def project_backward(
+    x: Tensor,
+    xa: Optional[Tensor],
+    grads: Sequence[Tensor],
+    projections: Sequence[LoRAProjection],
+    operands: LoRAOperands,
+    need_dx: bool,
+):
     """(dx or None, [dA, dB, ...] in the order of ``lora_parameters``) for ``project``."""
     dx, dBs, col, lora_index = None, [], 0, 0
     # s * dy B for every adapter, side by side in one (N, sum r) buffer: the dA of all of them is then one
@@ -189,11 +197,11 @@ def project_backward(x: Tensor, xa: Optional[Tensor], grads: Sequence[Tensor],
             dx = dy @ weight if dx is None else dx.addmm_(dy, weight)
             del weight  # a dequantized weight is freed before the next one is made
         if p.has_lora:
-            dBs.append(_scaled_mm(dy.t(), xa[:, col:col + p.rank], p.scale))  # (out, r)
+            dBs.append(_scaled_mm(dy.t(), xa[:, col : col + p.rank], p.scale))  # (out, r)
             if compiling:
                 dyB.append(_scaled_mm(dy, operands.Bs[lora_index], p.scale))
             else:
-                _scaled_mm(dy, operands.Bs[lora_index], p.scale, out=dyB[:, col:col + p.rank])  # (N, r)
+                _scaled_mm(dy, operands.Bs[lora_index], p.scale, out=dyB[:, col : col + p.rank])  # (N, r)
             col += p.rank
             lora_index += 1
     d_lora: List[Tensor] = []

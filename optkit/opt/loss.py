@@ -1,6 +1,7 @@
 """Loss swaps: HF's causal-LM loss on optkit's Triton cross-entropy (logits materialized), or the
 whole CausalLM forward with the loss fused into the LM head (logits never materialized in training).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from optkit.config.schema import OptConfig
-from optkit.opt.edits import is_moe, hf_model_of, override_attr
+from optkit.opt.edits import hf_model_of, is_moe, override_attr
 
 
 def shifted_targets(labels: torch.Tensor, ignore_index: int = -100, shift_labels=None) -> torch.Tensor:
@@ -33,8 +34,9 @@ def _normalize(loss_sum_or_mean: torch.Tensor, num_items_in_batch) -> torch.Tens
 def _causal_lm_loss(cross_entropy: Callable) -> Callable:
     """HF's ForCausalLMLoss (same arguments, same mean over non-ignored tokens) on optkit's kernel."""
 
-    def loss_function(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
-                      shift_labels=None, **kwargs):
+    def loss_function(
+        logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs
+    ):
         targets = shifted_targets(labels, ignore_index, shift_labels).to(logits.device)
         reduction = "sum" if num_items_in_batch is not None else "mean"
         loss = cross_entropy(logits.reshape(-1, vocab_size), targets, ignore_index=ignore_index, reduction=reduction)
@@ -85,8 +87,12 @@ def _fused_loss_forward(self, *args, labels=None, return_logits=None, **kwargs):
     targets = shifted_targets(labels, ignore_index, kwargs.get("shift_labels")).to(hidden.device)
     num_items = kwargs.get("num_items_in_batch")
     loss = fused_linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets, bias=self.lm_head.bias,
-        ignore_index=ignore_index, reduction="sum" if num_items is not None else "mean",
+        hidden.reshape(-1, hidden.shape[-1]),
+        self.lm_head.weight,
+        targets,
+        bias=self.lm_head.bias,
+        ignore_index=ignore_index,
+        reduction="sum" if num_items is not None else "mean",
         softcap=getattr(self.config, "final_logit_softcapping", None),
     )
     loss = _normalize(loss.float(), num_items)
@@ -123,5 +129,7 @@ def apply_fused_linear_cross_entropy(model: nn.Module, opt_cfg: OptConfig) -> Li
         override_attr(model, hf, "_optkit_forward_before_fused_loss", previous, by="fused_linear_cross_entropy")
     override_attr(model, hf, "forward", types.MethodType(_fused_loss_forward, hf), by="fused_linear_cross_entropy")
     softcap = getattr(hf.config, "final_logit_softcapping", None)
-    return [f"fused_linear_cross_entropy: {type(hf).__name__}.forward fuses lm_head + loss when labels are given"
-            + (f" (final_logit_softcapping={softcap})" if softcap else "")]
+    return [
+        f"fused_linear_cross_entropy: {type(hf).__name__}.forward fuses lm_head + loss when labels are given"
+        + (f" (final_logit_softcapping={softcap})" if softcap else "")
+    ]

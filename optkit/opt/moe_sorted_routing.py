@@ -3,6 +3,7 @@
 Every HF 3-D experts module is swapped for train/moe.py's ``SortedExperts`` (sharing its parameters, router
 untouched); the module doc there says how the routing is executed and why it needs no per-expert sync.
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -20,8 +21,10 @@ def apply_moe_sorted_routing(model, opt_cfg) -> List[str]:
             return ["moe_sorted_routing: the experts already run SortedExperts; nothing changed"]
         return ["moe_sorted_routing: no MoE experts in this model; nothing changed"]
     first = swapped[0]
-    return [f"moe_sorted_routing: {len(swapped)} experts modules ({first}, ...) -> SortedExperts "
-            f"(argsort + offsets + grouped GEMM, router unchanged)"]
+    return [
+        f"moe_sorted_routing: {len(swapped)} experts modules ({first}, ...) -> SortedExperts "
+        f"(argsort + offsets + grouped GEMM, router unchanged)"
+    ]
 
 
 def remove_moe_sorted_routing(model) -> None:

@@ -5,12 +5,19 @@ device->host copy, the one sync; cu_seqlens copied back asynchronously from pinn
 every layer as a keyword argument, which HF threads through the decoder layers into the attention function
 untouched, so no layer syncs. The packed attention itself and the per-layer baseline are train/packing.py's.
 """
+
 from __future__ import annotations
 
 from typing import List
 
-from optkit.train.packing import METADATA_KWARG, build_packed_metadata, decoder_stack, install_packed_attention, \
-    packing_state, remove_packed_attention
+from optkit.train.packing import (
+    METADATA_KWARG,
+    build_packed_metadata,
+    decoder_stack,
+    install_packed_attention,
+    packing_state,
+    remove_packed_attention,
+)
 
 
 def apply_packed_metadata_cache(model, opt_cfg) -> List[str]:
@@ -22,8 +29,10 @@ def apply_packed_metadata_cache(model, opt_cfg) -> List[str]:
     if "cache_hook" not in state:
         base = decoder_stack(model)
         state["cache_hook"] = base.register_forward_pre_hook(_attach_metadata, with_kwargs=True)
-        log.append(f"packing: {type(base).__name__} builds packed metadata once per forward; its "
-                   f"{len(base.layers)} layers reuse it (no per-layer host sync)")
+        log.append(
+            f"packing: {type(base).__name__} builds packed metadata once per forward; its "
+            f"{len(base.layers)} layers reuse it (no per-layer host sync)"
+        )
     return log
 
 

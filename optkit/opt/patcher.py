@@ -11,16 +11,32 @@ Two optimizations claiming the same module (or the same instance attribute) is a
 does not apply to the model's family (geglu on Llama) is skipped with a log line, so ``opt=full``
 works on every family. The optimizations are applied in registry order (opt/registry.py).
 """
+
 from __future__ import annotations
 
 from typing import Any, List, Optional
 
 from torch import nn
 
-from optkit.opt.edits import CALL_UNAPPLY, STATE_ATTR, PatchConflict, PatchState, family_of_patched, hf_model_of, \
-    is_moe, state_of, undo
-from optkit.opt.registry import REGISTRY, MissingRequirement, Optimization, enabled_names, load_opt_config, \
-    missing_requirements
+from optkit.opt.edits import (
+    CALL_UNAPPLY,
+    STATE_ATTR,
+    PatchConflict,
+    PatchState,
+    family_of_patched,
+    hf_model_of,
+    is_moe,
+    state_of,
+    undo,
+)
+from optkit.opt.registry import (
+    REGISTRY,
+    MissingRequirement,
+    Optimization,
+    enabled_names,
+    load_opt_config,
+    missing_requirements,
+)
 
 
 def _skip_reason(opt: Optimization, model: nn.Module, family: Optional[str]) -> Optional[str]:
@@ -50,8 +66,10 @@ def patch(model: nn.Module, opt_cfg: Any = "full") -> nn.Module:
         state = PatchState(switches={name: opt.config_key for name, opt in REGISTRY.items()})
         model.__dict__[STATE_ATTR] = state
     if "compile" in state.logs:
-        raise PatchConflict(f"the model is already compiled; unpatch it first, then patch {', '.join(todo)} "
-                            "and compile in one call (compile must come last)")
+        raise PatchConflict(
+            f"the model is already compiled; unpatch it first, then patch {', '.join(todo)} "
+            "and compile in one call (compile must come last)"
+        )
     n_changes, n_claims = len(state.changes), dict(state.claims)
     try:
         for name in todo:
@@ -96,4 +114,6 @@ def applied_names(model: nn.Module) -> List[str]:
     state = state_of(model)
     if state is None:
         return []
-    return [name for name, lines in state.logs.items() if not any(line.startswith(f"{name}: skipped") for line in lines)]
+    return [
+        name for name, lines in state.logs.items() if not any(line.startswith(f"{name}: skipped") for line in lines)
+    ]

@@ -1,6 +1,7 @@
 """Peers, patched through optkit so they are measured (and undone) like optkit's own optimizations:
 torch.compile of the whole model, and Liger-Kernel's patching made truly per instance.
 """
+
 from __future__ import annotations
 
 import sys
@@ -39,8 +40,15 @@ def apply_liger(model: nn.Module, opt_cfg: OptConfig) -> List[str]:
     modeling = sys.modules[type(hf).__module__]
     globals_before = dict(vars(modeling))
     before = _module_snapshot(model)
-    _apply_liger_kernel_to_instance(model=hf, rope=True, rms_norm=True, swiglu=True, geglu=True,
-                                    cross_entropy=False, fused_linear_cross_entropy=True)
+    _apply_liger_kernel_to_instance(
+        model=hf,
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        geglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=True,
+    )
     changed_globals = {k: v for k, v in vars(modeling).items() if globals_before.get(k) is not v}
     for name in changed_globals:
         if name in globals_before:
@@ -63,6 +71,7 @@ def apply_liger(model: nn.Module, opt_cfg: OptConfig) -> List[str]:
     log = [f"liger: liger-kernel patched {n_modules} modules of this {type(hf).__name__}"]
     if "apply_rotary_pos_emb" in changed_globals:
         count = rebind_attention_globals(
-            model, {"apply_rotary_pos_emb": changed_globals["apply_rotary_pos_emb"]}, by="liger")
+            model, {"apply_rotary_pos_emb": changed_globals["apply_rotary_pos_emb"]}, by="liger"
+        )
         log.append(f"liger: {count} attention modules call liger's rotary (instance forwards, HF globals restored)")
     return log

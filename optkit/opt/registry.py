@@ -5,6 +5,7 @@ what an opt config enables and what this machine lacks for it.
 The entries hold the functions themselves, so an import of this module imports every optimization's
 module (each imports its kernels only when applied: listing the registry never loads triton).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -36,32 +37,98 @@ class Optimization:
 
 _KERNEL = ("triton",)
 _ALL = (
-    Optimization("rms_norm", "kernels.rms_norm", "RMSNorm modules (Qwen3 q/k norms too) -> optkit's Triton RMSNorm",
-                 _KERNEL, None, rms_norm.apply_rms_norm),
-    Optimization("rope", "kernels.rope", "rotary embedding in every attention module -> optkit's Triton RoPE",
-                 _KERNEL, None, rope.apply_rope),
-    Optimization("swiglu", "kernels.swiglu", "SiLU-gated MLPs -> optkit's fused SwiGLU",
-                 _KERNEL, families_with(activation="silu"), gated_mlp.apply_swiglu),
-    Optimization("geglu", "kernels.geglu", "GELU-gated MLPs (Gemma) -> optkit's fused GeGLU",
-                 _KERNEL, families_with(activation="gelu"), gated_mlp.apply_geglu),
-    Optimization("cross_entropy", "kernels.cross_entropy", "loss on materialized logits -> optkit's Triton cross-entropy",
-                 _KERNEL, None, loss.apply_cross_entropy),
-    Optimization("fused_linear_cross_entropy", "kernels.fused_linear_cross_entropy",
-                 "training loss from hidden states and lm_head, logits never materialized",
-                 _KERNEL, None, loss.apply_fused_linear_cross_entropy),
-    Optimization("fused_lora", "fused_lora", "LoRA MLP / QKV / O projections as fused autograd functions",
-                 ("lora",), None, fused_lora.apply_fused_lora),
-    Optimization("packed_metadata_cache", "packed_metadata_cache",
-                 "packed-sequence boundary metadata built once per batch, not per layer",
-                 ("packing",), None, packed_metadata_cache.apply_packed_metadata_cache,
-                 packed_metadata_cache.remove_packed_metadata_cache),
-    Optimization("moe_sorted_routing", "moe_sorted_routing", "MoE routing by one sort + grouped GEMM, not per expert",
-                 ("moe",), None, moe_sorted_routing.apply_moe_sorted_routing,
-                 moe_sorted_routing.remove_moe_sorted_routing),
-    Optimization("liger", "liger", "peer: Liger-Kernel's own patching (RoPE, RMSNorm, SwiGLU/GeGLU, fused linear CE)",
-                 ("liger",), None, peers.apply_liger, peer=True),
-    Optimization("compile", "compile", "peer: torch.compile of the whole model (opt.compile_mode)",
-                 (), None, peers.apply_compile, peer=True),
+    Optimization(
+        "rms_norm",
+        "kernels.rms_norm",
+        "RMSNorm modules (Qwen3 q/k norms too) -> optkit's Triton RMSNorm",
+        _KERNEL,
+        None,
+        rms_norm.apply_rms_norm,
+    ),
+    Optimization(
+        "rope",
+        "kernels.rope",
+        "rotary embedding in every attention module -> optkit's Triton RoPE",
+        _KERNEL,
+        None,
+        rope.apply_rope,
+    ),
+    Optimization(
+        "swiglu",
+        "kernels.swiglu",
+        "SiLU-gated MLPs -> optkit's fused SwiGLU",
+        _KERNEL,
+        families_with(activation="silu"),
+        gated_mlp.apply_swiglu,
+    ),
+    Optimization(
+        "geglu",
+        "kernels.geglu",
+        "GELU-gated MLPs (Gemma) -> optkit's fused GeGLU",
+        _KERNEL,
+        families_with(activation="gelu"),
+        gated_mlp.apply_geglu,
+    ),
+    Optimization(
+        "cross_entropy",
+        "kernels.cross_entropy",
+        "loss on materialized logits -> optkit's Triton cross-entropy",
+        _KERNEL,
+        None,
+        loss.apply_cross_entropy,
+    ),
+    Optimization(
+        "fused_linear_cross_entropy",
+        "kernels.fused_linear_cross_entropy",
+        "training loss from hidden states and lm_head, logits never materialized",
+        _KERNEL,
+        None,
+        loss.apply_fused_linear_cross_entropy,
+    ),
+    Optimization(
+        "fused_lora",
+        "fused_lora",
+        "LoRA MLP / QKV / O projections as fused autograd functions",
+        ("lora",),
+        None,
+        fused_lora.apply_fused_lora,
+    ),
+    Optimization(
+        "packed_metadata_cache",
+        "packed_metadata_cache",
+        "packed-sequence boundary metadata built once per batch, not per layer",
+        ("packing",),
+        None,
+        packed_metadata_cache.apply_packed_metadata_cache,
+        packed_metadata_cache.remove_packed_metadata_cache,
+    ),
+    Optimization(
+        "moe_sorted_routing",
+        "moe_sorted_routing",
+        "MoE routing by one sort + grouped GEMM, not per expert",
+        ("moe",),
+        None,
+        moe_sorted_routing.apply_moe_sorted_routing,
+        moe_sorted_routing.remove_moe_sorted_routing,
+    ),
+    Optimization(
+        "liger",
+        "liger",
+        "peer: Liger-Kernel's own patching (RoPE, RMSNorm, SwiGLU/GeGLU, fused linear CE)",
+        ("liger",),
+        None,
+        peers.apply_liger,
+        peer=True,
+    ),
+    Optimization(
+        "compile",
+        "compile",
+        "peer: torch.compile of the whole model (opt.compile_mode)",
+        (),
+        None,
+        peers.apply_compile,
+        peer=True,
+    ),
 )
 REGISTRY: Dict[str, Optimization] = {o.name: o for o in _ALL}  # insertion order = application order
 PEERS = tuple(name for name, o in REGISTRY.items() if o.peer)
@@ -74,8 +141,8 @@ class MissingRequirement(RuntimeError):
     """An enabled optimization needs something this machine lacks; the runner records a skipped row."""
 
 
-
 # ---- config ------------------------------------------------------------------------------------
+
 
 def load_opt_config(opt_cfg: Any) -> OptConfig:
     """An OptConfig from a preset name (conf/opt/<name>.yaml), an OptConfig, a DictConfig or a dict."""

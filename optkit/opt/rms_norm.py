@@ -3,6 +3,7 @@
 The swap shares the HF module's weight Parameter, so state-dict keys and optimizer state carry over; the
 family's norm rounding (families.py) picks the kernel's cast mode.
 """
+
 from __future__ import annotations
 
 from typing import List

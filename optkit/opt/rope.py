@@ -6,6 +6,7 @@ instance ``forward``, a copy of its class's forward whose globals see optkit's r
 (``edits.rebind_attention_globals``). The copy runs HF's own code, so it follows whatever that forward
 does in the installed transformers.
 """
+
 from __future__ import annotations
 
 from typing import Callable, List

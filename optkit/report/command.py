@@ -11,6 +11,7 @@ speedup and its CI, memory saving; the definitions) -> tables.py (entries -> Mar
 sections.py and profile.py (report.md of one GPU kind and suite) and cross_gpu.py (reports/cross-gpu/<suite>/),
 plots.py drawing the figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,11 @@ def newest_run(runs: Sequence[Run]) -> Run:
     newest = newest_of(runs)
     others = [r.run_id for r in runs if r is not newest]
     if others:
-        print(f"optkit report: {newest.gpu_slug}/{newest.suite}: reporting the newest run {newest.run_id}, not "
-              f"{', '.join(others)} (--merge pools them)", file=sys.stderr)
+        print(
+            f"optkit report: {newest.gpu_slug}/{newest.suite}: reporting the newest run {newest.run_id}, not "
+            f"{', '.join(others)} (--merge pools them)",
+            file=sys.stderr,
+        )
     return newest
 
 
@@ -38,11 +42,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="optkit report", description="tables and plots from result runs")
     parser.add_argument("run_dirs", nargs="+", help="results/<gpu>/<suite>/<run_id> directories")
     parser.add_argument("--out", default="reports", help="output root (default: reports)")
-    parser.add_argument("--baseline-opt", default=None, help="opt-set speedups are computed against "
-                        "(default: the rows' suite.baseline_opt, else 'baseline')")
+    parser.add_argument(
+        "--baseline-opt",
+        default=None,
+        help="opt-set speedups are computed against (default: the rows' suite.baseline_opt, else 'baseline')",
+    )
     parser.add_argument("--formats", default="png,pdf", help="figure formats, comma-separated (default: png,pdf)")
-    parser.add_argument("--merge", action="store_true", help="pool runs of one GPU kind and suite (their rows of a "
-                        "point become extra measurement windows); default: report the newest run of each")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="pool runs of one GPU kind and suite (their rows of a "
+        "point become extra measurement windows); default: report the newest run of each",
+    )
     args = parser.parse_args(argv)
     try:
         runs = [load_run(d) for d in args.run_dirs]

@@ -1,15 +1,16 @@
 """Reports across GPU kinds: reports/cross-gpu/<suite>/, one line per point with the GPU kinds side by
 side (headline figure, speedup, ratio to the first GPU kind) and one figure with the GPU kind as an axis.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from optkit.report.entries import KERNEL_BASELINE_IMPL, kernel_table, suite_baseline_opt, train_table
-from optkit.results.runs import Run, group_points
 from optkit.report.sections import FigureWriter, environment_block, label_entries
 from optkit.report.tables import DASH, Column, _num, _ratio_cell, text_col, write_tables
+from optkit.results.runs import Run, group_points
 
 
 def _per_gpu_col(slug: str, key: str, header: str, fmt, better: Optional[str]) -> Column:
@@ -21,6 +22,7 @@ def _per_gpu_col(slug: str, key: str, header: str, fmt, better: Optional[str]) -
         if value is None:
             return DASH if status in (None, "ok") else status
         return fmt(value)
+
     return Column(f"{key}@{slug}", f"{header} {slug}", cell, better)
 
 
@@ -34,13 +36,23 @@ def cross_gpu_table(per_gpu: Dict[str, List[Run]], baseline_opt: Optional[str]):
         kernel = all(p.kind == "kernel" for p in points)
         tables[slug] = kernel_table(points) if kernel else train_table(points, suite_baseline_opt(rows, baseline_opt))
     kernel = "group" in next(iter(tables[slugs[0]]), {})
-    head, head_header, head_fmt, head_better = (("gbps_full", "GB/s", lambda v: f"{v:,.0f}", "high") if kernel else
-                                                ("tokens_per_s", "tokens/s", lambda v: f"{v:,.0f}", "high"))
+    head, head_header, head_fmt, head_better = (
+        ("gbps_full", "GB/s", lambda v: f"{v:,.0f}", "high")
+        if kernel
+        else ("tokens_per_s", "tokens/s", lambda v: f"{v:,.0f}", "high")
+    )
     merged: Dict[str, Dict[str, Any]] = {}
     for slug in slugs:
         for e in tables[slug]:
-            line = merged.setdefault(e["point_key"], {"point_key": e["point_key"], "name": e.get("opt", e.get("impl")),
-                                                      "group": e.get("group", e.get("setting")), "status": "ok"})
+            line = merged.setdefault(
+                e["point_key"],
+                {
+                    "point_key": e["point_key"],
+                    "name": e.get("opt", e.get("impl")),
+                    "group": e.get("group", e.get("setting")),
+                    "status": "ok",
+                },
+            )
             for key in ("status", head, "speedup", "speedup_ci95_low", "speedup_ci95_high", "speedup_note"):
                 line[f"{key}@{slug}"] = e.get(key)
     label_entries(list(merged.values()), "name", "group")
@@ -52,13 +64,18 @@ def cross_gpu_table(per_gpu: Dict[str, List[Run]], baseline_opt: Optional[str]):
     columns = [text_col("label", "point")]
     columns += [_per_gpu_col(s, head, head_header, head_fmt, head_better) for s in slugs]
     columns += [_per_gpu_col(s, "speedup", "speedup", None, "high") for s in slugs]
-    columns += [Column(f"ratio@{s}", f"{s} / {slugs[0]}", _num(f"ratio@{s}", lambda v: f"{v:.2f}×"), "high")
-                for s in slugs[1:]]
+    columns += [
+        Column(f"ratio@{s}", f"{s} / {slugs[0]}", _num(f"ratio@{s}", lambda v: f"{v:.2f}×"), "high") for s in slugs[1:]
+    ]
     return list(merged.values()), columns, head, head_header
 
 
-def write_cross_gpu(per_gpu: Dict[str, List[Run]], out_root: Path, baseline_opt: Optional[str] = None,
-                    formats: Sequence[str] = ("png", "pdf")) -> Path:
+def write_cross_gpu(
+    per_gpu: Dict[str, List[Run]],
+    out_root: Path,
+    baseline_opt: Optional[str] = None,
+    formats: Sequence[str] = ("png", "pdf"),
+) -> Path:
     """reports/cross-gpu/<suite>/: one table and one figure with the GPU kind as an axis."""
     from optkit.report import plots
 
@@ -72,10 +89,15 @@ def write_cross_gpu(per_gpu: Dict[str, List[Run]], out_root: Path, baseline_opt:
         md += [f"### {slug}", "", environment_block(runs), ""]
     md += ["## Side by side", "", write_tables(out_dir, "cross_gpu", columns, entries, "group"), ""]
     labels = [e["label"] for e in entries]
-    panels = [(head_header, {s: [e.get(f"{head}@{s}") for e in entries] for s in slugs}),
-              (f"speedup vs {KERNEL_BASELINE_IMPL if head == 'gbps_full' else 'baseline'}",
-               {s: [e.get(f"speedup@{s}") for e in entries] for s in slugs})]
-    md += FigureWriter(out_dir, formats)(plots.cross_gpu_bars, labels, panels, f"{suite}: {' vs '.join(slugs)}",
-                                         name="cross_gpu", caption="cross-GPU")
+    panels = [
+        (head_header, {s: [e.get(f"{head}@{s}") for e in entries] for s in slugs}),
+        (
+            f"speedup vs {KERNEL_BASELINE_IMPL if head == 'gbps_full' else 'baseline'}",
+            {s: [e.get(f"speedup@{s}") for e in entries] for s in slugs},
+        ),
+    ]
+    md += FigureWriter(out_dir, formats)(
+        plots.cross_gpu_bars, labels, panels, f"{suite}: {' vs '.join(slugs)}", name="cross_gpu", caption="cross-GPU"
+    )
     (out_dir / "report.md").write_text("\n".join(md).rstrip() + "\n")
     return out_dir / "report.md"

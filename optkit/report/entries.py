@@ -12,6 +12,7 @@ Definitions the tables use:
   set every QLoRA row's peak), peak NVML, the allocator peak. ``mem_saving_source`` names the one used.
 A point that failed (oom, error, skipped, timeout) keeps its entry, with its status and error.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
@@ -33,22 +34,33 @@ def _scaled_ratio(num: Point, den: Point, field: str, scale: float = 1.0):
 def train_entry(point: Point, base: Optional[Point]) -> Dict[str, Any]:
     head = point.head
     entry = {k: head.get(k) for k in ("model", "opt", "batch_size", "seq_len", "train_method", "loss_in_forward")}
-    entry.update(point_key=point.key, setting=setting_of(point), status=point.status, windows=len(point.ok),
-                 steps=sum(len(s) for s in point.samples("step_times_ms")), error="; ".join(point.errors()) or None,
-                 traces=[(r["_run_dir"], r["trace_path"]) for r in point.rows if r.get("trace_path")])
+    entry.update(
+        point_key=point.key,
+        setting=setting_of(point),
+        status=point.status,
+        windows=len(point.ok),
+        steps=sum(len(s) for s in point.samples("step_times_ms")),
+        error="; ".join(point.errors()) or None,
+        traces=[(r["_run_dir"], r["trace_path"]) for r in point.rows if r.get("trace_path")],
+    )
     if point.ok:
         step_ms = pooled_median(point.samples("step_times_ms")) or point.median("step_ms")
         tokens = point.median("tokens_per_step")
         nvml_process = point.median("peak_nvml_process_bytes")
         nvml = nvml_process if nvml_process is not None else point.median("peak_nvml_device_bytes")
-        entry.update(step_ms=step_ms, tokens_per_s=tokens * 1e3 / step_ms if tokens and step_ms
-                     else point.median("tokens_per_s"), mfu=point.median("mfu"), forward_ms=point.median("forward_ms"),
-                     backward_ms=point.median("backward_ms"), optimizer_ms=point.median("optimizer_ms"),
-                     peak_nvml_bytes=nvml,
-                     peak_nvml_source="process" if nvml_process is not None else "device",
-                     peak_allocated_bytes=point.median("peak_allocated_bytes"),
-                     peak_nvml_timed_bytes=point.median("peak_nvml_timed_device_bytes"),
-                     noisy=any(r.get("step_ms_noisy") for r in point.ok))
+        entry.update(
+            step_ms=step_ms,
+            tokens_per_s=tokens * 1e3 / step_ms if tokens and step_ms else point.median("tokens_per_s"),
+            mfu=point.median("mfu"),
+            forward_ms=point.median("forward_ms"),
+            backward_ms=point.median("backward_ms"),
+            optimizer_ms=point.median("optimizer_ms"),
+            peak_nvml_bytes=nvml,
+            peak_nvml_source="process" if nvml_process is not None else "device",
+            peak_allocated_bytes=point.median("peak_allocated_bytes"),
+            peak_nvml_timed_bytes=point.median("peak_nvml_timed_device_bytes"),
+            noisy=any(r.get("step_ms_noisy") for r in point.ok),
+        )
     if base is None:
         return entry
     if base is point:
@@ -95,12 +107,20 @@ def kernel_table(points: Sequence[Point], baseline_impl: str = KERNEL_BASELINE_I
         if p.ok:
             full_ms = pooled_median(p.samples("full_times_ms")) or p.median("full_ms")
             nbytes = p.median("bytes_full")
-            entry.update(full_ms=full_ms, full_ms_p10=p.median("full_ms_p10"), full_ms_p90=p.median("full_ms_p90"),
-                         fwd_ms=p.median("fwd_ms"), bwd_ms=p.median("bwd_ms"), bytes_full=nbytes,
-                         gbps_full=nbytes / (full_ms * 1e-3) / 1e9 if nbytes and full_ms else p.median("gbps_full"),
-                         copy_gbps=p.median("copy_gbps"), peak_delta_bytes=p.median("peak_delta_bytes"),
-                         tflops_full=p.median("tflops_full"), noisy=any(r.get("full_ms_noisy") for r in p.ok),
-                         throttled=any(r.get("throttled") for r in p.ok))
+            entry.update(
+                full_ms=full_ms,
+                full_ms_p10=p.median("full_ms_p10"),
+                full_ms_p90=p.median("full_ms_p90"),
+                fwd_ms=p.median("fwd_ms"),
+                bwd_ms=p.median("bwd_ms"),
+                bytes_full=nbytes,
+                gbps_full=nbytes / (full_ms * 1e-3) / 1e9 if nbytes and full_ms else p.median("gbps_full"),
+                copy_gbps=p.median("copy_gbps"),
+                peak_delta_bytes=p.median("peak_delta_bytes"),
+                tflops_full=p.median("tflops_full"),
+                noisy=any(r.get("full_ms_noisy") for r in p.ok),
+                throttled=any(r.get("throttled") for r in p.ok),
+            )
             if entry["gbps_full"] and entry["copy_gbps"]:
                 entry["frac_of_copy"] = entry["gbps_full"] / entry["copy_gbps"]
         if base is p and p.ok:
@@ -122,7 +142,6 @@ def loss_gap(curve: Sequence[float], base_curve: Sequence[float]):
         return None, None, None
     gap, step, base = max(gaps)
     return gap, step, gap / abs(base) if base else None
-
 
 
 def suite_baseline_opt(rows: Sequence[Dict[str, Any]], override: Optional[str]) -> str:

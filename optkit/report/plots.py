@@ -5,6 +5,7 @@ Every function takes table entries from optkit.report (plain dicts), writes ``<s
 an empty one). Series differ by hatch, marker and line style as well as colour, so the figures read
 in greyscale print. Figures are built without pyplot: no global state, no display needed.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,15 +14,22 @@ from typing import Callable, Dict, List, Optional, Sequence
 import matplotlib
 from matplotlib.figure import Figure
 
-GIB = 1024 ** 3
+GIB = 1024**3
 FORMATS = ("png", "pdf")  # PNG for report.md, PDF (vector) for papers
 # Okabe-Ito: distinguishable with colour-vision deficiencies; hatches/markers carry it in grey.
 COLORS = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
 HATCHES = ["", "//", "..", "xx", "\\\\", "++", "oo", "--"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 LINESTYLES = ["-", "--", "-.", ":"]
-RC = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8, "hatch.linewidth": 0.7,
-      "axes.spines.top": False, "axes.spines.right": False}
+RC = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "hatch.linewidth": 0.7,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
 
 
 def _style(i: int) -> dict:
@@ -29,8 +37,11 @@ def _style(i: int) -> dict:
 
 
 def _line(i: int) -> dict:
-    return {"color": COLORS[i % len(COLORS)], "marker": MARKERS[i % len(MARKERS)],
-            "linestyle": LINESTYLES[i % len(LINESTYLES)]}
+    return {
+        "color": COLORS[i % len(COLORS)],
+        "marker": MARKERS[i % len(MARKERS)],
+        "linestyle": LINESTYLES[i % len(LINESTYLES)],
+    }
 
 
 def _save(fig: Figure, stem: Path, formats: Sequence[str]) -> List[Path]:
@@ -72,8 +83,16 @@ def _legend(fig: Figure, axes) -> None:
         fig.legend(unique.values(), unique.keys(), loc="outside lower center", ncols=min(len(unique), 4))
 
 
-def _bar_chart(items: Sequence[dict], draw: Callable, xlabel: str, title: str, stem: Path, formats: Sequence[str],
-               row_inches: float = 0.42, note_x: float = 0.0) -> List[Path]:
+def _bar_chart(
+    items: Sequence[dict],
+    draw: Callable,
+    xlabel: str,
+    title: str,
+    stem: Path,
+    formats: Sequence[str],
+    row_inches: float = 0.42,
+    note_x: float = 0.0,
+) -> List[Path]:
     """Horizontal bars, one row per point, first point on top; ``draw(ax, y, entry)`` draws an ok
     point's bars and returns False when it has nothing to draw (its note is shown instead)."""
     with matplotlib.rc_context(RC):
@@ -93,8 +112,12 @@ def _bar_chart(items: Sequence[dict], draw: Callable, xlabel: str, title: str, s
 
 def speedup_bars(entries: Sequence[dict], title: str, stem: Path, formats: Sequence[str] = FORMATS) -> List[Path]:
     """One bar per opt-set from 1.0 to its speedup, with the 95% CI; failed points as text."""
-    items = [e for e in entries if e.get("speedup_note") != "reference" and
-             (e.get("speedup") is not None or e.get("status") != "ok" or e.get("speedup_note"))]
+    items = [
+        e
+        for e in entries
+        if e.get("speedup_note") != "reference"
+        and (e.get("speedup") is not None or e.get("status") != "ok" or e.get("speedup_note"))
+    ]
     if not any(e.get("speedup") is not None for e in items):
         return []
 
@@ -105,13 +128,28 @@ def speedup_bars(entries: Sequence[dict], title: str, stem: Path, formats: Seque
         err = None
         if e.get("speedup_ci95_low") is not None:
             err = [[value - e["speedup_ci95_low"]], [e["speedup_ci95_high"] - value]]
-        ax.barh(y, value - 1.0, left=1.0, xerr=err, capsize=3, edgecolor="black", linewidth=0.6,
-                label="faster" if value >= 1 else "slower", **_style(0 if value >= 1 else 1))
+        ax.barh(
+            y,
+            value - 1.0,
+            left=1.0,
+            xerr=err,
+            capsize=3,
+            edgecolor="black",
+            linewidth=0.6,
+            label="faster" if value >= 1 else "slower",
+            **_style(0 if value >= 1 else 1),
+        )
         if value >= 1:  # the value label goes beyond the bar and its CI, on the bar's side of 1.0
             ax.text(max(value, e.get("speedup_ci95_high") or value), y, f"  {value:.2f}×", va="center", fontsize=8)
         else:
-            ax.text(min(value, e.get("speedup_ci95_low") or value), y, f"{value:.2f}×  ", va="center", ha="right",
-                    fontsize=8)
+            ax.text(
+                min(value, e.get("speedup_ci95_low") or value),
+                y,
+                f"{value:.2f}×  ",
+                va="center",
+                ha="right",
+                fontsize=8,
+            )
         ax.axvline(1.0, color="black", linewidth=0.8)
 
     return _bar_chart(items, draw, "speedup (tokens/s vs baseline, 95% CI)", title, stem, formats, note_x=1.0)
@@ -146,8 +184,9 @@ def memory_bars(entries: Sequence[dict], title: str, stem: Path, formats: Sequen
         for i, (key, name) in enumerate(sources):
             if e.get(key):
                 offset = 0.2 - 0.4 * i
-                ax.barh(y + offset, e[key] / GIB, height=0.38, edgecolor="black", linewidth=0.6, label=name,
-                        **_style(i))
+                ax.barh(
+                    y + offset, e[key] / GIB, height=0.38, edgecolor="black", linewidth=0.6, label=name, **_style(i)
+                )
                 ax.text(e[key] / GIB, y + offset, f" {e[key] / GIB:.1f}", va="center", fontsize=7)
 
     return _bar_chart(items, draw, "peak memory (GiB)", title, stem, formats, row_inches=0.5)
@@ -160,8 +199,10 @@ def scaling_lines(entries: Sequence[dict], title: str, stem: Path, formats: Sequ
     opts = list(dict.fromkeys(e["opt"] for e in entries))
     with matplotlib.rc_context(RC):
         fig, axes = _figure(9.0, 3.4, ncols=2)
-        panels = [(axes[0][0], lambda e: e.get("tokens_per_s"), "tokens/s"),
-                  (axes[0][1], _peak_gib, "peak memory (GiB; NVML, else allocator)")]
+        panels = [
+            (axes[0][0], lambda e: e.get("tokens_per_s"), "tokens/s"),
+            (axes[0][1], _peak_gib, "peak memory (GiB; NVML, else allocator)"),
+        ]
         for ax, value, ylabel in panels:
             for i, opt in enumerate(opts):
                 mine = sorted((e for e in entries if e["opt"] == opt and e.get("seq_len")), key=lambda e: e["seq_len"])
@@ -169,10 +210,25 @@ def scaling_lines(entries: Sequence[dict], title: str, stem: Path, formats: Sequ
                 ax.plot([e["seq_len"] for e in ok], [value(e) for e in ok], label=opt, markersize=5, **_line(i))
                 for e in mine:
                     if e.get("status") != "ok":
-                        ax.plot(e["seq_len"], 0.96, transform=ax.get_xaxis_transform(), marker="X", markersize=9,
-                                color=COLORS[i % len(COLORS)], linestyle="none")
-                        ax.annotate(f"{opt}: {e['status']}", (e["seq_len"], 0.96), xycoords=ax.get_xaxis_transform(),
-                                    xytext=(-4, -4), textcoords="offset points", ha="right", va="top", fontsize=7)
+                        ax.plot(
+                            e["seq_len"],
+                            0.96,
+                            transform=ax.get_xaxis_transform(),
+                            marker="X",
+                            markersize=9,
+                            color=COLORS[i % len(COLORS)],
+                            linestyle="none",
+                        )
+                        ax.annotate(
+                            f"{opt}: {e['status']}",
+                            (e["seq_len"], 0.96),
+                            xycoords=ax.get_xaxis_transform(),
+                            xytext=(-4, -4),
+                            textcoords="offset points",
+                            ha="right",
+                            va="top",
+                            fontsize=7,
+                        )
             ax.set_xscale("log", base=2)
             seqs = sorted({e["seq_len"] for e in entries if e.get("seq_len")})
             ax.set_xticks(seqs, [str(s) for s in seqs])
@@ -190,8 +246,9 @@ def _peak_gib(entry: dict) -> Optional[float]:
     return None if peak is None else peak / GIB
 
 
-def kernel_bandwidth(entries: Sequence[dict], ceiling_gbps: Optional[float], title: str, stem: Path,
-                     formats: Sequence[str] = FORMATS) -> List[Path]:
+def kernel_bandwidth(
+    entries: Sequence[dict], ceiling_gbps: Optional[float], title: str, stem: Path, formats: Sequence[str] = FORMATS
+) -> List[Path]:
     """Achieved GB/s per op and implementation, against the copy ceiling measured in the same run."""
     if not any(e.get("gbps_full") for e in entries):
         return []
@@ -208,14 +265,26 @@ def kernel_bandwidth(entries: Sequence[dict], ceiling_gbps: Optional[float], tit
                 if e is None:
                     continue
                 if not e.get("gbps_full"):
-                    ax.text(x, 0, f" {e.get('status')}", rotation=90, ha="center", va="bottom", fontsize=7,
-                            fontstyle="italic")
+                    ax.text(
+                        x,
+                        0,
+                        f" {e.get('status')}",
+                        rotation=90,
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                        fontstyle="italic",
+                    )
                     continue
-                ax.bar(x, e["gbps_full"], width=width, edgecolor="black", linewidth=0.6,
-                       label=impl, **_style(i))
+                ax.bar(x, e["gbps_full"], width=width, edgecolor="black", linewidth=0.6, label=impl, **_style(i))
         if ceiling_gbps:
-            ax.axhline(ceiling_gbps, color="black", linestyle="--", linewidth=1.0,
-                       label=f"copy ceiling ({ceiling_gbps:,.0f} GB/s)")
+            ax.axhline(
+                ceiling_gbps,
+                color="black",
+                linestyle="--",
+                linewidth=1.0,
+                label=f"copy ceiling ({ceiling_gbps:,.0f} GB/s)",
+            )
         ax.set_xticks(range(len(groups)), [g.replace("/", "\n", 1).replace("/", " ") for g in groups])
         ax.set_ylabel("achieved bandwidth, fwd+bwd (GB/s)")
         ax.set_ylim(top=ax.get_ylim()[1] * 1.15)
@@ -224,8 +293,14 @@ def kernel_bandwidth(entries: Sequence[dict], ceiling_gbps: Optional[float], tit
     return _save(fig, stem, formats)
 
 
-def loss_curves(curves: Dict[str, Sequence[float]], base_curves: Dict[str, Optional[Sequence[float]]],
-                gaps: Dict[str, tuple], title: str, stem: Path, formats: Sequence[str] = FORMATS) -> List[Path]:
+def loss_curves(
+    curves: Dict[str, Sequence[float]],
+    base_curves: Dict[str, Optional[Sequence[float]]],
+    gaps: Dict[str, tuple],
+    title: str,
+    stem: Path,
+    formats: Sequence[str] = FORMATS,
+) -> List[Path]:
     """Loss per step (top) and its difference from the baseline's curve (bottom), max gap in the legend."""
     curves = {k: v for k, v in curves.items() if v and len(v) >= 2}
     if not curves:
@@ -264,8 +339,9 @@ def loss_curves(curves: Dict[str, Sequence[float]], base_curves: Dict[str, Optio
     return _save(fig, stem, formats)
 
 
-def vram_timeline(series: Dict[str, Sequence[Sequence[float]]], title: str, stem: Path,
-                  formats: Sequence[str] = FORMATS) -> List[Path]:
+def vram_timeline(
+    series: Dict[str, Sequence[Sequence[float]]], title: str, stem: Path, formats: Sequence[str] = FORMATS
+) -> List[Path]:
     """NVML device memory over the point's lifetime ([t_ms, bytes] samples), peak marked."""
     series = {k: v for k, v in series.items() if v and len(v) >= 2}
     if not series:
@@ -278,8 +354,13 @@ def vram_timeline(series: Dict[str, Sequence[Sequence[float]]], title: str, stem
             used = [s[1] / GIB for s in samples]
             style = _line(i)
             peak = max(range(len(used)), key=used.__getitem__)
-            ax.plot(t, used, label=f"{label} (peak {used[peak]:.1f} GiB)", color=style["color"],
-                    linestyle=style["linestyle"])
+            ax.plot(
+                t,
+                used,
+                label=f"{label} (peak {used[peak]:.1f} GiB)",
+                color=style["color"],
+                linestyle=style["linestyle"],
+            )
             ax.plot(t[peak], used[peak], marker=style["marker"], color=style["color"], markersize=7)
         ax.set_xlabel("time since the point started (s)")
         ax.set_ylabel("GPU memory used (GiB)")
@@ -290,8 +371,9 @@ def vram_timeline(series: Dict[str, Sequence[Sequence[float]]], title: str, stem
     return _save(fig, stem, formats)
 
 
-def vram_step(series: Dict[str, Sequence[Sequence[float]]], title: str, stem: Path,
-              formats: Sequence[str] = FORMATS) -> List[Path]:
+def vram_step(
+    series: Dict[str, Sequence[Sequence[float]]], title: str, stem: Path, formats: Sequence[str] = FORMATS
+) -> List[Path]:
     """NVML device memory within one training step ([ms since the step began, bytes]), one line per
     opt-set on one axis (the first is the baseline); line style and markers tell them apart in grey."""
     series = {k: v for k, v in series.items() if v and len(v) >= 2}
@@ -304,8 +386,15 @@ def vram_step(series: Dict[str, Sequence[Sequence[float]]], title: str, stem: Pa
             t = [s[0] for s in samples]
             used = [s[1] / GIB for s in samples]
             style = _line(i)
-            ax.plot(t, used, label=f"{label} (peak {max(used):.2f} GiB)", linewidth=1.8 if i == 0 else 1.3,
-                    markevery=max(1, len(t) // 12), markersize=5, **style)
+            ax.plot(
+                t,
+                used,
+                label=f"{label} (peak {max(used):.2f} GiB)",
+                linewidth=1.8 if i == 0 else 1.3,
+                markevery=max(1, len(t) // 12),
+                markersize=5,
+                **style,
+            )
         ax.set_xlabel("time since the step began (ms)")
         ax.set_ylabel("GPU memory used, NVML (GiB)")
         ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.05)  # from 0: differences between opt-sets at true scale
@@ -315,15 +404,20 @@ def vram_step(series: Dict[str, Sequence[Sequence[float]]], title: str, stem: Pa
     return _save(fig, stem, formats)
 
 
-def cross_gpu_bars(labels: Sequence[str], panels: Sequence[tuple], title: str, stem: Path,
-                   formats: Sequence[str] = FORMATS) -> List[Path]:
+def cross_gpu_bars(
+    labels: Sequence[str], panels: Sequence[tuple], title: str, stem: Path, formats: Sequence[str] = FORMATS
+) -> List[Path]:
     """Grouped horizontal bars, one group per point and one bar per GPU kind, one panel per metric."""
     panels = [(name, values) for name, values in panels if any(v is not None for vs in values.values() for v in vs)]
     if not labels or not panels:
         return []
     with matplotlib.rc_context(RC):
-        fig, axes = _figure(4.2 * len(panels) + 2.0, 0.55 * len(labels) * max(1, len(panels[0][1]) / 2) + 1.4,
-                            ncols=len(panels), sharey=True)
+        fig, axes = _figure(
+            4.2 * len(panels) + 2.0,
+            0.55 * len(labels) * max(1, len(panels[0][1]) / 2) + 1.4,
+            ncols=len(panels),
+            sharey=True,
+        )
         for ax, (name, per_gpu) in zip(axes[0], panels):
             height = 0.8 / len(per_gpu)
             for i, (slug, values) in enumerate(per_gpu.items()):
@@ -331,10 +425,10 @@ def cross_gpu_bars(labels: Sequence[str], panels: Sequence[tuple], title: str, s
                     if value is None:
                         continue
                     offset = 0.4 - height * (i + 0.5)
-                    ax.barh(y + offset, value, height=height, edgecolor="black", linewidth=0.6, label=slug,
-                            **_style(i))
-                    ax.text(value, y + offset, f" {value:,.2f}" if value < 10 else f" {value:,.0f}",
-                            va="center", fontsize=7)
+                    ax.barh(y + offset, value, height=height, edgecolor="black", linewidth=0.6, label=slug, **_style(i))
+                    ax.text(
+                        value, y + offset, f" {value:,.2f}" if value < 10 else f" {value:,.0f}", va="center", fontsize=7
+                    )
             ax.set_xlabel(name)
             ax.margins(x=0.15)
         axes[0][0].set_yticks(range(len(labels)), list(reversed(labels)))

@@ -10,6 +10,7 @@ Per model, ``profile_section`` writes:
 
 Pure functions of result rows, like the other report_* modules (report_sections calls this one).
 """
+
 from __future__ import annotations
 
 import os
@@ -58,9 +59,16 @@ def share_entries(points: Sequence[Any], labels: Dict[str, str], out_dir: Path) 
         row = _profiled_row(p)
         if row is None:
             continue
-        entry = {"point_key": p.key, "label": labels.get(p.key, p.key), "opt": row.get("opt"),
-                 "setting": row.get("setting_key"), "status": "ok", "profile_step_ms": row.get("profile_step_ms"),
-                 "profile_time_source": row.get("profile_time_source"), "top": row.get("profile_top_kernels") or []}
+        entry = {
+            "point_key": p.key,
+            "label": labels.get(p.key, p.key),
+            "opt": row.get("opt"),
+            "setting": row.get("setting_key"),
+            "status": "ok",
+            "profile_step_ms": row.get("profile_step_ms"),
+            "profile_time_source": row.get("profile_time_source"),
+            "top": row.get("profile_top_kernels") or [],
+        }
         entry.update({f"share:{s['category']}": s["share_pct"] for s in row["profile_kernel_share"]})
         if row.get("trace_path") and row.get("_run_dir"):
             trace = Path(row["_run_dir"]).resolve() / row["trace_path"]
@@ -73,17 +81,25 @@ def _share_columns(report_tables, entries):
     cpu = any(e.get("profile_time_source") == TIME_SOURCE_CPU for e in entries)
     total_header = "host op ms" if cpu else "device ms"
     columns = [report_tables.text_col("label", "point")]
-    columns += [report_tables.Column(f"share:{c}", f"{c} %", report_tables._num(f"share:{c}", lambda v: f"{v:.1f}"))
-                for c in CATEGORIES]
-    columns.append(report_tables.Column("profile_step_ms", total_header, report_tables._num("profile_step_ms", report_tables.sig)))
+    columns += [
+        report_tables.Column(f"share:{c}", f"{c} %", report_tables._num(f"share:{c}", lambda v: f"{v:.1f}"))
+        for c in CATEGORIES
+    ]
+    columns.append(
+        report_tables.Column("profile_step_ms", total_header, report_tables._num("profile_step_ms", report_tables.sig))
+    )
     return columns
 
 
 def _top_kernels_block(entry: Dict[str, Any]) -> List[str]:
     if not entry["top"]:
         return []
-    lines = [f"<details><summary>top kernels: {entry['label']}</summary>", "",
-             "| kernel | category | calls | total ms |", "|:---|:---|---:|---:|"]
+    lines = [
+        f"<details><summary>top kernels: {entry['label']}</summary>",
+        "",
+        "| kernel | category | calls | total ms |",
+        "|:---|:---|---:|---:|",
+    ]
     for k in entry["top"]:
         name = str(k["name"]).replace("|", "\\|").replace("`", "'")
         lines.append(f"| `{name}` | {k['category']} | {k['calls']} | {k['total_ms']:.3f} |")
@@ -97,41 +113,59 @@ def _vram_series_by_label(points: Sequence[Any], labels: Dict[str, str], baselin
     if not drawable:
         return {}, None
     setting = Counter(setting_of(p) for p, _ in drawable).most_common(1)[0][0]
-    chosen = sorted(((p, r) for p, r in drawable if setting_of(p) == setting),
-                    key=lambda pr: pr[0].head.get("opt") != baseline_opt)
+    chosen = sorted(
+        ((p, r) for p, r in drawable if setting_of(p) == setting), key=lambda pr: pr[0].head.get("opt") != baseline_opt
+    )
     return {labels.get(p.key, p.key): step_vram_series(r) for p, r in chosen}, setting
 
 
-def profile_section(model: str, points: Sequence[Any], labels: Dict[str, str], baseline_opt: str,
-                    figure) -> List[str]:
+def profile_section(model: str, points: Sequence[Any], labels: Dict[str, str], baseline_opt: str, figure) -> List[str]:
     """Markdown (and files) of the kernel-share table and the VRAM-over-one-step figure; [] if no data."""
     from optkit.report import plots
-    from optkit.results import runs as report_load
     from optkit.report import tables as report_tables
+    from optkit.results import runs as report_load
 
     out_dir = figure.out_dir
     md: List[str] = []
     entries = share_entries(points, labels, out_dir)
     if entries:
         columns = _share_columns(report_tables, entries)
-        report_tables.write_csv(out_dir / f"{model}_kernel_share.csv", [{k: v for k, v in e.items() if k != "top"}
-                                                                  for e in entries])
+        report_tables.write_csv(
+            out_dir / f"{model}_kernel_share.csv", [{k: v for k, v in e.items() if k != "top"} for e in entries]
+        )
         (out_dir / f"{model}_kernel_share.tex").write_text(report_tables.render_latex(columns, entries, "setting"))
-        link = report_tables.Column("trace_link", "trace", lambda e: f"[trace]({e['trace_link']})" if e.get("trace_link")
-                             else report_tables.DASH, numeric=False)
-        source = ("host op self time (no CUDA: Python outside ops not counted)"
-                  if any(e.get("profile_time_source") == TIME_SOURCE_CPU for e in entries)
-                  else "device time of the step's kernels, memcpys and memsets (summed over streams)")
-        md += [f"### {model}: where one step's time goes (profiled)", "",
-               f"Share of one extra, untimed step profiled after the timed windows; 100% = its {source}. "
-               "optkit = optkit's Triton kernels; optimizer = everything launched in the optimizer's step.", "",
-               report_tables.render_markdown(columns + [link], entries, "setting"), "",
-               f"Tables: [{model}_kernel_share.csv]({model}_kernel_share.csv), "
-               f"[{model}_kernel_share.tex]({model}_kernel_share.tex)", ""]
+        link = report_tables.Column(
+            "trace_link",
+            "trace",
+            lambda e: f"[trace]({e['trace_link']})" if e.get("trace_link") else report_tables.DASH,
+            numeric=False,
+        )
+        source = (
+            "host op self time (no CUDA: Python outside ops not counted)"
+            if any(e.get("profile_time_source") == TIME_SOURCE_CPU for e in entries)
+            else "device time of the step's kernels, memcpys and memsets (summed over streams)"
+        )
+        md += [
+            f"### {model}: where one step's time goes (profiled)",
+            "",
+            f"Share of one extra, untimed step profiled after the timed windows; 100% = its {source}. "
+            "optkit = optkit's Triton kernels; optimizer = everything launched in the optimizer's step.",
+            "",
+            report_tables.render_markdown(columns + [link], entries, "setting"),
+            "",
+            f"Tables: [{model}_kernel_share.csv]({model}_kernel_share.csv), "
+            f"[{model}_kernel_share.tex]({model}_kernel_share.tex)",
+            "",
+        ]
         for entry in entries:
             md += _top_kernels_block(entry)
     series, setting = _vram_series_by_label(points, labels, baseline_opt, report_load.setting_of)
     if series:
-        md += figure(plots.vram_step, series, f"{model}: VRAM over one step ({setting})", name=f"{model}_vram_step",
-                     caption="VRAM over one step")
+        md += figure(
+            plots.vram_step,
+            series,
+            f"{model}: VRAM over one step ({setting})",
+            name=f"{model}_vram_step",
+            caption="VRAM over one step",
+        )
     return md

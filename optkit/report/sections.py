@@ -1,6 +1,7 @@
 """Reports, step 4: report.md of one GPU kind and suite: the environment, one section per model
 (table, notes, failed points, traces, convergence, figures, profile) and one for kernels.
 """
+
 from __future__ import annotations
 
 import os
@@ -11,23 +12,32 @@ from statistics import median
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from optkit.report.entries import (
-    KERNEL_BASELINE_IMPL, kernel_table, loss_gap, model_baseline_opt, suite_baseline_opt, train_table,
+    KERNEL_BASELINE_IMPL,
+    kernel_table,
+    loss_gap,
+    model_baseline_opt,
+    suite_baseline_opt,
+    train_table,
 )
-from optkit.results.runs import Point, Run, group_points, setting_of
 from optkit.report.tables import DASH, KERNEL_COLUMNS, TRAIN_COLUMNS, sig, table_notes, write_tables
+from optkit.results.runs import Point, Run, group_points, setting_of
 
 
 def environment_block(runs: Sequence[Run]) -> str:
     run = runs[0]
     dirty = run.value("git_dirty")
-    facts = [("GPU", f"{run.value('gpu_name') or 'none (CPU)'} (`{run.gpu_slug}`)"),
-             ("driver / CUDA", " / ".join(str(run.value(f"{k}_version", k) or DASH) for k in ("driver", "cuda"))),
-             ("torch / triton / transformers", " / ".join(str(run.value(f"{k}_version", k) or DASH) for k in
-                                                          ("torch", "triton", "transformers"))),
-             ("python", run.value("python_version", "python")),
-             ("git SHA", f"`{run.value('git_sha') or 'unknown'}`" + (" (uncommitted changes)" if dirty else "")),
-             ("env fingerprint", run.value("env_fingerprint")),
-             ("runs", ", ".join(f"`{r.run_id}` ({len(r.rows)} rows, {r.path})" for r in runs))]
+    facts = [
+        ("GPU", f"{run.value('gpu_name') or 'none (CPU)'} (`{run.gpu_slug}`)"),
+        ("driver / CUDA", " / ".join(str(run.value(f"{k}_version", k) or DASH) for k in ("driver", "cuda"))),
+        (
+            "torch / triton / transformers",
+            " / ".join(str(run.value(f"{k}_version", k) or DASH) for k in ("torch", "triton", "transformers")),
+        ),
+        ("python", run.value("python_version", "python")),
+        ("git SHA", f"`{run.value('git_sha') or 'unknown'}`" + (" (uncommitted changes)" if dirty else "")),
+        ("env fingerprint", run.value("env_fingerprint")),
+        ("runs", ", ".join(f"`{r.run_id}` ({len(r.rows)} rows, {r.path})" for r in runs)),
+    ]
     fingerprints = {r.value("env_fingerprint") for r in runs}
     if len(fingerprints) > 1:
         facts.append(("warning", f"runs differ in environment ({', '.join(map(str, fingerprints))}): merged anyway"))
@@ -84,31 +94,58 @@ def train_section(model: str, points: List[Point], baseline_opt: str, figure: Fi
     labels = {e["point_key"]: e["label"] for e in entries}
     varies = any(e["setting_short"] for e in entries)
     shared = f"All points: `{common}`" if common else "The points share no setting prefix"
-    md = [f"## {model}", "", shared + ("; the setting column gives the rest." if varies else ""), "",
-          write_tables(out_dir, model, TRAIN_COLUMNS, entries, "setting"), ""]
+    md = [
+        f"## {model}",
+        "",
+        shared + ("; the setting column gives the rest." if varies else ""),
+        "",
+        write_tables(out_dir, model, TRAIN_COLUMNS, entries, "setting"),
+        "",
+    ]
     md += [table_notes(entries), ""] if table_notes(entries) else []
     failed = [e for e in entries if e["error"]]
     if failed:
         md += ["Points that did not finish (kept above with their status):", ""]
         md += [f"- `{labels[e['point_key']]}`: {e['error']}" for e in failed] + [""]
-    traces = [(labels[e["point_key"]], os.path.relpath(Path(run_dir).resolve() / t, out_dir.resolve()))
-              for e in entries for run_dir, t in e["traces"]]
+    traces = [
+        (labels[e["point_key"]], os.path.relpath(Path(run_dir).resolve() / t, out_dir.resolve()))
+        for e in entries
+        for run_dir, t in e["traces"]
+    ]
     if traces:
         md += ["Profiler traces: " + ", ".join(f"[{opt}]({path})" for opt, path in traces), ""]
     md += convergence_lines(points, baseline_opt, labels)
-    md += figure(plots.speedup_bars, entries, f"{model}: speedup vs {baseline_opt}", name=f"{model}_speedup",
-                 caption="speedup")
+    md += figure(
+        plots.speedup_bars, entries, f"{model}: speedup vs {baseline_opt}", name=f"{model}_speedup", caption="speedup"
+    )
     md += figure(plots.phase_bars, entries, f"{model}: step time by phase", name=f"{model}_phases", caption="phases")
     md += figure(plots.memory_bars, entries, f"{model}: peak memory", name=f"{model}_memory", caption="memory")
-    md += figure(plots.scaling_lines, entries, f"{model}: scaling with sequence length", name=f"{model}_scaling",
-                 caption="scaling")
+    md += figure(
+        plots.scaling_lines,
+        entries,
+        f"{model}: scaling with sequence length",
+        name=f"{model}_scaling",
+        caption="scaling",
+    )
     curves = {labels[p.key]: p.head["loss_curve"] for p in points if p.head.get("loss_curve")}
     base_curves = {labels[p.key]: _base_curve(points, p, baseline_opt) for p in points}
-    md += figure(plots.loss_curves, curves, base_curves, _gaps(points, baseline_opt, labels), f"{model}: loss",
-                 name=f"{model}_loss", caption="loss curves")
+    md += figure(
+        plots.loss_curves,
+        curves,
+        base_curves,
+        _gaps(points, baseline_opt, labels),
+        f"{model}: loss",
+        name=f"{model}_loss",
+        caption="loss curves",
+    )
     series = {labels[p.key]: p.head["nvml_series"] for p in points if p.head.get("nvml_series")}
-    md += figure(plots.vram_timeline, series, f"{model}: GPU memory over time (NVML)", name=f"{model}_vram",
-                 caption="VRAM over time")
+    md += figure(
+        plots.vram_timeline,
+        series,
+        f"{model}: GPU memory over time (NVML)",
+        name=f"{model}_vram",
+        caption="VRAM over time",
+    )
     from optkit.report.profile import profile_section
 
     return md + profile_section(model, points, labels, baseline_opt, figure)
@@ -118,8 +155,14 @@ def _base_curve(points: Sequence[Point], point: Point, baseline_opt: str) -> Opt
     """The baseline's loss curve at the point's setting (None for the baseline itself)."""
     if point.head.get("opt") == baseline_opt:
         return None
-    return next((p.head.get("loss_curve") for p in points
-                 if p.head.get("opt") == baseline_opt and setting_of(p) == setting_of(point)), None)
+    return next(
+        (
+            p.head.get("loss_curve")
+            for p in points
+            if p.head.get("opt") == baseline_opt and setting_of(p) == setting_of(point)
+        ),
+        None,
+    )
 
 
 def _gaps(points: Sequence[Point], baseline_opt: str, labels: Dict[str, str]) -> Dict[str, tuple]:
@@ -135,14 +178,20 @@ def convergence_lines(points: Sequence[Point], baseline_opt: str, labels: Dict[s
     gaps = _gaps(points, baseline_opt, labels)
     if not gaps:
         return []
-    lines = [f"Loss vs `{baseline_opt}` (same data, same seed): max gap over the common steps", "",
-             "| point | steps | last loss | max abs gap | at step | relative |", "|:---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Loss vs `{baseline_opt}` (same data, same seed): max gap over the common steps",
+        "",
+        "| point | steps | last loss | max abs gap | at step | relative |",
+        "|:---|---:|---:|---:|---:|---:|",
+    ]
     for p in points:
         gap, step, rel = gaps.get(labels[p.key], (None, None, None))
         if gap is not None:
             curve = p.head["loss_curve"]
-            lines.append(f"| {labels[p.key]} | {len(curve)} | {sig(curve[-1], 4)} | {sig(gap, 3)} | {step} | "
-                         f"{DASH if rel is None else f'{100 * rel:.2f}%'} |")
+            lines.append(
+                f"| {labels[p.key]} | {len(curve)} | {sig(curve[-1], 4)} | {sig(gap, 3)} | {step} | "
+                f"{DASH if rel is None else f'{100 * rel:.2f}%'} |"
+            )
     return lines + [""]
 
 
@@ -152,21 +201,32 @@ def kernel_section(points: List[Point], figure: FigureWriter) -> List[str]:
     out_dir = figure.out_dir
     entries = kernel_table(points)
     ceiling = median([e["copy_gbps"] for e in entries if e.get("copy_gbps")] or [0]) or None
-    md = ["## Kernels (forward + backward)", "",
-          f"Copy ceiling measured in the same run: {f'{ceiling:,.0f} GB/s' if ceiling else 'not measured'}. "
-          "GB/s = bytes the op must move / median fwd+bwd time.", "",
-          write_tables(out_dir, "kernels", KERNEL_COLUMNS, entries, "group"), ""]
+    md = [
+        "## Kernels (forward + backward)",
+        "",
+        f"Copy ceiling measured in the same run: {f'{ceiling:,.0f} GB/s' if ceiling else 'not measured'}. "
+        "GB/s = bytes the op must move / median fwd+bwd time.",
+        "",
+        write_tables(out_dir, "kernels", KERNEL_COLUMNS, entries, "group"),
+        "",
+    ]
     md += [table_notes(entries), ""] if table_notes(entries) else []
     failed = [e for e in entries if e["error"]]
     md += [f"- `{e['point_key']}`: {e['error']}" for e in failed] + ([""] if failed else [])
-    md += figure(plots.kernel_bandwidth, entries, ceiling, "Kernels: achieved bandwidth (fwd+bwd)",
-                 name="kernels_bandwidth", caption="kernel bandwidth")
+    md += figure(
+        plots.kernel_bandwidth,
+        entries,
+        ceiling,
+        "Kernels: achieved bandwidth (fwd+bwd)",
+        name="kernels_bandwidth",
+        caption="kernel bandwidth",
+    )
     return md
 
 
-
-def write_report(runs: Sequence[Run], out_root: Path, baseline_opt: Optional[str] = None,
-                 formats: Sequence[str] = ("png", "pdf")) -> Path:
+def write_report(
+    runs: Sequence[Run], out_root: Path, baseline_opt: Optional[str] = None, formats: Sequence[str] = ("png", "pdf")
+) -> Path:
     """reports/<slug>/<suite>/report.md (+ tables, figures) for runs of one GPU kind and suite."""
     slug, suite = runs[0].gpu_slug, runs[0].suite
     out_dir = Path(out_root) / slug / suite
@@ -178,10 +238,17 @@ def write_report(runs: Sequence[Run], out_root: Path, baseline_opt: Optional[str
     for p in points:
         if p.kind == "train":
             by_model[str(p.head.get("model"))].append(p)
-    md = [f"# optkit report: suite `{suite}` on {runs[0].value('gpu_name') or 'CPU'}", "", environment_block(runs), "",
-          f"Speedup: tokens/s vs opt-set `{base_opt.split(',')[0]}` at the same point (kernels: vs the {KERNEL_BASELINE_IMPL} "
-          "impl), with a 95% bootstrap CI over step times and measurement windows. "
-          "Bold: the best value of its column among the points of one setting.", ""]
+    md = [
+        f"# optkit report: suite `{suite}` on {runs[0].value('gpu_name') or 'CPU'}",
+        "",
+        environment_block(runs),
+        "",
+        f"Speedup: tokens/s vs opt-set `{base_opt.split(',')[0]}` at the same point "
+        f"(kernels: vs the {KERNEL_BASELINE_IMPL} impl), with a 95% bootstrap CI over step times and measurement "
+        "windows. "
+        "Bold: the best value of its column among the points of one setting.",
+        "",
+    ]
     figure = FigureWriter(out_dir, formats)
     for model, model_points in by_model.items():
         model_base = model_baseline_opt(base_opt, model_points)

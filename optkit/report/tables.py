@@ -2,6 +2,7 @@
 GiB, %, speedup with its CI, note markers) and say which value is best; renderers write Markdown
 (best value bold), booktabs LaTeX and CSV (raw values, full precision).
 """
+
 from __future__ import annotations
 
 import csv
@@ -13,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from optkit.report.entries import KERNEL_BASELINE_IMPL
 
-GIB, MIB = 1024 ** 3, 1024 ** 2
+GIB, MIB = 1024**3, 1024**2
 DASH = "—"
 
 
@@ -57,7 +58,9 @@ def text_col(key: str, header: str) -> Column:
 
 
 TRAIN_COLUMNS = [
-    text_col("opt", "opt"), text_col("setting_short", "setting"), text_col("status", "status"),
+    text_col("opt", "opt"),
+    text_col("setting_short", "setting"),
+    text_col("status", "status"),
     Column("tokens_per_s", "tokens/s", _num("tokens_per_s", lambda v: f"{v:,.0f}" if v >= 100 else sig(v)), "high"),
     Column("speedup", "speedup [95% CI]", _ratio_cell, "high"),
     Column("mfu", "MFU", _num("mfu", lambda v: f"{100 * v:.1f}%"), "high"),
@@ -65,21 +68,33 @@ TRAIN_COLUMNS = [
     Column("backward_ms", "bwd ms", _num("backward_ms", sig), "low"),
     Column("optimizer_ms", "opt ms", _num("optimizer_ms", sig), "low"),
     Column("step_ms", "step ms", _marked("step_ms", "noisy", "~"), "low"),
-    Column("peak_nvml_bytes", "peak NVML GiB",
-           lambda e: DASH if e.get("peak_nvml_bytes") is None else
-           f"{e['peak_nvml_bytes'] / GIB:.2f}" + ("*" if e.get("peak_nvml_source") == "device" else ""), "low"),
-    Column("peak_nvml_timed_bytes", "peak NVML timed GiB",
-           _num("peak_nvml_timed_bytes", lambda v: f"{v / GIB:.2f}"), "low"),
+    Column(
+        "peak_nvml_bytes",
+        "peak NVML GiB",
+        lambda e: (
+            DASH
+            if e.get("peak_nvml_bytes") is None
+            else f"{e['peak_nvml_bytes'] / GIB:.2f}" + ("*" if e.get("peak_nvml_source") == "device" else "")
+        ),
+        "low",
+    ),
+    Column(
+        "peak_nvml_timed_bytes", "peak NVML timed GiB", _num("peak_nvml_timed_bytes", lambda v: f"{v / GIB:.2f}"), "low"
+    ),
     Column("peak_allocated_bytes", "peak alloc GiB", _num("peak_allocated_bytes", lambda v: f"{v / GIB:.2f}"), "low"),
     Column("mem_saving", "mem saving", _num("mem_saving", lambda v: f"{100 * v:.1f}%"), "high"),
 ]
 NOTES = {  # marker -> (entry test, meaning); only the notes whose marker appears in a table are printed
-    "†": (lambda e: e.get("loss_in_forward") and (e.get("forward_ms") or e.get("fwd_ms")) is not None,
-          "fused loss: its gradients are computed in forward, so backward work shows in fwd ms; compare fwd+bwd"),
+    "†": (
+        lambda e: e.get("loss_in_forward") and (e.get("forward_ms") or e.get("fwd_ms")) is not None,
+        "fused loss: its gradients are computed in forward, so backward work shows in fwd ms; compare fwd+bwd",
+    ),
     "~": (lambda e: e.get("noisy"), "noisy: IQR/median of the timed samples > 10%"),
     "!": (lambda e: e.get("throttled"), "NVML saw the clocks throttled while this point was measured"),
-    "*": (lambda e: e.get("peak_nvml_source") == "device" and e.get("peak_nvml_bytes") is not None,
-          "NVML device-wide (this process's figure was unavailable)"),
+    "*": (
+        lambda e: e.get("peak_nvml_source") == "device" and e.get("peak_nvml_bytes") is not None,
+        "NVML device-wide (this process's figure was unavailable)",
+    ),
 }
 
 
@@ -88,12 +103,23 @@ def table_notes(entries: Sequence[Dict[str, Any]]) -> str:
 
 
 KERNEL_COLUMNS = [
-    text_col("op", "op"), text_col("dtype", "dtype"), text_col("shape", "shape"), text_col("impl", "impl"),
+    text_col("op", "op"),
+    text_col("dtype", "dtype"),
+    text_col("shape", "shape"),
+    text_col("impl", "impl"),
     text_col("status", "status"),
-    Column("full_ms", "fwd+bwd ms", lambda e: _marked("full_ms", "noisy", "~")(e) + ("!" if e.get("throttled") else ""),
-           "low"),
-    Column("full_ms_p10", "p10-p90 ms", lambda e: DASH if e.get("full_ms_p10") is None else
-           f"{sig(e['full_ms_p10'])}-{sig(e['full_ms_p90'])}", numeric=True),
+    Column(
+        "full_ms",
+        "fwd+bwd ms",
+        lambda e: _marked("full_ms", "noisy", "~")(e) + ("!" if e.get("throttled") else ""),
+        "low",
+    ),
+    Column(
+        "full_ms_p10",
+        "p10-p90 ms",
+        lambda e: DASH if e.get("full_ms_p10") is None else f"{sig(e['full_ms_p10'])}-{sig(e['full_ms_p90'])}",
+        numeric=True,
+    ),
     Column("fwd_ms", "fwd ms", _marked("fwd_ms", "loss_in_forward", "†"), "low"),
     Column("bwd_ms", "bwd ms", _num("bwd_ms", sig), "low"),
     Column("gbps_full", "GB/s", _num("gbps_full", lambda v: f"{v:,.0f}"), "high"),
@@ -125,14 +151,19 @@ def best_cells(columns: Sequence[Column], entries: Sequence[Dict[str, Any]], gro
 
 def visible_columns(columns: Sequence[Column], entries: Sequence[Dict[str, Any]]) -> List[Column]:
     """Drop columns no entry has a value for (e.g. NVML on a CPU run, setting when it is constant)."""
-    return [c for c in columns
-            if c.key in ("opt", "status", "op", "impl") or any(e.get(c.key) not in (None, "") for e in entries)]
+    return [
+        c
+        for c in columns
+        if c.key in ("opt", "status", "op", "impl") or any(e.get(c.key) not in (None, "") for e in entries)
+    ]
 
 
 def render_markdown(columns: Sequence[Column], entries: Sequence[Dict[str, Any]], group_key: str) -> str:
     best = best_cells(columns, entries, group_key)
-    lines = ["| " + " | ".join(c.header for c in columns) + " |",
-             "|" + "|".join("---:" if c.numeric else ":---" for c in columns) + "|"]
+    lines = [
+        "| " + " | ".join(c.header for c in columns) + " |",
+        "|" + "|".join("---:" if c.numeric else ":---" for c in columns) + "|",
+    ]
     for i, e in enumerate(entries):
         cells = [c.cell(e).replace("|", "\\|") for c in columns]
         cells = [f"**{t}**" if (i, c.key) in best else t for c, t in zip(columns, cells)]
@@ -140,9 +171,22 @@ def render_markdown(columns: Sequence[Column], entries: Sequence[Dict[str, Any]]
     return "\n".join(lines)
 
 
-_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "×": r"$\times$", DASH: "---", "†": r"\textsuperscript{\dag}", "*": r"\textsuperscript{*}"}
+_LATEX_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "×": r"$\times$",
+    DASH: "---",
+    "†": r"\textsuperscript{\dag}",
+    "*": r"\textsuperscript{*}",
+}
 
 
 def latex_escape(text: str) -> str:
@@ -152,17 +196,22 @@ def latex_escape(text: str) -> str:
 def render_latex(columns: Sequence[Column], entries: Sequence[Dict[str, Any]], group_key: str) -> str:
     """A booktabs tabular, ready for ``\\input``; groups (points) separated by a little space."""
     best = best_cells(columns, entries, group_key)
-    lines = [r"% generated by optkit report; needs \usepackage{booktabs}",
-             r"\begin{tabular}{" + " ".join("r" if c.numeric else "l" for c in columns) + "}", r"\toprule",
-             " & ".join(latex_escape(c.header) for c in columns) + r" \\", r"\midrule"]
+    lines = [
+        r"% generated by optkit report; needs \usepackage{booktabs}",
+        r"\begin{tabular}{" + " ".join("r" if c.numeric else "l" for c in columns) + "}",
+        r"\toprule",
+        " & ".join(latex_escape(c.header) for c in columns) + r" \\",
+        r"\midrule",
+    ]
     previous = None
     for i, e in enumerate(entries):
         if previous is not None and e.get(group_key) != previous:
             lines.append(r"\addlinespace")
         previous = e.get(group_key)
         cells = [latex_escape(c.cell(e)) for c in columns]
-        lines.append(" & ".join(r"\textbf{" + t + "}" if (i, c.key) in best else t
-                                for c, t in zip(columns, cells)) + r" \\")
+        lines.append(
+            " & ".join(r"\textbf{" + t + "}" if (i, c.key) in best else t for c, t in zip(columns, cells)) + r" \\"
+        )
     lines += [r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(lines)
 

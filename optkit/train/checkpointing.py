@@ -26,6 +26,7 @@ the recomputation (dropout gives the same mask twice), as torch.utils.checkpoint
 torch.compile the offload machinery is skipped by Dynamo (a graph break per layer); the layer
 forwards it calls are compiled as their own frames.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -59,8 +60,10 @@ def enable_checkpointing(model: nn.Module, mode: str) -> Dict[str, Any]:
         raise ValueError(f"train.checkpointing={mode!r} is not valid; choose one of: {', '.join(MODES)}")
     layers = decoder_layers(model)
     if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
-        raise RuntimeError("HF gradient checkpointing is on; call model.gradient_checkpointing_disable() before "
-                           f"train.checkpointing={mode}")
+        raise RuntimeError(
+            "HF gradient checkpointing is on; call model.gradient_checkpointing_disable() before "
+            f"train.checkpointing={mode}"
+        )
     offloader = LayerInputOffloader(double_buffer=mode == "offload_double_buffer")
     offloader.info["checkpointing"] = mode
     for index, layer in enumerate(layers):
@@ -93,8 +96,12 @@ class LayerInputOffloader:
         self.loaded = [-1, -1]  # layer index whose input buffer[slot] holds (or is receiving)
         self.pending: Dict[int, weakref.ref] = {}  # layer index -> token of the forward awaiting backward
         self._copy_stream: Optional[torch.cuda.Stream] = None
-        self.info: Dict[str, Any] = {"offload_pinned_host_bytes": 0, "offload_device_buffer_bytes": 0,
-                                     "offload_prefetch_hits": 0, "offload_blocking_reloads": 0}
+        self.info: Dict[str, Any] = {
+            "offload_pinned_host_bytes": 0,
+            "offload_device_buffer_bytes": 0,
+            "offload_prefetch_hits": 0,
+            "offload_blocking_reloads": 0,
+        }
 
     # -- streams (CUDA only; on CPU every copy is synchronous and events are None)
     def _stream(self, device: torch.device) -> Optional[torch.cuda.Stream]:
@@ -177,8 +184,9 @@ class LayerInputOffloader:
             self.free[index % 2] = self._mark(device)
 
     def _fill(self, slot: int, index: int, device: torch.device) -> None:
-        self.ready[slot] = self._copy(self.buffers[slot], self.host[index],
-                                      [self.free[slot], self.offloaded[index]], device)
+        self.ready[slot] = self._copy(
+            self.buffers[slot], self.host[index], [self.free[slot], self.offloaded[index]], device
+        )
         self.loaded[slot] = index
 
     def _ensure_buffers(self, like: Dict[str, Any]) -> None:

@@ -5,6 +5,7 @@
 them (adapter weights upcast to float32, ``bias="none"``), because that is the baseline the
 optimizations are measured against.
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -22,8 +23,10 @@ ADAPTER_METHODS = ("lora", "qlora")  # methods that train LoRA adapters on froze
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of an HF causal LM, also through peft wrappers (the first list of *DecoderLayer)."""
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and all(
-            type(layer).__name__.endswith("DecoderLayer") for layer in module
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module)
+            and all(type(layer).__name__.endswith("DecoderLayer") for layer in module)
         ):
             return module
     raise ValueError(
@@ -43,8 +46,10 @@ def quantize_for_qlora(model: nn.Module, train_cfg) -> List[str]:
     """Quantize the decoder-block linears in place (compute dtype = model dtype); returns their names."""
     compute_dtype = model_dtype(model)
     replaced = quantize_linears(
-        decoder_layers(model), quant_type=train_cfg.qlora_quant_type,
-        double_quant=train_cfg.qlora_double_quant, compute_dtype=compute_dtype,
+        decoder_layers(model),
+        quant_type=train_cfg.qlora_quant_type,
+        double_quant=train_cfg.qlora_double_quant,
+        compute_dtype=compute_dtype,
     )
     if not replaced:
         raise ValueError("train.method=qlora found no nn.Linear inside the decoder layers to quantize")
@@ -61,8 +66,12 @@ def add_lora(model: nn.Module, train_cfg) -> nn.Module:
     # their adapters (optkit.train.moe), added after peft has frozen the base weights.
     targets = [t for t in train_cfg.lora_targets if t != "experts"]
     config = LoraConfig(
-        r=train_cfg.lora_r, lora_alpha=train_cfg.lora_alpha, lora_dropout=train_cfg.lora_dropout,
-        target_modules=targets, bias="none", task_type="CAUSAL_LM",
+        r=train_cfg.lora_r,
+        lora_alpha=train_cfg.lora_alpha,
+        lora_dropout=train_cfg.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
     )
     try:
         peft_model = get_peft_model(model, config)

@@ -27,6 +27,7 @@ dequantized per projection in forward and again in backward (never kept alive be
 Everything is per model instance: each HF experts module is swapped for a ``SortedExperts`` sharing its parameters
 (state-dict keys unchanged); the originals are kept so ``remove_moe_sorted_routing`` restores them.
 """
+
 from __future__ import annotations
 
 import math
@@ -129,8 +130,9 @@ class NF4ExpertWeight:
         import bitsandbytes.functional as bnbf
 
         self.shape, self.dtype = tuple(weight_out_in.shape), weight_out_in.dtype
-        self.packed, self.state = bnbf.quantize_4bit(weight_out_in.detach().contiguous().reshape(-1, self.shape[-1]),
-                                                     quant_type="nf4", blocksize=blocksize)
+        self.packed, self.state = bnbf.quantize_4bit(
+            weight_out_in.detach().contiguous().reshape(-1, self.shape[-1]), quant_type="nf4", blocksize=blocksize
+        )
 
     def dequantize(self) -> torch.Tensor:
         # optkit's kernel, not bitsandbytes' dequantize_4bit: on CPU, bitsandbytes 0.50's is wrong for some
@@ -149,11 +151,14 @@ class SortedExperts(nn.Module):
     def __init__(self, experts: nn.Module):
         super().__init__()
         if getattr(experts, "is_concatenated", True) is False:
-            raise NotImplementedError(f"{type(experts).__name__} stores gate/up interleaved; moe_sorted_routing "
-                                      "supports the concatenated [gate; up] layout only")
+            raise NotImplementedError(
+                f"{type(experts).__name__} stores gate/up interleaved; moe_sorted_routing "
+                "supports the concatenated [gate; up] layout only"
+            )
         self.num_experts = experts.gate_up_proj.shape[0]
-        self.transposed = bool(getattr(experts, "is_transposed", False) or
-                               getattr(experts, "experts_are_transposed", False))
+        self.transposed = bool(
+            getattr(experts, "is_transposed", False) or getattr(experts, "experts_are_transposed", False)
+        )
         self.gate_up_proj = experts.gate_up_proj  # the same Parameter objects: state-dict keys are unchanged
         self.down_proj = experts.down_proj
         self.act_fn = experts.act_fn
@@ -194,8 +199,9 @@ class SortedExperts(nn.Module):
             nn.init.uniform_(a, -bound, bound)
             prefix = name.replace("_proj", "")
             setattr(self, f"{prefix}_lora_A", nn.Parameter(a))
-            setattr(self, f"{prefix}_lora_B", nn.Parameter(torch.zeros(experts, out_dim, rank, dtype=dtype,
-                                                                       device=device)))
+            setattr(
+                self, f"{prefix}_lora_B", nn.Parameter(torch.zeros(experts, out_dim, rank, dtype=dtype, device=device))
+            )
         self.lora_scale = alpha / rank
 
     def _weight_info(self, name: str):
@@ -217,7 +223,7 @@ class SortedExperts(nn.Module):
         return total
 
 
-# --- expert LoRA and the swap it shares with opt.moe_sorted_routing ----------------------------------------------------------------------------------------------
+# --- expert LoRA and the swap it shares with opt.moe_sorted_routing -----------------------------------------------
 
 
 def add_expert_lora(model, rank: int, alpha: float, quantize: bool = False) -> List[str]:
@@ -248,8 +254,10 @@ def swap_experts(model) -> List[str]:
     swapped = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.ModuleList) and name.endswith(".experts"):
-            raise NotImplementedError(f"{name} is a ModuleList of expert MLPs (transformers 4 layout); "
-                                      "moe_sorted_routing needs transformers >= 5 (3D gate_up_proj / down_proj)")
+            raise NotImplementedError(
+                f"{name} is a ModuleList of expert MLPs (transformers 4 layout); "
+                "moe_sorted_routing needs transformers >= 5 (3D gate_up_proj / down_proj)"
+            )
         if not _is_hf_3d_experts(module):
             continue
         parent_name, _, attr = name.rpartition(".")

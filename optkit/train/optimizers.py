@@ -8,11 +8,13 @@
   under pressure. The torch allocator never sees that memory: read its cost from NVML, not from
   ``torch.cuda.max_memory_allocated``. On CPU bitsandbytes falls back to non-paged state.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict
 
 import torch
+
 
 def _torch_adamw(fused: bool) -> Callable:
     def build(params, **kwargs):

@@ -20,10 +20,11 @@ installed here, so the baseline runs this exact metadata work with torch's varle
 (HF's sdpa path builds one dense (B, 1, T, T) mask per forward instead: another kernel, not this comparison.)
 HF needs packed inputs as one (1, total) row; we flatten (B, T) rows to that, which is what HF's collator produces.
 
-Cache (``opt.packed_metadata_cache``, optkit/opt/packed_metadata_cache.py): a forward pre-hook on the decoder stack builds
-the metadata once per forward from position_ids - one device->host copy of position_ids (the one sync), boundaries
-computed on the host, cu_seqlens copied back asynchronously from pinned memory - and hands it to every layer as a
-keyword argument, which HF threads through the decoder layers into the attention function untouched. No layer syncs.
+Cache (``opt.packed_metadata_cache``, optkit/opt/packed_metadata_cache.py): a forward pre-hook on the decoder stack
+builds the metadata once per forward from position_ids - one device->host copy of position_ids (the one sync),
+boundaries computed on the host, cu_seqlens copied back asynchronously from pinned memory - and hands it to every layer
+as a keyword argument, which HF threads through the decoder layers into the attention function untouched. No layer
+syncs.
 
 Only packed batches (position_ids given, no attention_mask) take this path: for any other batch a pre-hook switches
 the model back to its own attention implementation for that forward, so HF builds its usual (padding) mask and an
@@ -32,6 +33,7 @@ unpacked run is exactly HF's.
 Everything is per model instance: a new name in HF's attention registry (no HF class is patched), the model's
 ``config._attn_implementation`` switched to it, hooks kept so ``remove_*`` restores the model exactly.
 """
+
 from __future__ import annotations
 
 import functools
@@ -100,26 +102,31 @@ def rebuild_metadata_like_hf(position_ids: torch.Tensor, need_host_boundaries: b
 # --- the attention function registered with HF -------------------------------------------------------------------
 
 
-def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                             sliding_window=None, **kwargs):
+def packed_attention_forward(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs
+):
     """HF attention-interface function. query (B, Hq, T, D), key/value (B, Hkv, T, D) -> ((B, T, Hq, D), None)."""
     if dropout:
         raise NotImplementedError("packed attention has no attention dropout; set the model's attention_dropout to 0")
     batch, _, seq_len, head_dim = query.shape
-    scale = head_dim ** -0.5 if scaling is None else scaling
+    scale = head_dim**-0.5 if scaling is None else scaling
     stats = getattr(module, "_optkit_packing_stats", None) or PackingStats()
     use_varlen = _varlen_usable(query)
     metadata = kwargs.get(METADATA_KWARG)
     if metadata is None:
         if kwargs.get("position_ids") is None:
-            raise ValueError(f"{type(module).__name__} passes no position_ids to its attention function; packed "
-                             "attention needs them (HF decoder models of transformers >= 5 pass them)")
+            raise ValueError(
+                f"{type(module).__name__} passes no position_ids to its attention function; packed "
+                "attention needs them (HF decoder models of transformers >= 5 pass them)"
+            )
         position_ids = kwargs["position_ids"].expand(batch, -1)  # HF's default positions: one (1, T) row for all
         metadata = rebuild_metadata_like_hf(position_ids, need_host_boundaries=not use_varlen)
         stats.per_layer_rebuilds += 1
     if sliding_window is not None and metadata.max_seqlen > sliding_window:
-        raise NotImplementedError(f"packed attention has no sliding window ({sliding_window} < an example of "
-                                  f"{metadata.max_seqlen} tokens); use a full-attention model or shorter examples")
+        raise NotImplementedError(
+            f"packed attention has no sliding window ({sliding_window} < an example of "
+            f"{metadata.max_seqlen} tokens); use a full-attention model or shorter examples"
+        )
     q, k, v = (t.transpose(1, 2).reshape(batch * seq_len, t.shape[1], head_dim) for t in (query, key, value))
     if use_varlen:
         stats.varlen_kernel_calls += 1
@@ -193,8 +200,10 @@ def install_packed_attention(model) -> List[str]:
     for attention in _attention_modules(base):  # a plain attribute (not a submodule): the counter they share
         attention._optkit_packing_stats = state["stats"]
     config._attn_implementation = ATTN_NAME
-    return [f"packing: packed batches use {ATTN_NAME} attention (varlen; boundary metadata rebuilt per layer), "
-            f"other batches keep {state['previous_attn']}"]
+    return [
+        f"packing: packed batches use {ATTN_NAME} attention (varlen; boundary metadata rebuilt per layer), "
+        f"other batches keep {state['previous_attn']}"
+    ]
 
 
 def remove_packed_attention(model) -> None:
@@ -238,8 +247,10 @@ def decoder_stack(model) -> torch.nn.Module:
     for module in model.modules():
         if isinstance(getattr(module, "layers", None), torch.nn.ModuleList) and hasattr(module, "embed_tokens"):
             return module
-    raise ValueError(f"{type(model).__name__} has no decoder stack (a module with .layers and .embed_tokens); "
-                     "packed attention supports HF decoder-only causal LMs")
+    raise ValueError(
+        f"{type(model).__name__} has no decoder stack (a module with .layers and .embed_tokens); "
+        "packed attention supports HF decoder-only causal LMs"
+    )
 
 
 def _attention_modules(base) -> List[torch.nn.Module]:

@@ -9,6 +9,7 @@ routing, and bitsandbytes users skip them too.
 
 Works on CUDA and on CPU (bitsandbytes >= 0.45 quantizes and dequantizes NF4 there).
 """
+
 from __future__ import annotations
 
 from typing import Iterable, List, Optional
@@ -30,20 +31,30 @@ def _import_bnb():
     return bnb
 
 
-def to_linear4bit(linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True,
-                  compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
+def to_linear4bit(
+    linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True, compute_dtype: Optional[torch.dtype] = None
+) -> nn.Module:
     """A bitsandbytes ``Linear4bit`` holding ``linear``'s weight quantized on its device (bias shared)."""
     bnb = _import_bnb()
     weight = linear.weight
     # Built on the meta device so no throwaway full-precision weight is allocated and initialized.
     quantized = bnb.nn.Linear4bit(
-        linear.in_features, linear.out_features, bias=linear.bias is not None,
-        compute_dtype=compute_dtype or weight.dtype, compress_statistics=double_quant,
-        quant_type=quant_type, quant_storage=torch.uint8, device="meta",
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype or weight.dtype,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=torch.uint8,
+        device="meta",
     )
     params = bnb.nn.Params4bit(
-        weight.data, requires_grad=False, compress_statistics=double_quant, quant_type=quant_type,
-        quant_storage=torch.uint8, module=quantized,
+        weight.data,
+        requires_grad=False,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=torch.uint8,
+        module=quantized,
     )
     quantized.weight = params.to(weight.device)  # an unquantized Params4bit quantizes when moved
     if linear.bias is not None:
@@ -52,8 +63,13 @@ def to_linear4bit(linear: nn.Linear, quant_type: str = "nf4", double_quant: bool
     return quantized
 
 
-def quantize_linears(blocks: Iterable[nn.Module], quant_type: str = "nf4", double_quant: bool = True,
-                     compute_dtype: Optional[torch.dtype] = None, prefix: str = "layers") -> List[str]:
+def quantize_linears(
+    blocks: Iterable[nn.Module],
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: Optional[torch.dtype] = None,
+    prefix: str = "layers",
+) -> List[str]:
     """Replace every ``nn.Linear`` inside ``blocks`` (the decoder layers) by ``Linear4bit``, in place.
 
     Returns the qualified names replaced. Each full-precision weight is freed as soon as its
@@ -65,8 +81,10 @@ def quantize_linears(blocks: Iterable[nn.Module], quant_type: str = "nf4", doubl
     replaced = []
     for index, block in enumerate(blocks):
         targets = [
-            (name, module) for name, module in block.named_modules()
-            if isinstance(module, nn.Linear) and not isinstance(module, bnb.nn.Linear4bit)
+            (name, module)
+            for name, module in block.named_modules()
+            if isinstance(module, nn.Linear)
+            and not isinstance(module, bnb.nn.Linear4bit)
             and name.rsplit(".", 1)[-1] not in ROUTER_NAMES
         ]
         for name, linear in targets:

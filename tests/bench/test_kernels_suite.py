@@ -8,6 +8,7 @@ Byte counts are checked against the nbytes of real tensors (inputs, outputs, gra
 than against the formulas they test. Timing uses a fake timer and a fake trace wherever numbers
 are asserted.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,26 +20,14 @@ import types
 import pytest
 import torch
 
-from optkit.measure import device_timing
-
-from optkit.measure import device_trace
-
-from optkit.measure import intervals
-
 from optkit.bench.kernels import cases as kernel_cases
-
 from optkit.bench.kernels import context as kernel_context
-
 from optkit.bench.kernels import impls as kernel_impls
-
 from optkit.bench.kernels import phases as kernel_phases
-
 from optkit.bench.kernels import rows as kernel_rows
-
 from optkit.bench.kernels import run as kernel_run
-
 from optkit.bench.kernels import table as kernel_table
-
+from optkit.measure import device_timing, device_trace, intervals
 from optkit.results import rows as result_rows
 from optkit.results.rows import read_rows
 
@@ -50,8 +39,14 @@ REQUIRED_FIELDS = (
     "peak_delta_bytes loss_in_forward gpu_name gpu_slug torch triton git_sha point_key timestamp "
     "fwd_device_ms bwd_device_ms full_device_ms gbps_device frac_of_copy_device n_kernels_full device_error"
 ).split()
-FAKE_ENV = {"gpu_name": None, "torch_version": torch.__version__, "triton_version": "x", "git_sha": "abc",
-            "git_dirty": False, "liger_kernel_version": None}
+FAKE_ENV = {
+    "gpu_name": None,
+    "torch_version": torch.__version__,
+    "triton_version": "x",
+    "git_sha": "abc",
+    "git_dirty": False,
+    "liger_kernel_version": None,
+}
 
 
 class FakeTimer:
@@ -70,15 +65,23 @@ class FakeTimer:
         self.steps += 1
 
     def results(self):
-        return [{"forward_ms": 0.25 * (1 + i), "backward_ms": 0.75 * (1 + i), "step_ms": 1.0 + i}
-                for i in range(self.steps)]
+        return [
+            {"forward_ms": 0.25 * (1 + i), "backward_ms": 0.75 * (1 + i), "step_ms": 1.0 + i} for i in range(self.steps)
+        ]
 
 
 def _context(timer_factory=FakeTimer, settings=kernel_run.SMOKE_SETTINGS, copy_gbps=100.0, compile_cache=None):
-    return kernel_context.RunContext(run_id="t", device=CPU, env=FAKE_ENV, env_fields=result_rows.env_stamp(FAKE_ENV),
-                         settings=settings, flush=device_timing.L2Flush(CPU), copy_gbps=copy_gbps,
-                         compile_cache=compile_cache or kernel_impls.CompileCache("no compile in this test"),
-                         timer_factory=timer_factory)
+    return kernel_context.RunContext(
+        run_id="t",
+        device=CPU,
+        env=FAKE_ENV,
+        env_fields=result_rows.env_stamp(FAKE_ENV),
+        settings=settings,
+        flush=device_timing.L2Flush(CPU),
+        copy_gbps=copy_gbps,
+        compile_cache=compile_cache or kernel_impls.CompileCache("no compile in this test"),
+        timer_factory=timer_factory,
+    )
 
 
 def _case(op):
@@ -86,8 +89,9 @@ def _case(op):
 
 
 def _resolve(impl, case, dtype, cache=None):
-    return kernel_impls.resolve_impl(impl, kernel_cases.SPECS[case.op], case, CPU,
-                                     cache or kernel_impls.CompileCache(None), dtype)
+    return kernel_impls.resolve_impl(
+        impl, kernel_cases.SPECS[case.op], case, CPU, cache or kernel_impls.CompileCache(None), dtype
+    )
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -105,7 +109,10 @@ def test_sweep_covers_the_published_shapes_once():
     assert {c.dims["I"] for c in by_op["swiglu"]} == {14336, 12288}
     assert [c.params["approximate"] for c in by_op["geglu"]] == ["tanh"] * len(kernel_cases.TOKENS)
     assert {(c.dims["V"], c.params["softcap"]) for c in by_op["cross_entropy"]} == {
-        (128256, None), (151936, None), (256000, 30.0)}
+        (128256, None),
+        (151936, None),
+        (256000, 30.0),
+    }
     assert {c.tokens for c in by_op["cross_entropy"]} == {4096, 8192}
     (flce,) = by_op["fused_linear_cross_entropy"]
     assert (flce.tokens, flce.dims["H"], flce.dims["V"]) == (8192, 4096, 128256)
@@ -231,8 +238,9 @@ def test_measure_never_keeps_a_graph_for_a_second_backward(monkeypatch):
     monkeypatch.setattr(torch.autograd, "grad", spying_grad)
     case = _case("swiglu")
     master = kernel_cases.SPECS["swiglu"].make_inputs(case, torch.float32, CPU)
-    m = device_timing.measure(_resolve("eager", case, torch.float32), master, CPU, kernel_run.SMOKE_SETTINGS,
-                              lambda: None, FakeTimer)
+    m = device_timing.measure(
+        _resolve("eager", case, torch.float32), master, CPU, kernel_run.SMOKE_SETTINGS, lambda: None, FakeTimer
+    )
     assert len(seen) == m.warmup_steps + 2 * m.repeats
     assert set(seen) == {(None, None)}
 
@@ -285,10 +293,13 @@ def test_flce_rows_carry_tflops():
     assert "TFLOP/s" in kernel_table.format_table([row])
 
 
-@pytest.mark.parametrize("exc, status", [
-    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB"), "oom"),
-    (RuntimeError("triton: out of resource: shared memory"), "error"),
-])
+@pytest.mark.parametrize(
+    "exc, status",
+    [
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB"), "oom"),
+        (RuntimeError("triton: out of resource: shared memory"), "error"),
+    ],
+)
 def test_a_failing_impl_is_a_row_not_a_crash(monkeypatch, exc, status):
     def broken(**tensors):
         raise exc
@@ -302,7 +313,9 @@ def test_a_failing_impl_is_a_row_not_a_crash(monkeypatch, exc, status):
 
 def test_missing_optkit_kernel_is_skipped_with_its_name(monkeypatch):
     spec = kernel_cases.SPECS["swiglu"]
-    monkeypatch.setitem(kernel_cases.SPECS, "swiglu", kernel_cases.OpSpec(**{**spec.__dict__, "optkit_fn": "no_such_fn"}))
+    monkeypatch.setitem(
+        kernel_cases.SPECS, "swiglu", kernel_cases.OpSpec(**{**spec.__dict__, "optkit_fn": "no_such_fn"})
+    )
     case = _case("swiglu")
     master = kernel_cases.SPECS["swiglu"].make_inputs(case, torch.float32, CPU)
     row = kernel_run.run_impl(case, "optkit", "float32", master, _context())
@@ -324,6 +337,7 @@ def test_liger_calls_map_our_inputs_to_its_functional_api(monkeypatch):
         def fn(*args, **kwargs):
             calls[name] = (args, kwargs)
             return args[0]
+
         return fn
 
     fake = types.ModuleType("liger_kernel.transformers.functional")
@@ -378,9 +392,16 @@ def test_compile_compiles_once_per_shape_across_token_counts():
 
 
 def test_rows_written_have_the_schema_and_parse(tmp_path):
-    rows = kernel_run.run_suite(tmp_path, run_id="r1", cpu_smoke=True, ops=("swiglu", "rope"),
-                        impls=("eager", "compile", "liger"), env=FAKE_ENV, timer_factory=FakeTimer,
-                        log=lambda m: None)
+    rows = kernel_run.run_suite(
+        tmp_path,
+        run_id="r1",
+        cpu_smoke=True,
+        ops=("swiglu", "rope"),
+        impls=("eager", "compile", "liger"),
+        env=FAKE_ENV,
+        timer_factory=FakeTimer,
+        log=lambda m: None,
+    )
     written = read_rows(tmp_path / "results.jsonl")
     assert written == json.loads(json.dumps(rows)) and len(rows) == 6
     assert json.loads((tmp_path / "env.json").read_text())["git_sha"] == "abc"
@@ -415,10 +436,20 @@ def test_run_without_cuda_gives_skipped_rows_for_the_whole_sweep(tmp_path, monke
 
 def test_cpu_smoke_times_optkit_kernels_with_the_host_clock(tmp_path):
     """The plumbing end to end on real (interpreted) optkit kernels and the real timer."""
-    rows = kernel_run.run_suite(tmp_path, cpu_smoke=True, ops=("rms_norm", "swiglu"), impls=("optkit", "eager"),
-                        env=FAKE_ENV, log=lambda m: None)
+    rows = kernel_run.run_suite(
+        tmp_path,
+        cpu_smoke=True,
+        ops=("rms_norm", "swiglu"),
+        impls=("optkit", "eager"),
+        env=FAKE_ENV,
+        log=lambda m: None,
+    )
     assert [(r["op"], r["impl"], r["status"]) for r in rows] == [
-        ("rms_norm", "optkit", "ok"), ("rms_norm", "eager", "ok"), ("swiglu", "optkit", "ok"), ("swiglu", "eager", "ok")]
+        ("rms_norm", "optkit", "ok"),
+        ("rms_norm", "eager", "ok"),
+        ("swiglu", "optkit", "ok"),
+        ("swiglu", "eager", "ok"),
+    ]
     for row in rows:
         assert row["full_ms"] > 0 and len(row["full_times_ms"]) == row["repeats"] and row["copy_gbps"] > 0
         assert row["full_device_ms"] is None and row["device_error"] == kernel_rows.NO_DEVICE_TIME_REASON
@@ -512,7 +543,9 @@ def test_device_times_need_every_region_and_some_work_in_each():
     assert times.full_ms == [pytest.approx(0.040)] * 2 and times.fwd_ms == [pytest.approx(0.010)] * 2
     assert times.bwd_ms == [pytest.approx(0.030)] * 2 and times.full_events == [1, 1] and not times.uneven_phases
     extra = events + [E("one more kernel", True, 210.0, 215.0, "kernel")]  # in full/1 only
-    assert device_trace.device_times(device_trace.device_time_by_region(extra), "eager", repeats=2).uneven_phases == ["full"]
+    assert device_trace.device_times(device_trace.device_time_by_region(extra), "eager", repeats=2).uneven_phases == [
+        "full"
+    ]
     with pytest.raises(device_trace.DeviceTraceError, match="lacks 1 of eager's 3 full regions"):
         device_trace.device_times(device_trace.device_time_by_region(events), "eager", repeats=3)
     emptied = [e for e in events if not (e.on_device and e.start_us == 10.0)]  # full/0 lost its kernel
@@ -525,13 +558,16 @@ def test_trace_events_read_torch_function_events():
     from torch.autograd.profiler_util import FunctionEvent
 
     marker = FunctionEvent(id=1, name=device_trace.region_name("liger", "bwd", 0), thread=0, start_us=1.0, end_us=9.0)
-    kernel = FunctionEvent(id=2, name="triton_red_fused", thread=0, start_us=2.0, end_us=5.5,
-                           device_type=DeviceType.CUDA)
+    kernel = FunctionEvent(
+        id=2, name="triton_red_fused", thread=0, start_us=2.0, end_us=5.5, device_type=DeviceType.CUDA
+    )
     host_op = FunctionEvent(id=3, name="aten::add", thread=0, start_us=2.0, end_us=3.0)
     kernel.activity_type = "kernel"  # torch 2.13 sets it; older FunctionEvents lack it (read as None)
     got = device_trace.trace_events([marker, kernel, host_op])
     assert [(e.name, e.on_device, e.start_us, e.end_us) for e in got] == [
-        (marker.name, False, 1.0, 9.0), ("triton_red_fused", True, 2.0, 5.5)]
+        (marker.name, False, 1.0, 9.0),
+        ("triton_red_fused", True, 2.0, 5.5),
+    ]
     assert got[1].kind == "kernel" and device_trace.is_device_work(got[1]) and not device_trace.is_device_work(got[0])
 
 
@@ -578,16 +614,17 @@ class FakeTrace:
         for us in work:
             self.trace.append(E(f"{phase}_kernel", True, t, t + us, "kernel"))
             t += us + 2.0
-        self.trace += [E(name, True, start + 4.0, t, "gpu_user_annotation"),
-                       E("aten::mul", False, start + 1.0, t, "cpu_op"),
-                       E(name, False, start, t + 10.0, "user_annotation")]
+        self.trace += [
+            E(name, True, start + 4.0, t, "gpu_user_annotation"),
+            E("aten::mul", False, start + 1.0, t, "cpu_op"),
+            E(name, False, start, t + 10.0, "user_annotation"),
+        ]
         self.clock = t + 10.0
 
     def events(self):
         device = sorted((e for e in self.trace if e.on_device and e.kind == "kernel"), key=lambda e: e.start_us)
-        lost = set(map(id, device[:self.lost_head]))
-        return [E(e.name, True, e.start_us - 1e14, e.end_us - 1e14, e.kind) if id(e) in lost else e
-                for e in self.trace]
+        lost = set(map(id, device[: self.lost_head]))
+        return [E(e.name, True, e.start_us - 1e14, e.end_us - 1e14, e.kind) if id(e) in lost else e for e in self.trace]
 
 
 class OrderedTimer(FakeTimer):
@@ -603,18 +640,36 @@ def _flags(rows):
 
 
 def _smoke_with_trace(tmp_path, trace_factory, **kwargs):
-    return kernel_run.run_suite(tmp_path, run_id="d", cpu_smoke=True, ops=("swiglu",), impls=("eager",), env=FAKE_ENV,
-                        timer_factory=FakeTimer, trace_factory=trace_factory, log=lambda m: None, **kwargs)
+    return kernel_run.run_suite(
+        tmp_path,
+        run_id="d",
+        cpu_smoke=True,
+        ops=("swiglu",),
+        impls=("eager",),
+        env=FAKE_ENV,
+        timer_factory=FakeTimer,
+        trace_factory=trace_factory,
+        log=lambda m: None,
+        **kwargs,
+    )
 
 
 def test_device_pass_fills_rows_after_every_event_timed_row(tmp_path):
     order = []
     OrderedTimer.order = order
     (tmp_path / "results.jsonl").write_text('{"run_id": "earlier"}\n')  # another run's row stays
-    rows = kernel_run.run_suite(tmp_path, run_id="d", cpu_smoke=True, ops=("swiglu", "rms_norm"), impls=("eager",),
-                        env=FAKE_ENV, timer_factory=OrderedTimer, trace_factory=lambda: FakeTrace(order),
-                        log=lambda m: None)
-    assert "trace" in order and "event" not in order[order.index("trace"):], "a profiler session preceded timing"
+    rows = kernel_run.run_suite(
+        tmp_path,
+        run_id="d",
+        cpu_smoke=True,
+        ops=("swiglu", "rms_norm"),
+        impls=("eager",),
+        env=FAKE_ENV,
+        timer_factory=OrderedTimer,
+        trace_factory=lambda: FakeTrace(order),
+        log=lambda m: None,
+    )
+    assert "trace" in order and "event" not in order[order.index("trace") :], "a profiler session preceded timing"
     assert order.count("trace") == 2, "one session per case"
     for row in rows:
         assert row["status"] == "ok" and row["device_error"] is None
@@ -693,8 +748,9 @@ needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
 
 
 def _nf4_case(out_features, in_features):
-    return kernel_cases.Case(NF4, "t", {"O": out_features, "I": in_features},
-                             {"blocksize": 64, "nested_blocksize": 256})
+    return kernel_cases.Case(
+        NF4, "t", {"O": out_features, "I": in_features}, {"blocksize": 64, "nested_blocksize": 256}
+    )
 
 
 def _bits(t):
@@ -788,7 +844,8 @@ def test_cpu_smoke_runs_nf4_dequantize(tmp_path):
     rows = kernel_run.run_suite(tmp_path, cpu_smoke=True, ops=(NF4,), env=FAKE_ENV, log=lambda m: None)
     cases = kernel_cases.smoke_cases((NF4,))
     assert [(r["shape"], r["impl"]) for r in rows] == [
-        (c.shape, impl) for c in cases for impl in kernel_impls.impls_for(NF4, kernel_impls.ALL_IMPLS)]
+        (c.shape, impl) for c in cases for impl in kernel_impls.impls_for(NF4, kernel_impls.ALL_IMPLS)
+    ]
     for row in rows:
         ok = row["impl"] in ("optkit", "eager", "bitsandbytes")
         assert row["status"] == ("ok" if ok else "skipped"), row["error"]
@@ -802,8 +859,14 @@ def test_cpu_smoke_runs_nf4_dequantize(tmp_path):
 
 def test_missing_bitsandbytes_skips_the_case_with_the_install_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)  # import -> ImportError
-    rows = kernel_run.run_suite(tmp_path, cpu_smoke=True, ops=(NF4,), impls=("optkit", "eager", "bitsandbytes"),
-                                env=FAKE_ENV, log=lambda m: None)
+    rows = kernel_run.run_suite(
+        tmp_path,
+        cpu_smoke=True,
+        ops=(NF4,),
+        impls=("optkit", "eager", "bitsandbytes"),
+        env=FAKE_ENV,
+        log=lambda m: None,
+    )
     assert rows and {r["status"] for r in rows} == {"skipped"}
     assert all("pip install bitsandbytes" in r["error"] for r in rows)
     with pytest.raises(kernel_impls.ImplUnavailable, match="pip install bitsandbytes"):
@@ -813,8 +876,17 @@ def test_missing_bitsandbytes_skips_the_case_with_the_install_line(tmp_path, mon
 @needs_bnb
 def test_forward_only_device_pass_traces_the_forward_as_full(tmp_path):
     order = []
-    rows = kernel_run.run_suite(tmp_path, run_id="d", cpu_smoke=True, ops=(NF4,), impls=("eager",), env=FAKE_ENV,
-                                timer_factory=FakeTimer, trace_factory=lambda: FakeTrace(order), log=lambda m: None)
+    rows = kernel_run.run_suite(
+        tmp_path,
+        run_id="d",
+        cpu_smoke=True,
+        ops=(NF4,),
+        impls=("eager",),
+        env=FAKE_ENV,
+        timer_factory=FakeTimer,
+        trace_factory=lambda: FakeTrace(order),
+        log=lambda m: None,
+    )
     for row in rows:
         assert row["status"] == "ok" and row["device_error"] is None
         assert row["full_device_ms"] == pytest.approx(0.4) == row["fwd_device_ms"]  # FakeTrace's "full" work
@@ -829,13 +901,27 @@ def test_forward_only_device_pass_traces_the_forward_as_full(tmp_path):
 
 
 def test_command_line_runs_a_standalone_subset_and_will_not_mix_runs(tmp_path, capsys):
-    argv = ["--run-dir", str(tmp_path), "--cpu-smoke", "--ops", "swiglu", "--impls", "eager,liger",
-            "--dtypes", "bfloat16,float32", "--device-repeats", "0"]
+    argv = [
+        "--run-dir",
+        str(tmp_path),
+        "--cpu-smoke",
+        "--ops",
+        "swiglu",
+        "--impls",
+        "eager,liger",
+        "--dtypes",
+        "bfloat16,float32",
+        "--device-repeats",
+        "0",
+    ]
     assert kernel_run.main(argv) == 0
     rows = read_rows(tmp_path / "results.jsonl")
     assert [(r["impl"], r["dtype"], r["status"]) for r in rows] == [
-        ("eager", "bfloat16", "ok"), ("liger", "bfloat16", "skipped"),
-        ("eager", "float32", "ok"), ("liger", "float32", "skipped")]
+        ("eager", "bfloat16", "ok"),
+        ("liger", "bfloat16", "skipped"),
+        ("eager", "float32", "ok"),
+        ("liger", "float32", "skipped"),
+    ]
     assert "4 rows (2 ok, 2 skipped)" in capsys.readouterr().out
     assert kernel_run.main(argv) == 2, "a second run into the same directory would mix runs"
     assert len(read_rows(tmp_path / "results.jsonl")) == 4

@@ -1,6 +1,6 @@
 """The sweep runner: expansion, isolation (oom / crash / timeout rows), resume, row schema."""
+
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -31,12 +31,14 @@ def test_user_axis_override_replaces_the_axis():
 
 
 def test_ablation_expands_to_baseline_full_and_each_on_and_off():
-    from optkit.opt.patcher import REGISTRY
 
     suite = compose(["suite=ablation"]).suite
     points = runner.expand_points(suite, [], runner.model_family)
-    names = [next(x.split("=", 1)[1] for x in p if x.startswith("opt.name=")) for p in points if
-             any(x.startswith("opt.name=") for x in p)]
+    names = [
+        next(x.split("=", 1)[1] for x in p if x.startswith("opt.name="))
+        for p in points
+        if any(x.startswith("opt.name=") for x in p)
+    ]
     assert any("opt=baseline" in p for p in points) and any("opt=full" in p for p in points)
     assert "only_rms_norm" in names and "full_minus_rms_norm" in names
     assert "only_geglu" not in names, "geglu does not apply to llama"
@@ -54,22 +56,35 @@ def _sweep(tmp_path, overrides, monkeypatch, fault=None):
 
 
 def test_oom_and_crash_become_rows_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    run_dir = _sweep(tmp_path, ["suite=smoke", "model=tiny_llama,tiny_qwen3", "opt=baseline"], monkeypatch,
-                     fault="oom@tiny_llama")
+    run_dir = _sweep(
+        tmp_path, ["suite=smoke", "model=tiny_llama,tiny_qwen3", "opt=baseline"], monkeypatch, fault="oom@tiny_llama"
+    )
     rows = read_rows(run_dir / "results.jsonl")
     assert [r["status"] for r in rows] == ["oom", "ok"]
     assert "out of memory" in rows[0]["error"].lower()
     monkeypatch.setenv("OPTKIT_INJECT_FAULT", "crash@tiny_qwen3")
-    run_dir = runner.run_sweep([f"bench.results_dir={tmp_path}", *TINY, "suite=smoke",
-                                "model=tiny_qwen3,tiny_llama", "opt=baseline", "bench.run_id=crash"])
+    run_dir = runner.run_sweep(
+        [
+            f"bench.results_dir={tmp_path}",
+            *TINY,
+            "suite=smoke",
+            "model=tiny_qwen3,tiny_llama",
+            "opt=baseline",
+            "bench.run_id=crash",
+        ]
+    )
     rows = read_rows(run_dir / "results.jsonl")
     assert [r["status"] for r in rows] == ["error", "ok"]
     assert "exited with code" in rows[0]["error"] and rows[0]["model"] == "tiny_qwen3"
 
 
 def test_timeout_becomes_a_row(tmp_path, monkeypatch):
-    run_dir = _sweep(tmp_path, ["suite=smoke", "model=tiny_llama", "opt=baseline", "bench.timeout_s=10"],
-                     monkeypatch, fault="hang@tiny_llama")
+    run_dir = _sweep(
+        tmp_path,
+        ["suite=smoke", "model=tiny_llama", "opt=baseline", "bench.timeout_s=10"],
+        monkeypatch,
+        fault="hang@tiny_llama",
+    )
     rows = read_rows(run_dir / "results.jsonl")
     assert [r["status"] for r in rows] == ["timeout"]
 

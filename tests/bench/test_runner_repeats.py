@@ -1,5 +1,6 @@
 """bench.repeats in one process or one process each (bench.isolate_repeats), resume of missing
 windows, and bench.profile on CPU: a gzip Chrome trace and a kernel-share table in the row."""
+
 import gzip
 import json
 from pathlib import Path
@@ -11,8 +12,16 @@ from optkit.bench import runner as runner
 from optkit.measure.profile import CATEGORIES, DEVICE_SPLIT_FIELDS, TIME_SOURCE_CPU
 from optkit.results.rows import empty_row, identity_fields, read_rows
 
-TINY = ["suite=smoke", "model=tiny_llama", "opt=baseline", "train.warmup_steps=1", "train.steps=2",
-        "train.batch_size=1", "data.seq_len=16", "bench.progress=false"]
+TINY = [
+    "suite=smoke",
+    "model=tiny_llama",
+    "opt=baseline",
+    "train.warmup_steps=1",
+    "train.steps=2",
+    "train.batch_size=1",
+    "data.seq_len=16",
+    "bench.progress=false",
+]
 
 
 def _spy(monkeypatch, fake=None):

@@ -1,4 +1,5 @@
 """Every YAML composes against the schema; bad input gives errors that list the valid choices."""
+
 import pytest
 
 from optkit.config.compose import CONF_DIR, ConfigError, compose, group_choices
@@ -37,10 +38,16 @@ def test_typo_in_a_key_is_an_error(override):
         compose([override])
 
 
-@pytest.mark.parametrize("override,valid", [
-    ("train.method=lorra", "qlora"), ("train.checkpointing=yes", "offload_double_buffer"),
-    ("train.optimizer=sgd", "paged_adamw_8bit"), ("model.dtype=fp8", "bfloat16"), ("bench.device=tpu", "cuda"),
-])
+@pytest.mark.parametrize(
+    "override,valid",
+    [
+        ("train.method=lorra", "qlora"),
+        ("train.checkpointing=yes", "offload_double_buffer"),
+        ("train.optimizer=sgd", "paged_adamw_8bit"),
+        ("model.dtype=fp8", "bfloat16"),
+        ("bench.device=tpu", "cuda"),
+    ],
+)
 def test_bad_value_lists_valid_ones(override, valid):
     with pytest.raises(ConfigError) as err:
         compose([override])
@@ -60,8 +67,21 @@ def test_baseline_is_all_off_and_full_turns_kernels_on():
 
 
 def test_model_zoo_has_the_required_entries():
-    required = {"llama3_8b", "llama3_2_1b", "llama3_2_3b", "mistral_7b", "qwen2_5_7b", "qwen3_8b", "qwen3_14b",
-                "qwen3_moe_30b_a3b", "gemma2_9b", "tiny_llama", "tiny_qwen3", "tiny_qwen3_moe", "tiny_gemma2"}
+    required = {
+        "llama3_8b",
+        "llama3_2_1b",
+        "llama3_2_3b",
+        "mistral_7b",
+        "qwen2_5_7b",
+        "qwen3_8b",
+        "qwen3_14b",
+        "qwen3_moe_30b_a3b",
+        "gemma2_9b",
+        "tiny_llama",
+        "tiny_qwen3",
+        "tiny_qwen3_moe",
+        "tiny_gemma2",
+    }
     assert required <= set(group_choices("model"))
     assert (CONF_DIR / "config.yaml").exists()
 

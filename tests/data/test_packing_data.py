@@ -1,10 +1,17 @@
 """Packed and padded batches of variable-length examples (optkit.data.packing)."""
+
 import pytest
 import torch
 
 from optkit.config.schema import DataConfig
-from optkit.data.packing import (draw_packed_rows, example_lengths, load_length_histogram, packed_batch, padded_batch,
-                                 sample_lengths)
+from optkit.data.packing import (
+    draw_packed_rows,
+    example_lengths,
+    load_length_histogram,
+    packed_batch,
+    padded_batch,
+    sample_lengths,
+)
 from optkit.data.synthetic import IGNORE_INDEX
 
 VOCAB = 97
@@ -24,7 +31,7 @@ def _examples_of_packed(batch, rows):
     examples = []
     for r, row in enumerate(rows):
         starts = (pos[r] == 0).nonzero().flatten().tolist() + [ids.shape[1]]
-        examples += [ids[r, a:b].tolist() for a, b in zip(starts[:len(row)], starts[1:len(row) + 1])]
+        examples += [ids[r, a:b].tolist() for a, b in zip(starts[: len(row)], starts[1 : len(row) + 1])]
     return examples
 
 

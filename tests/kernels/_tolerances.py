@@ -25,6 +25,7 @@ round-to-nearest as the GPU does, so under the interpreter a bf16 store can be o
 where eager PyTorch is off by half of one. One ulp of slack at the reference's scale absorbs exactly
 that; fp16 conversions round to nearest in both places.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -117,10 +118,16 @@ def check_forward_backward(
     dtype involved).
     """
     fused_in, ref64_in, same_in = _leaves(inputs, None), _leaves(inputs, torch.float64), _leaves(inputs, None)
-    fused_out, ref64_out, same_out = _as_tuple(fused(*fused_in)), _as_tuple(reference(*ref64_in)), _as_tuple(reference(*same_in))
+    fused_out, ref64_out, same_out = (
+        _as_tuple(fused(*fused_in)),
+        _as_tuple(reference(*ref64_in)),
+        _as_tuple(reference(*same_in)),
+    )
     assert len(fused_out) == len(ref64_out), "fused and reference return different numbers of outputs"
     gen = torch.Generator().manual_seed(seed)
-    upstream = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(device=o.device, dtype=o.dtype) for o in fused_out]
+    upstream = [
+        torch.randn(o.shape, generator=gen, dtype=torch.float64).to(device=o.device, dtype=o.dtype) for o in fused_out
+    ]
     for i, (f, r, s) in enumerate(zip(fused_out, ref64_out, same_out)):
         assert f.dtype == s.dtype, f"output {i}: dtype {f.dtype} but plain PyTorch gives {s.dtype}"
         assert_close_to_reference(f, r, s, dtype, name=f"output {i}")
@@ -175,6 +182,7 @@ def check_module_matches(ours: torch.nn.Module, theirs: torch.nn.Module, x: torc
         return lambda x, *ps: torch.func.functional_call(module, dict(zip(params, ps)), (x,))
 
     check_forward_backward(call(ours), call(theirs), [x, *params.values()], dtype)
+
 
 # torch.compile backends for the no-graph-break tests: aot_eager wherever the tests run, inductor on the GPU.
 COMPILE_BACKENDS = pytest.mark.parametrize(

@@ -3,17 +3,19 @@
 Tolerances: tests/kernels/_tolerances.py (fused error <= 2x plain PyTorch's in the same dtype + 1 ulp
 at the reference's scale), for the loss and the logits' gradient alike.
 """
+
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import importlib
-
-ce_module = importlib.import_module("optkit.kernels.cross_entropy")  # the module (the package binds the function)
 from optkit.kernels.cross_entropy import CrossEntropyLoss, cross_entropy, reference_cross_entropy
 from tests.kernels._tolerances import OPCHECKS, assert_close_to_reference, check_forward_backward
+
+ce_module = importlib.import_module("optkit.kernels.cross_entropy")  # the module (the package binds the function)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IGNORE = -100

@@ -3,6 +3,7 @@
 Tolerances: tests/kernels/_tolerances.py (fused error <= 2x plain PyTorch's in the same dtype + 1 ulp
 at the reference's scale) for the loss and the gradients of hidden, weight and bias.
 """
+
 import pytest
 import torch
 from hypothesis import given, settings

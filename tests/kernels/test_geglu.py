@@ -2,6 +2,7 @@
 
 Tolerances: tests/kernels/_tolerances.py (fused error <= 2x plain PyTorch's in the same dtype + 1 ulp).
 """
+
 import functools
 
 import pytest
@@ -111,7 +112,10 @@ def test_custom_ops_pass_opcheck():
 @COMPILE_BACKENDS
 def test_compile_fullgraph(backend, device):
     gate, up = _inputs((4, 33), torch.float32, seed=6, device=device)
-    loss = lambda g, u: (geglu(g, u, "tanh") ** 2).sum() + geglu(g, u, "none").sum()
+
+    def loss(g, u):
+        return (geglu(g, u, "tanh") ** 2).sum() + geglu(g, u, "none").sum()
+
     check_compiles_fullgraph(loss, [gate, up], backend, "geglu_fwd")
 
 

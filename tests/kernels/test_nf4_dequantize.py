@@ -3,6 +3,7 @@
 Tolerance: none. The kernel does the same fp32 operations in the same order as bitsandbytes and
 rounds once (to nearest even), so every output must equal bitsandbytes' bit for bit, in every dtype.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -20,16 +21,16 @@ def _quantized(shape, dtype, double_quant, blocksize=64, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     # Linear-layer-like weights with a few outliers, so block scales vary over orders of magnitude.
     weight = torch.randn(shape, generator=gen) * 0.02
-    weight.view(-1)[:: 97] *= 30.0
+    weight.view(-1)[::97] *= 30.0
     weight = weight.to(device=device, dtype=dtype)
-    return bnb_functional.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant,
-                                        quant_type="nf4")
+    return bnb_functional.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
 
 
 def _assert_bitwise_equal(out: torch.Tensor, expected: torch.Tensor) -> None:
     assert out.shape == expected.shape and out.dtype == expected.dtype
-    mismatch = (out.view(-1).view(torch.uint8 if out.dtype == torch.float32 else torch.int16) !=
-                expected.view(-1).view(torch.uint8 if out.dtype == torch.float32 else torch.int16))
+    mismatch = out.view(-1).view(torch.uint8 if out.dtype == torch.float32 else torch.int16) != expected.view(-1).view(
+        torch.uint8 if out.dtype == torch.float32 else torch.int16
+    )
     assert not mismatch.any(), (
         f"{int(mismatch.sum())} values differ from bitsandbytes; max abs diff "
         f"{(out.float() - expected.float()).abs().max().item():.3e}"
@@ -92,7 +93,7 @@ def test_out_writes_rows_of_a_larger_buffer_and_a_prepared_dequantizer_reruns():
     for packed, state in parts:
         dequantize = NF4Dequantizer(packed, state)
         assert dequantize.is_for(packed, state)
-        rows = buffer[row:row + state.shape[0]]
+        rows = buffer[row : row + state.shape[0]]
         assert dequantize(torch.bfloat16, out=rows).data_ptr() == rows.data_ptr()
         _assert_bitwise_equal(rows, bnb_functional.dequantize_4bit(packed, state))
         _assert_bitwise_equal(dequantize(torch.bfloat16), rows)  # a second run gives the same bits
@@ -103,8 +104,11 @@ def test_out_writes_rows_of_a_larger_buffer_and_a_prepared_dequantizer_reruns():
 
 def test_out_of_the_wrong_shape_or_dtype_is_refused():
     packed, state = _quantized((16, 64), torch.bfloat16, True)
-    for bad in (torch.empty(16, 32, dtype=torch.bfloat16), torch.empty(16, 64, dtype=torch.float16),
-                torch.empty(64, 16, dtype=torch.bfloat16).t()):
+    for bad in (
+        torch.empty(16, 32, dtype=torch.bfloat16),
+        torch.empty(16, 64, dtype=torch.float16),
+        torch.empty(64, 16, dtype=torch.bfloat16).t(),
+    ):
         with pytest.raises(ValueError, match="out= must be a contiguous"):
             nf4_dequantize(packed, state, torch.bfloat16, out=bad)
 
@@ -112,8 +116,18 @@ def test_out_of_the_wrong_shape_or_dtype_is_refused():
 def test_custom_op_registration():
     packed, state = _quantized((16, 128), torch.bfloat16, True)
     nested = state.state2
-    args = (packed.view(-1), state.absmax, nested.absmax, nested.code, state.offset.reshape(1).float(),
-            state.code, 64, nested.blocksize, [16, 128], 2)
+    args = (
+        packed.view(-1),
+        state.absmax,
+        nested.absmax,
+        nested.code,
+        state.offset.reshape(1).float(),
+        state.code,
+        64,
+        nested.blocksize,
+        [16, 128],
+        2,
+    )
     torch.library.opcheck(torch.ops.optkit.nf4_dequantize.default, args, test_utils=OPCHECKS)
 
 

@@ -2,6 +2,7 @@
 
 Tolerances: tests/kernels/_tolerances.py (fused error <= 2x plain PyTorch's in the same dtype + 1 ulp).
 """
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -98,9 +99,14 @@ def test_drop_in_equals_hf_module(hf_cls, dtype):
     assert ours.eps == 1e-5 and ours.cast_mode == ("gemma" if hf_cls is Gemma2RMSNorm else "llama")
 
     # The HF module itself is the reference (its float64 run computes in fp32: HF upcasts with .float()).
-    hf_forward = lambda x, weight: torch.func.functional_call(hf, {"weight": weight}, (x,))
+    def hf_forward(x, weight):
+        return torch.func.functional_call(hf, {"weight": weight}, (x,))
+
     x, _ = _inputs((2, 9, 96), dtype, seed=4)
-    ours_forward = lambda x, weight: torch.func.functional_call(ours, {"weight": weight}, (x,))
+
+    def ours_forward(x, weight):
+        return torch.func.functional_call(ours, {"weight": weight}, (x,))
+
     check_forward_backward(ours_forward, hf_forward, [x, hf.weight], dtype)
 
 
@@ -148,7 +154,10 @@ def test_custom_ops_pass_opcheck():
 @COMPILE_BACKENDS
 def test_compile_fullgraph(backend, device):
     x, weight = _inputs((4, 3, 40), torch.float32, seed=8, device=device)
-    loss = lambda x, w: (rms_norm(x, w, 1e-6, 1.0, "gemma") ** 2).sum()
+
+    def loss(x, w):
+        return (rms_norm(x, w, 1e-6, 1.0, "gemma") ** 2).sum()
+
     check_compiles_fullgraph(loss, [x, weight], backend, "rms_norm_fwd")
 
 

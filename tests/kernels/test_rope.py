@@ -2,6 +2,7 @@
 
 Tolerances: tests/kernels/_tolerances.py (fused error <= 2x plain PyTorch's in the same dtype + 1 ulp).
 """
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -105,7 +106,9 @@ def test_non_contiguous_upstream_gradient():
     dk_rot = torch.randn(2, 2, 8, 5, generator=gen).to(DEVICE).transpose(2, 3)  # D not innermost: copied
     grads = torch.autograd.grad(apply_rotary(q, k, cos, sin), [q, k], [dq_rot, dk_rot])
     q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
-    ref = torch.autograd.grad(reference_rope(q64, k64, cos.double(), sin.double()), [q64, k64], [dq_rot.double(), dk_rot.double()])
+    ref = torch.autograd.grad(
+        reference_rope(q64, k64, cos.double(), sin.double()), [q64, k64], [dq_rot.double(), dk_rot.double()]
+    )
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
 

@@ -2,6 +2,7 @@
 
 Tolerances: tests/kernels/_tolerances.py (fused error <= 2x plain PyTorch's in the same dtype + 1 ulp).
 """
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -78,7 +79,9 @@ def test_mlp_drop_in_equals_llama_mlp(dtype):
 
 
 def test_mlp_drop_in_keeps_lora_wrappers():
-    hf = inject_adapter_in_model(LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"]), _llama_mlp(torch.float32))
+    hf = inject_adapter_in_model(
+        LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"]), _llama_mlp(torch.float32)
+    )
     for name, p in hf.named_parameters():
         p.requires_grad_("lora_" in name)
         if "lora_B" in name:  # peft starts B at zero; make the adapters count

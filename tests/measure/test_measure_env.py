@@ -1,4 +1,5 @@
 """Environment capture without a GPU, GPU slugs and the peak table (NVML path: test_measure_nvml.py)."""
+
 import json
 import re
 
@@ -61,18 +62,39 @@ def test_capture_env_without_gpu_is_complete_and_serialisable():
         assert env["gpu_count"] == 0 and env["gpu_name"] is None and env["driver_version"] is None
         assert gpu_slug(env) == "cpu"
     assert env["torch_version"] == torch.__version__
-    for key in ("triton_version", "transformers_version", "peft_version", "bitsandbytes_version",
-                "liger_kernel_version", "hydra_version", "python_version", "cpu_count", "hostname",
-                "timestamp_utc", "git_sha", "git_dirty", "ecc_enabled", "mig_enabled", "power_limit_w"):
+    for key in (
+        "triton_version",
+        "transformers_version",
+        "peft_version",
+        "bitsandbytes_version",
+        "liger_kernel_version",
+        "hydra_version",
+        "python_version",
+        "cpu_count",
+        "hostname",
+        "timestamp_utc",
+        "git_sha",
+        "git_dirty",
+        "ecc_enabled",
+        "mig_enabled",
+        "power_limit_w",
+    ):
         assert key in env
     assert env["git_sha"] is None or re.fullmatch(r"[0-9a-f]{40}", env["git_sha"])
     assert package_version("surely-not-an-installed-distribution") is None
 
 
 def test_fingerprint_keys_only_the_comparability_fields():
-    env = {"gpu_name": "NVIDIA H100 80GB HBM3", "driver_version": "580.1", "cuda_version": "13.0",
-           "torch_version": "2.11.0", "triton_version": "3.6.0", "transformers_version": "5.17.0",
-           "timestamp_utc": "a", "hostname": "x"}
+    env = {
+        "gpu_name": "NVIDIA H100 80GB HBM3",
+        "driver_version": "580.1",
+        "cuda_version": "13.0",
+        "torch_version": "2.11.0",
+        "triton_version": "3.6.0",
+        "transformers_version": "5.17.0",
+        "timestamp_utc": "a",
+        "hostname": "x",
+    }
     fp = env_fingerprint(env)
     assert re.fullmatch(r"[0-9a-f]{12}", fp)
     assert env_fingerprint({**env, "timestamp_utc": "b", "hostname": "y"}) == fp

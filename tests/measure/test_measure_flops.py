@@ -1,15 +1,23 @@
 """FLOP counts against hand counts written out term by term, and against real HF/PEFT modules."""
+
 import pytest
 
 from optkit.measure.flops import lora_params_per_token, matmul_params, mfu, training_flops
 
 # 2-layer llama-like: d=64, Hq=4, Hkv=2, Dh=16, I=128, V=100
-LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=100, tie_word_embeddings=False)
+LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=100,
+    tie_word_embeddings=False,
+)
 S = 32
 # Hand count, one line per term:
-Q, K, V_, O = 64 * 64, 64 * 32, 64 * 32, 64 * 64  # q: d->Hq*Dh, k/v: d->Hkv*Dh, o: Hq*Dh->d
-ATTN_PER_LAYER = Q + K + V_ + O  # 12288
+Q, K, V_, O_ = 64 * 64, 64 * 32, 64 * 32, 64 * 64  # q: d->Hq*Dh, k/v: d->Hkv*Dh, o: Hq*Dh->d
+ATTN_PER_LAYER = Q + K + V_ + O_  # 12288
 MLP_PER_LAYER = 3 * 64 * 128  # gate, up, down: 24576
 LM_HEAD = 64 * 100  # 6400
 N_LAYERS = 2 * (ATTN_PER_LAYER + MLP_PER_LAYER)  # 73728
@@ -17,9 +25,20 @@ N = N_LAYERS + LM_HEAD  # 80128
 A = 4 * 2 * S * 4 * 16  # 4*L*S*Hq*Dh = 16384
 
 # Tiny Qwen3-MoE-like: layer 0 MoE (8 experts, top-2, width 16), layer 1 dense (mlp_only_layers)
-MOE = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-           num_attention_heads=4, num_key_value_heads=4, head_dim=8, vocab_size=50, num_experts=8,
-           num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[1])
+MOE = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=8,
+    vocab_size=50,
+    num_experts=8,
+    num_experts_per_tok=2,
+    decoder_sparse_step=1,
+    mlp_only_layers=[1],
+)
 MOE_ATTN = 2 * (32 * 32 * 4)  # q,k,v,o each 32x32, two layers: 8192
 MOE_LAYER0 = 32 * 8 + 2 * 3 * 32 * 16  # router d*E + 2 active experts x 3 matrices: 3328
 DENSE_LAYER1 = 3 * 32 * 64  # 6144

@@ -1,5 +1,6 @@
 """On a real GPU: NVML sees a 4 GiB allocation, events time matmuls without stalling the host,
 syncs are counted, the environment and its peak are known. Skipped without CUDA."""
+
 import time
 
 import pytest
@@ -86,8 +87,21 @@ def test_count_device_syncs_on_cuda():
 
 def test_env_on_gpu_knows_this_gpu():
     env = capture_env()
-    print({k: env[k] for k in ("gpu_name", "driver_version", "cuda_version", "sm_clock_max_mhz",
-                               "power_limit_w", "ecc_enabled", "mig_enabled", "git_sha")})
+    print(
+        {
+            k: env[k]
+            for k in (
+                "gpu_name",
+                "driver_version",
+                "cuda_version",
+                "sm_clock_max_mhz",
+                "power_limit_w",
+                "ecc_enabled",
+                "mig_enabled",
+                "git_sha",
+            )
+        }
+    )
     assert env["gpu_count"] >= 1 and env["gpu_name"] and env["driver_version"]
     assert gpu_slug(env) != "cpu"
     if any(s in env["gpu_name"] for s in ("H100", "H200")):

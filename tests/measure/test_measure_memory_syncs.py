@@ -1,12 +1,18 @@
 """Allocator / host memory on CPU, and the sync counter's bookkeeping with a stand-in torch.cuda."""
+
 import warnings
 
 import pytest
 import torch
 
 from optkit.measure import syncs
-from optkit.measure.memory import (ALLOCATOR_FIELDS, allocator_peaks, current_rss_bytes, peak_rss_bytes,
-                                   reset_allocator_peaks)
+from optkit.measure.memory import (
+    ALLOCATOR_FIELDS,
+    allocator_peaks,
+    current_rss_bytes,
+    peak_rss_bytes,
+    reset_allocator_peaks,
+)
 
 
 def test_allocator_peaks_are_none_on_cpu():

@@ -1,4 +1,5 @@
 """NvmlSampler without NVML, and with a scripted stand-in for pynvml (plus env's NVML path)."""
+
 import os
 import sys
 import threading
@@ -9,8 +10,13 @@ import pytest
 import torch
 
 from optkit.measure import env as env_mod
-from optkit.measure.nvml import (NvmlSampler, decode_throttle_reasons, downsample_keep_peaks, gpu_processes,
-                                 handle_for_cuda_index)
+from optkit.measure.nvml import (
+    NvmlSampler,
+    decode_throttle_reasons,
+    downsample_keep_peaks,
+    gpu_processes,
+    handle_for_cuda_index,
+)
 
 GIB = 2**30
 
@@ -62,8 +68,9 @@ class FakeNvml:
             raise FakeNvmlError("Function Not Found")
         with self.lock:
             self.memory_calls += 1
-            return types.SimpleNamespace(used=self.used, total=self.total, free=self.total - self.used,
-                                         reserved=self.reserved)
+            return types.SimpleNamespace(
+                used=self.used, total=self.total, free=self.total - self.used, reserved=self.reserved
+            )
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle):
         if not self.processes:
@@ -231,8 +238,11 @@ def test_peak_over_a_marked_window_excludes_what_came_before(fake):
 
 def test_decode_and_downsample():
     assert decode_throttle_reasons(0) == []
-    assert decode_throttle_reasons(0x4 | 0x100 | 0x10000) == ["sw_power_cap", "display_clock_setting",
-                                                              "unknown_0x10000"]
+    assert decode_throttle_reasons(0x4 | 0x100 | 0x10000) == [
+        "sw_power_cap",
+        "display_clock_setting",
+        "unknown_0x10000",
+    ]
     t = [float(i) for i in range(10_000)]
     v = [1] * 10_000
     v[7777] = 99  # a one-sample spike must survive downsampling

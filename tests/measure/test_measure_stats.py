@@ -1,4 +1,5 @@
 """Summary statistics against numpy, the median CI against its textbook ranks and its coverage."""
+
 import math
 import random
 

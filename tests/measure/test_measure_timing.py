@@ -1,4 +1,5 @@
 """PhaseTimer and WallClock on CPU, with sleeps as known lower bounds."""
+
 import time
 
 import pytest

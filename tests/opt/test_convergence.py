@@ -5,6 +5,7 @@ unpatched and once with every optkit kernel on. Both must learn (the loss falls 
 and the two loss curves must agree step by step within CURVE_ATOL. The GPU version of this check,
 with 200 steps and the peers (compile, liger), is conf/suite/convergence.yaml.
 """
+
 import torch
 
 from optkit.config.compose import compose
@@ -12,8 +13,11 @@ from optkit.data.learnable import learnable_batch
 from optkit.models import build_model
 from optkit.opt.patcher import patch, patch_log
 
-ALL_KERNELS = {"kernels": dict.fromkeys(
-    ["rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy"], True)}
+ALL_KERNELS = {
+    "kernels": dict.fromkeys(
+        ["rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy"], True
+    )
+}
 # 16 tokens a step, 4 batches cycled (as the runner does): the Triton interpreter costs ~1-2 s of CPU
 # per step here, so this is what fits the budget while the loss still falls to half its start.
 BATCH, SEQ, N_BATCHES, STEPS, LR = 2, 8, 4, 16, 1e-2

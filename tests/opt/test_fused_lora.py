@@ -5,6 +5,7 @@ float64 reference at most 2x plain PyTorch's in the same dtype + one ulp of slac
 (float32 tiny models), every gradient within 2e-5 of peft's relative to its tensor's largest entry: the
 two paths do the same float32 math in a different order, so only summation-order rounding separates them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from optkit.train.method import decoder_layers
 from optkit.opt.fused_lora import (
     FusedMLPForward,
     FusedProjectionForward,
@@ -28,6 +28,7 @@ from optkit.opt.fused_lora import (
     gated_activation,
     remove_fused_lora,
 )
+from optkit.train.method import decoder_layers
 from tests.kernels._tolerances import check_forward_backward
 from tests.train._tiny import loss_and_grads, max_relative_error, one_thread, tiny_model, token_batch  # noqa: F401
 
@@ -55,10 +56,12 @@ def test_projection_group_matches_float64(dtype):
     gen = torch.Generator().manual_seed(0)
     d_in, outs, ranks, scales = 24, (40, 8, 16), (3, 0, 5), (2.0, 0.0, 0.5)
     x = _rand(gen, 2, 5, d_in, grad=True)
-    weights = [_rand(gen, o, d_in, scale=d_in ** -0.5) for o in outs]
+    weights = [_rand(gen, o, d_in, scale=d_in**-0.5) for o in outs]
     bias_q = _rand(gen, outs[0])
-    lora = [(_rand(gen, r, d_in, scale=0.3, grad=True), _rand(gen, o, r, scale=0.3, grad=True)) if r else (None, None)
-            for o, r in zip(outs, ranks)]
+    lora = [
+        (_rand(gen, r, d_in, scale=0.3, grad=True), _rand(gen, o, r, scale=0.3, grad=True)) if r else (None, None)
+        for o, r in zip(outs, ranks)
+    ]
     params = [t for pair in lora for t in pair if t is not None]
     inputs = [x, *weights, bias_q, *params]
     inputs = [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in inputs]
@@ -79,28 +82,39 @@ def test_projection_group_matches_float64(dtype):
     check_forward_backward(fused, reference, inputs, dtype)
 
 
-@pytest.mark.parametrize("activation,dtype", [("silu", torch.float32), ("silu", torch.bfloat16),
-                                              ("gelu_pytorch_tanh", torch.float32)])
+@pytest.mark.parametrize(
+    "activation,dtype", [("silu", torch.float32), ("silu", torch.bfloat16), ("gelu_pytorch_tanh", torch.float32)]
+)
 def test_mlp_matches_float64(activation, dtype):
     gen = torch.Generator().manual_seed(1)
     hidden, inter, rank, scale = 24, 40, 4, 2.0
     x = _rand(gen, 2, 7, hidden, grad=True)
-    w_gate, w_up = _rand(gen, inter, hidden, scale=hidden ** -0.5), _rand(gen, inter, hidden, scale=hidden ** -0.5)
-    w_down = _rand(gen, hidden, inter, scale=inter ** -0.5)
-    lora = [_rand(gen, *s, scale=0.3, grad=True) for s in
-            [(rank, hidden), (inter, rank), (rank, hidden), (inter, rank), (rank, inter), (hidden, rank)]]
+    w_gate, w_up = _rand(gen, inter, hidden, scale=hidden**-0.5), _rand(gen, inter, hidden, scale=hidden**-0.5)
+    w_down = _rand(gen, hidden, inter, scale=inter**-0.5)
+    lora = [
+        _rand(gen, *s, scale=0.3, grad=True)
+        for s in [(rank, hidden), (inter, rank), (rank, hidden), (inter, rank), (rank, inter), (hidden, rank)]
+    ]
     inputs = [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in [x, w_gate, w_up, w_down, *lora]]
     act = gated_activation(activation)
-    torch_act = {"silu": lambda g, u: F.silu(g) * u,
-                 "gelu_pytorch_tanh": lambda g, u: F.gelu(g, approximate="tanh") * u}[activation]
+    torch_act = {
+        "silu": lambda g, u: F.silu(g) * u,
+        "gelu_pytorch_tanh": lambda g, u: F.gelu(g, approximate="tanh") * u,
+    }[activation]
 
     def fused(x, wg, wu, wd, ag, bg, au, bu, ad, bd):
-        group = MLPGroup(_projection(wg, None, ag, bg, scale), _projection(wu, None, au, bu, scale),
-                         _projection(wd, None, ad, bd, scale), act)
+        group = MLPGroup(
+            _projection(wg, None, ag, bg, scale),
+            _projection(wu, None, au, bu, scale),
+            _projection(wd, None, ad, bd, scale),
+            act,
+        )
         return _FusedMLPFunction.apply(x, group, True, ag, bg, au, bu, ad, bd)
 
     def reference(x, wg, wu, wd, ag, bg, au, bu, ad, bd):
-        h = torch_act(reference_projection(x, wg, None, ag, bg, scale), reference_projection(x, wu, None, au, bu, scale))
+        h = torch_act(
+            reference_projection(x, wg, None, ag, bg, scale), reference_projection(x, wu, None, au, bu, scale)
+        )
         return reference_projection(h, wd, None, ad, bd, scale)
 
     check_forward_backward(fused, reference, inputs, dtype)
@@ -148,8 +162,9 @@ def test_adapter_updates_reach_the_next_step(checkpointing):
                     param.data.mul_(1.5)
 
     for i in range(3):
-        (peft_loss, peft_grads), (fused_loss, fused_grads) = (step(m, o, token_batch(i)) for m, o in
-                                                             zip((net, fused), optimizers))
+        (peft_loss, peft_grads), (fused_loss, fused_grads) = (
+            step(m, o, token_batch(i)) for m, o in zip((net, fused), optimizers)
+        )
         torch.testing.assert_close(fused_loss, peft_loss, rtol=1e-5, atol=1e-6)
         assert max_relative_error(fused_grads, peft_grads) < 1e-4
         for model in (net, fused):
@@ -210,8 +225,9 @@ def test_remove_restores_peft_and_state_dict_is_unchanged():
     loss_and_grads(net, ids)
     assert shared._input is None and not shared._pending  # Q, K and V each took their output
     assert remove_fused_lora(net) == 5  # q, k, v, o and the MLP
-    assert not any(isinstance(m.__dict__.get("forward"), (FusedMLPForward, FusedProjectionForward))
-                   for m in net.modules())
+    assert not any(
+        isinstance(m.__dict__.get("forward"), (FusedMLPForward, FusedProjectionForward)) for m in net.modules()
+    )
     assert torch.equal(loss_and_grads(net, ids)[0], peft_loss)
 
 
@@ -222,8 +238,9 @@ def test_optkit_patch_records_the_forwards_and_unpatch_removes_them():
     patch(net, {"fused_lora": True})
     assert patch_log(net)[0].startswith("fused_lora: QKV+O fused in 1/1 layers, MLP in 1/1"), patch_log(net)
     unpatch(net)
-    assert not any(isinstance(m.__dict__.get("forward"), (FusedMLPForward, FusedProjectionForward))
-                   for m in net.modules())
+    assert not any(
+        isinstance(m.__dict__.get("forward"), (FusedMLPForward, FusedProjectionForward)) for m in net.modules()
+    )
 
 
 def test_dropout_falls_back_to_peft_with_a_note():
@@ -248,8 +265,10 @@ def test_fused_qlora_projections_compile_without_graph_breaks():
     gen = torch.Generator().manual_seed(4)
     torch.manual_seed(4)
     bases = [to_linear4bit(torch.nn.Linear(64, out, bias=False)) for out in (64, 32, 32)]
-    lora = [(torch.randn(4, 64, generator=gen).requires_grad_(), torch.randn(out, 4, generator=gen).requires_grad_())
-            for out in (64, 32, 32)]
+    lora = [
+        (torch.randn(4, 64, generator=gen).requires_grad_(), torch.randn(out, 4, generator=gen).requires_grad_())
+        for out in (64, 32, 32)
+    ]
     group = ProjectionGroup(("q", "k", "v"), [LoRAProjection(b, A, B, 2.0) for b, (A, B) in zip(bases, lora)])
     params = [t for pair in lora for t in pair]
     x = torch.randn(2, 8, 64, generator=gen, requires_grad=True)
@@ -285,8 +304,9 @@ def _dequantized_fp32_twin(net):
     for module in list(twin.modules()):
         base = getattr(module, "base_layer", None)
         if isinstance(base, bnb.nn.Linear4bit):
-            linear = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                                     device=base.weight.device)
+            linear = torch.nn.Linear(
+                base.in_features, base.out_features, bias=base.bias is not None, device=base.weight.device
+            )
             linear.weight.data = bnb.functional.dequantize_4bit(base.weight, base.weight.quant_state).float()
             if base.bias is not None:
                 linear.bias.data = base.bias.data.float()
@@ -300,8 +320,10 @@ def _bf16_errors_against_fp32(net, ids):
     peft_loss, peft_grads = loss_and_grads(net, ids)
     apply_fused_lora(net, FUSED_ON)
     fused_loss, fused_grads = loss_and_grads(net, ids)
-    return ((max_relative_error(peft_grads, reference), max_relative_error(fused_grads, reference)),
-            (abs(peft_loss.float() - reference_loss).item(), abs(fused_loss.float() - reference_loss).item()))
+    return (
+        (max_relative_error(peft_grads, reference), max_relative_error(fused_grads, reference)),
+        (abs(peft_loss.float() - reference_loss).item(), abs(fused_loss.float() - reference_loss).item()),
+    )
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
@@ -324,4 +346,3 @@ def test_gradients_match_peft_llama3_8b_gpu(method):
     (peft_err, fused_err), (peft_loss_err, fused_loss_err) = _bf16_errors_against_fp32(net, ids)
     assert fused_err <= 2 * peft_err + 1e-2, (fused_err, peft_err)
     assert fused_loss_err <= 2 * peft_loss_err + 1e-2
-

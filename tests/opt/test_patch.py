@@ -4,17 +4,17 @@ clear errors (missing requirement, unsupported family, conflicts), and opt=full 
 Numerical equivalence of patched models is tests/opt/test_patch_equivalence.py's job; here the models
 run only where a behaviour needs it, at 8 tokens (the Triton interpreter is slow per token).
 """
+
 import copy
 import dataclasses
 import importlib
 import importlib.util
-import sys
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from optkit.config.compose import CONF_DIR, compose, group_choices
+from optkit.config.compose import compose, group_choices
 from optkit.config.schema import OptConfig
 from optkit.families import UnknownModelError
 from optkit.models import build_model
@@ -22,12 +22,25 @@ from optkit.opt import edits
 from optkit.opt.edits import PatchConflict, replace_module
 from optkit.opt.patcher import patch, patch_log, unpatch
 from optkit.opt.registry import (
-    REGISTRY, MissingRequirement, enabled_names, load_opt_config, missing_requirements, switch_value,
+    REGISTRY,
+    MissingRequirement,
+    enabled_names,
+    load_opt_config,
+    missing_requirements,
+    switch_value,
 )
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2")
-KERNELS_ON = {"kernels": {"rms_norm": True, "rope": True, "swiglu": True, "geglu": True,
-                          "cross_entropy": True, "fused_linear_cross_entropy": True}}
+KERNELS_ON = {
+    "kernels": {
+        "rms_norm": True,
+        "rope": True,
+        "swiglu": True,
+        "geglu": True,
+        "cross_entropy": True,
+        "fused_linear_cross_entropy": True,
+    }
+}
 REQUIREMENTS = {"cuda", "triton", "bitsandbytes", "liger", "moe", "packing", "lora"}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton on CPU tensors only under the interpreter
 
@@ -42,6 +55,7 @@ def _ids(model, seed=0, seq=8):
 
 
 # ---- registry --------------------------------------------------------------------------------------
+
 
 def _presets_turning_on(config_key):
     on = []
@@ -76,8 +90,14 @@ def test_presets_load_without_hydra_and_enable_what_they_say():
     assert enabled_names("baseline") == []
     assert enabled_names("liger") == ["liger"]
     assert enabled_names("compile") == ["compile"]
-    assert enabled_names("kernels") == ["rms_norm", "rope", "swiglu", "geglu", "cross_entropy",
-                                        "fused_linear_cross_entropy"]
+    assert enabled_names("kernels") == [
+        "rms_norm",
+        "rope",
+        "swiglu",
+        "geglu",
+        "cross_entropy",
+        "fused_linear_cross_entropy",
+    ]
     assert "compile" not in enabled_names("full") and enabled_names("full_compile")[-1] == "compile"
     # every accepted form of the same config gives the same answer
     dict_cfg = {"kernels": {"rope": True}, "compile": True}
@@ -93,6 +113,7 @@ def test_bad_opt_configs_say_what_to_do():
 
 
 # ---- patch / unpatch ---------------------------------------------------------------------------------
+
 
 def test_patch_is_idempotent():
     model = _tiny()
@@ -174,7 +195,9 @@ def _explode(model, opt_cfg):
 
 def test_two_optimizations_claiming_one_module_is_an_error():
     model = patch(_tiny(), {"kernels": {"swiglu": True}})
-    with pytest.raises(PatchConflict, match=r"geglu and swiglu both replace model\.layers\.0\.mlp.*opt\.kernels\.swiglu=false"):
+    with pytest.raises(
+        PatchConflict, match=r"geglu and swiglu both replace model\.layers\.0\.mlp.*opt\.kernels\.swiglu=false"
+    ):
         replace_module(model, "model.layers.0.mlp", torch.nn.Identity(), by="geglu")
 
 
@@ -195,9 +218,12 @@ def test_optimizations_that_do_not_apply_are_skipped_with_a_log_line():
 
 # ---- requirements and families ------------------------------------------------------------------------
 
+
 def test_missing_liger_is_a_clear_missing_requirement(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "liger_kernel" else real_find_spec(n, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "liger_kernel" else real_find_spec(n, *a)
+    )
     assert missing_requirements("liger") == ["liger: liger-kernel is not installed (pip install liger-kernel)"]
     assert missing_requirements("full") == []
     with pytest.raises(MissingRequirement, match="pip install liger-kernel"):
@@ -233,6 +259,7 @@ def test_compile_is_in_place_and_unpatched(monkeypatch):
 
 
 # ---- the fused loss's contract --------------------------------------------------------------------------
+
 
 def test_fused_loss_returns_no_logits_in_training_and_logits_when_asked():
     model = _tiny("gemma2").train()
@@ -286,6 +313,7 @@ def test_peft_model_is_patched_inside_and_unpatched():
 
 
 # ---- opt=full on every family ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_patches_every_family_trains_a_step_and_unpatches(family):

@@ -7,6 +7,7 @@ reference's scale. Each optimization is checked alone (where it applies to the f
 optkit's kernels together, on every family's tiny config, in float32, one bf16 case, and with peft
 LoRA applied first. Real widths in bf16 (Llama-3-8B cut to 2 layers) are the gpu-marked tests.
 """
+
 import copy
 import functools
 
@@ -141,6 +142,7 @@ def test_all_kernels_with_lora(family):
 
 
 # ---- real widths, on the GPU ------------------------------------------------------------------------
+
 
 def _gpu_llama8b_2_layers():
     cfg = compose(["model=llama3_8b", "model.num_layers=2", "model.dtype=bfloat16"]).model

@@ -2,6 +2,7 @@
 
 Expected numbers are recomputed here from the raw rows with numpy, independently of report.py.
 """
+
 import csv
 import importlib.util
 import json
@@ -14,9 +15,9 @@ import numpy as np
 import pytest
 
 from optkit.report import command as report
+from optkit.report import entries
 from optkit.report.cross_gpu import write_cross_gpu
 from optkit.results.runs import load_run
-from optkit.report import entries
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 SMOKE = GOLDEN / "cpu/smoke/golden-smoke"
@@ -26,7 +27,7 @@ KERNELS = GOLDEN / "h100/kernels/golden-kernels"
 CONVERGENCE = GOLDEN / "h100/convergence/golden-convergence"
 E2E_H100 = GOLDEN / "h100/e2e/golden-e2e-h100"
 E2E_H200 = GOLDEN / "h200/e2e/golden-e2e-h200"
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def load_make_golden():
@@ -68,8 +69,12 @@ def test_golden_runs_are_reproducible(tmp_path):
 def test_every_report_and_table_exists(out):
     expected = {
         "cpu/smoke": ["tiny_llama", "tiny_qwen3", "tiny_gemma2", "tiny_qwen3_moe"],
-        "h100/ablation": ["llama3_8b"], "h100/scaling": ["llama3_8b"], "h100/kernels": ["kernels"],
-        "h100/convergence": ["llama3_2_1b"], "h100/e2e": ["llama3_8b"], "h200/e2e": ["llama3_8b"],
+        "h100/ablation": ["llama3_8b"],
+        "h100/scaling": ["llama3_8b"],
+        "h100/kernels": ["kernels"],
+        "h100/convergence": ["llama3_2_1b"],
+        "h100/e2e": ["llama3_8b"],
+        "h200/e2e": ["llama3_8b"],
         "cross-gpu/e2e": ["cross_gpu"],
     }
     for folder, tables in expected.items():
@@ -79,9 +84,12 @@ def test_every_report_and_table_exists(out):
 
 
 def test_figures_exist_and_are_embedded(out):
-    expected = {"h100/ablation": ["llama3_8b_speedup", "llama3_8b_phases", "llama3_8b_memory", "llama3_8b_vram"],
-                "h100/scaling": ["llama3_8b_scaling"], "h100/kernels": ["kernels_bandwidth"],
-                "h100/convergence": ["llama3_2_1b_loss"]}
+    expected = {
+        "h100/ablation": ["llama3_8b_speedup", "llama3_8b_phases", "llama3_8b_memory", "llama3_8b_vram"],
+        "h100/scaling": ["llama3_8b_scaling"],
+        "h100/kernels": ["kernels_bandwidth"],
+        "h100/convergence": ["llama3_2_1b_loss"],
+    }
     for folder, names in expected.items():
         md = (out / folder / "report.md").read_text()
         for name in names:
@@ -106,8 +114,15 @@ def test_pdf_figures(tmp_path):
 
 def test_environment_block(out):
     md = (out / "h100/ablation/report.md").read_text()
-    for fact in ("NVIDIA H100 80GB HBM3", "580.65.06", "2.11.0+cu130", "3.6.0", "5.17.0", "0123abc4567def",
-                 "golden-ablation"):
+    for fact in (
+        "NVIDIA H100 80GB HBM3",
+        "580.65.06",
+        "2.11.0+cu130",
+        "3.6.0",
+        "5.17.0",
+        "0123abc4567def",
+        "golden-ablation",
+    ):
         assert fact in md
 
 
@@ -151,7 +166,7 @@ def md_table(md: str, first_header: str):
     start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
     header = [c.strip() for c in lines[start].strip("|").split("|")]
     body = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         body.append(dict(zip(header, (c.strip() for c in line.strip("|").split(" | ")))))
@@ -215,9 +230,16 @@ def _strip_escapes(tex: str) -> str:
     return re.sub(r"\\[{}&%$#_]", "", tex)
 
 
-@pytest.mark.parametrize("table", ["h100/ablation/llama3_8b.tex", "h100/scaling/llama3_8b.tex",
-                                   "h100/kernels/kernels.tex", "cpu/smoke/tiny_qwen3_moe.tex",
-                                   "cross-gpu/e2e/cross_gpu.tex"])
+@pytest.mark.parametrize(
+    "table",
+    [
+        "h100/ablation/llama3_8b.tex",
+        "h100/scaling/llama3_8b.tex",
+        "h100/kernels/kernels.tex",
+        "cpu/smoke/tiny_qwen3_moe.tex",
+        "cross-gpu/e2e/cross_gpu.tex",
+    ],
+)
 def test_latex_is_a_balanced_booktabs_tabular(out, table):
     tex = (out / table).read_text()
     body = _strip_escapes(tex)
@@ -238,19 +260,29 @@ def test_latex_is_a_balanced_booktabs_tabular(out, table):
 def test_latex_compiles(out, tmp_path):
     tables = [out / "h100/ablation/llama3_8b.tex", out / "h100/kernels/kernels.tex"]
     doc = tmp_path / "doc.tex"
-    doc.write_text("\\documentclass{article}\n\\usepackage{booktabs,graphicx}\n\\begin{document}\n"
-                   + "".join(f"\\resizebox{{\\textwidth}}{{!}}{{\\input{{{t}}}}}\n\n" for t in tables)
-                   + "\\end{document}\n")
-    proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    doc.write_text(
+        "\\documentclass{article}\n\\usepackage{booktabs,graphicx}\n\\begin{document}\n"
+        + "".join(f"\\resizebox{{\\textwidth}}{{!}}{{\\input{{{t}}}}}\n\n" for t in tables)
+        + "\\end{document}\n"
+    )
+    proc = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:]
 
 
 def test_runs_of_one_gpu_and_suite_newest_or_merged(tmp_path, capsys):
     later = tmp_path / "runs/h100/e2e/golden-e2e-h100-later"
     shutil.copytree(E2E_H100, later)
-    (later / "results.jsonl").write_text((later / "results.jsonl").read_text().replace(
-        '"run_id": "golden-e2e-h100"', '"run_id": "golden-e2e-h100-later"'))
+    (later / "results.jsonl").write_text(
+        (later / "results.jsonl")
+        .read_text()
+        .replace('"run_id": "golden-e2e-h100"', '"run_id": "golden-e2e-h100-later"')
+    )
     assert report.main([str(later), str(E2E_H100), "--out", str(tmp_path / "one"), "--formats", ""]) == 0
     assert "reporting the newest run golden-e2e-h100-later" in capsys.readouterr().err
     assert "`golden-e2e-h100-later`" in (tmp_path / "one/h100/e2e/report.md").read_text()
@@ -287,15 +319,24 @@ def test_memory_saving_prefers_the_timed_nvml_peak_over_the_build_peak():
     from optkit.results.runs import Point
 
     def point(opt, timed_gib, process_gib=16.0):
-        row = dict(status="ok", opt=opt, model="m", setting_key="m/qlora", step_times_ms=[100.0, 101.0],
-                   tokens_per_step=4096, peak_nvml_process_bytes=process_gib * 2 ** 30,
-                   peak_allocated_bytes=process_gib / 3 * 2 ** 30)
+        row = dict(
+            status="ok",
+            opt=opt,
+            model="m",
+            setting_key="m/qlora",
+            step_times_ms=[100.0, 101.0],
+            tokens_per_step=4096,
+            peak_nvml_process_bytes=process_gib * 2**30,
+            peak_allocated_bytes=process_gib / 3 * 2**30,
+        )
         if timed_gib is not None:
-            row["peak_nvml_timed_device_bytes"] = timed_gib * 2 ** 30
+            row["peak_nvml_timed_device_bytes"] = timed_gib * 2**30
         return Point(f"m/{opt}", [row])
 
     base = point("baseline", 16.0)
     entry = train_entry(point("full", 9.0), base)
-    assert entry["mem_saving"] == pytest.approx(1 - 9.0 / 16.0) and entry["mem_saving_source"] == "peak_nvml_timed_bytes"
+    assert (
+        entry["mem_saving"] == pytest.approx(1 - 9.0 / 16.0) and entry["mem_saving_source"] == "peak_nvml_timed_bytes"
+    )
     older = train_entry(point("full", None, process_gib=12.0), point("baseline", None))  # rows without a timed peak
     assert older["mem_saving"] == pytest.approx(1 - 12.0 / 16.0) and older["mem_saving_source"] == "peak_nvml_bytes"

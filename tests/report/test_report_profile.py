@@ -1,6 +1,7 @@
 """optkit report on profiled rows: the kernel-share table (with trace links), the VRAM-over-one-step
 figure and the timed-window NVML peak column. Rows are synthetic (tests/golden's row builder) with
 profile and NVML-window fields written here, so every expected cell is known."""
+
 import csv
 import importlib.util
 import re
@@ -8,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from optkit.report import command as report
 from optkit.measure.profile import CATEGORIES
+from optkit.report import command as report
 from optkit.report.profile import step_vram_series
 from optkit.results.rows import append_row
 
-GIB = 1024 ** 3
+GIB = 1024**3
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
 
@@ -56,14 +57,24 @@ def run_dir(tmp_path_factory):
         window = [5000.0, 5000.0 + sum(row["step_times_ms"])]
         build = _saw(0.0, 4000.0, 0.5, 40.0, every_ms=50.0)  # the model build's spike, before the window
         steps = _saw(window[1] - last, last, low, high, every_ms=50.0)
-        row.update(nvml_series=build + steps, nvml_timed_window_ms=window, peak_nvml_timed_device_bytes=int(high * GIB),
-                   profile_kernel_share=_share(SHARES[opt], 850.0), profile_step_ms=850.0,
-                   profile_time_source="cuda_kernels", trace_path=f"traces/{opt}-r0.json.gz",
-                   profile_top_kernels=[{"name": "nvjet_hsh_256x128_64x4", "category": "matmul", "calls": 224,
-                                         "total_ms": 340.0}])
+        row.update(
+            nvml_series=build + steps,
+            nvml_timed_window_ms=window,
+            peak_nvml_timed_device_bytes=int(high * GIB),
+            profile_kernel_share=_share(SHARES[opt], 850.0),
+            profile_step_ms=850.0,
+            profile_time_source="cuda_kernels",
+            trace_path=f"traces/{opt}-r0.json.gz",
+            profile_top_kernels=[
+                {"name": "nvjet_hsh_256x128_64x4", "category": "matmul", "calls": 224, "total_ms": 340.0}
+            ],
+        )
         if opt == "baseline":  # full-rate samples of the profiled step; "full" is cut from nvml_series
-            row.update(nvml_step_series=[[t - 0.0, b] for t, b in _saw(0.0, 880.0, low, high)],
-                       nvml_step_series_of="profiled_step", nvml_profiled_step_ms=[9000.0, 9880.0])
+            row.update(
+                nvml_step_series=[[t - 0.0, b] for t, b in _saw(0.0, 880.0, low, high)],
+                nvml_step_series_of="profiled_step",
+                nvml_profiled_step_ms=[9000.0, 9880.0],
+            )
         rows.append(row)
     run = root / "h100" / "e2e" / "prof-run"
     (run / "traces").mkdir(parents=True)
@@ -108,8 +119,11 @@ def test_timed_peak_column(out):
     md = (out / "report.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| opt |"))
     column = header.split(" | ").index("peak NVML timed GiB")
-    cells = {line.split(" | ")[0]: line.split(" | ")[column] for line in md.splitlines()
-             if line.startswith(("| baseline | ok |", "| full | ok |"))}
+    cells = {
+        line.split(" | ")[0]: line.split(" | ")[column]
+        for line in md.splitlines()
+        if line.startswith(("| baseline | ok |", "| full | ok |"))
+    }
     assert cells == {"| baseline": "34.00", "| full": "**23.50**"}
 
 

@@ -4,6 +4,7 @@ While active, every layer input handed to ``LayerInputOffloader.offload`` is kep
 every tensor ``reload`` returns is compared with it once its copy has finished; mismatches are
 recorded as (layer index, max abs difference).
 """
+
 from __future__ import annotations
 
 import contextlib

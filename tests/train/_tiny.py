@@ -3,6 +3,7 @@
 Import ``one_thread`` into a test module to run it on one intra-op thread: on a shared 2-core machine
 torch's default of 2 spinning threads makes these tiny matmuls ~50x slower.
 """
+
 from __future__ import annotations
 
 import functools
@@ -64,6 +65,8 @@ def max_relative_error(grads: Dict[str, torch.Tensor], reference: Dict[str, torc
     """max over parameters of max|g - ref| / max|ref| (a per-tensor scale: small entries don't dominate)."""
     assert grads.keys() == reference.keys(), "different sets of trainable parameters"
     return max(
-        ((grads[k].double() - reference[k].double()).abs().max() / reference[k].double().abs().max().clamp_min(1e-30)).item()
+        (
+            (grads[k].double() - reference[k].double()).abs().max() / reference[k].double().abs().max().clamp_min(1e-30)
+        ).item()
         for k in reference
     )

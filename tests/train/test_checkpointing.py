@@ -5,14 +5,15 @@ On CPU the recomputation runs the same float32 kernels on the same inputs, so gr
 rounding of the accumulation order (bound: 1e-6 of each tensor's largest entry). Every check takes
 the second of two steps with different batches, so a stale buffer from the previous step would show.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from optkit.train.checkpointing import OffloadedLayerForward, disable_checkpointing, enable_checkpointing
 from optkit.opt.fused_lora import apply_fused_lora
+from optkit.train.checkpointing import OffloadedLayerForward, disable_checkpointing, enable_checkpointing
 from tests.train._reload_check import reload_mismatches
 from tests.train._tiny import BATCH, SEQ_LEN, loss_and_grads, max_relative_error, one_thread, tiny_model, token_batch  # noqa: F401
 
@@ -127,7 +128,10 @@ def test_gradients_equal_no_checkpointing_llama3_8b_gpu(method):
         finally:
             disable_checkpointing(net)
         if mode == "offload_double_buffer":
-            assert info["offload_prefetch_hits"] == 2 * 3 and info["offload_device_buffer_bytes"] == 2 * 2 * 2048 * 4096 * 2
+            assert (
+                info["offload_prefetch_hits"] == 2 * 3
+                and info["offload_device_buffer_bytes"] == 2 * 2 * 2048 * 4096 * 2
+            )
     bound = max(2 * max(noise, errors["standard"]), BF16_RECOMPUTE_FLOOR)
     assert errors["offload"] <= bound and errors["offload_double_buffer"] <= bound, (noise, errors)
 
@@ -146,7 +150,9 @@ def test_offload_reloads_exactly_the_forward_inputs_gpu(mode, method):
                 loss_and_grads(net, ids)
     finally:
         disable_checkpointing(net)
-    assert not mismatches, f"{mode}: reloaded layer inputs differ from the forward inputs (layer, max abs diff): {mismatches}"
+    assert not mismatches, (
+        f"{mode}: reloaded layer inputs differ from the forward inputs (layer, max abs diff): {mismatches}"
+    )
 
 
 @pytest.mark.gpu

@@ -1,4 +1,5 @@
 """train.method: full / lora / qlora on tiny models (CPU)."""
+
 from __future__ import annotations
 
 import pytest

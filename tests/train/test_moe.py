@@ -4,6 +4,7 @@ Tolerances follow tests/kernels/_tolerances.py: the float64 reference (HF's eage
 ``reference_moe_experts``) is what the tests trust; our fp32 result may be off by at most 2x what HF's own fp32 path
 makes (+ one ulp at the reference's scale). Inputs are fresh random tensors with odd sizes and unused experts.
 """
+
 import copy
 import functools
 
@@ -23,8 +24,9 @@ from tests.train.test_packing import HostSyncCounter
 @functools.lru_cache(maxsize=None)
 def _cfg(*overrides):
     # experts_implementation=eager: HF's per-expert loop is the baseline and, in float64, the reference
-    return compose(["model=tiny_qwen3_moe", "model.experts_implementation=eager", "opt.moe_sorted_routing=true",
-                    *overrides])
+    return compose(
+        ["model=tiny_qwen3_moe", "model.experts_implementation=eager", "opt.moe_sorted_routing=true", *overrides]
+    )
 
 
 def _model(seed=0):
@@ -44,8 +46,8 @@ class FakeExperts(nn.Module):
 
     def __init__(self, experts, hidden, inter, transposed, gen, dtype=torch.float32):
         super().__init__()
-        gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen, dtype=dtype) / hidden ** 0.5
-        down = torch.randn(experts, hidden, inter, generator=gen, dtype=dtype) / inter ** 0.5
+        gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen, dtype=dtype) / hidden**0.5
+        down = torch.randn(experts, hidden, inter, generator=gen, dtype=dtype) / inter**0.5
         self.is_transposed = transposed
         self.gate_up_proj = nn.Parameter(gate_up.transpose(1, 2).contiguous() if transposed else gate_up)
         self.down_proj = nn.Parameter(down.transpose(1, 2).contiguous() if transposed else down)
@@ -81,8 +83,10 @@ def test_sorted_experts_match_the_float64_reference(tokens, experts, top_k, tran
     weights.requires_grad_(True)
 
     def reference(dtype):
-        args = [t.detach().to(dtype).requires_grad_(True) for t in (x, weights, hf.out_in("gate_up_proj"),
-                                                                     hf.out_in("down_proj"))]
+        args = [
+            t.detach().to(dtype).requires_grad_(True)
+            for t in (x, weights, hf.out_in("gate_up_proj"), hf.out_in("down_proj"))
+        ]
         out = M.reference_moe_experts(args[0], index, args[1], args[2], args[3], hf.act_fn)
         return out, torch.autograd.grad(out, args, torch.ones_like(out))
 
@@ -152,8 +156,9 @@ def test_apply_and_remove_keep_parameters_and_restore_hf():
     remove_moe_sorted_routing(model)
     assert model.model.layers[0].mlp.experts is original
     dense = build_model(compose(["model=tiny_qwen3"]).model)
-    assert apply_moe_sorted_routing(dense, _cfg().opt) == ["moe_sorted_routing: no MoE experts in this model; "
-                                                             "nothing changed"]
+    assert apply_moe_sorted_routing(dense, _cfg().opt) == [
+        "moe_sorted_routing: no MoE experts in this model; nothing changed"
+    ]
 
 
 def test_transformers4_module_list_experts_are_refused():
@@ -171,13 +176,16 @@ def test_expert_lora_equals_merged_weights():
     ours.add_lora(rank=4, alpha=8)
     x = torch.randn(21, 16, generator=gen)
     index, weights = _routing(21, 6, 2, gen)
-    torch.testing.assert_close(ours(x, index, weights),
-                               M.reference_moe_experts(x, index, weights, hf.gate_up_proj, hf.down_proj, hf.act_fn))
+    torch.testing.assert_close(
+        ours(x, index, weights), M.reference_moe_experts(x, index, weights, hf.gate_up_proj, hf.down_proj, hf.act_fn)
+    )
     with torch.no_grad():  # B = 0 at start; make it non-zero to check the math
         ours.gate_up_lora_B.normal_(generator=gen)
         ours.down_lora_B.normal_(generator=gen)
-    merged = [w + 2.0 * torch.bmm(getattr(ours, f"{p}_lora_B"), getattr(ours, f"{p}_lora_A"))
-              for w, p in ((hf.gate_up_proj, "gate_up"), (hf.down_proj, "down"))]
+    merged = [
+        w + 2.0 * torch.bmm(getattr(ours, f"{p}_lora_B"), getattr(ours, f"{p}_lora_A"))
+        for w, p in ((hf.gate_up_proj, "gate_up"), (hf.down_proj, "down"))
+    ]
     ref64 = M.reference_moe_experts(x.double(), index, weights.double(), *[m.double() for m in merged], hf.act_fn)
     torch32 = M.reference_moe_experts(x, index, weights, *merged, hf.act_fn)
     assert_close_to_reference(ours(x, index, weights), ref64, torch32, torch.float32, name="lora output")
@@ -228,8 +236,14 @@ def test_gpu_grouped_mm_path_matches_hf_at_qwen3_30b_a3b_shapes():
     from optkit.measure.syncs import count_device_syncs
 
     dev = torch.device("cuda")
-    cfg = compose(["model=qwen3_moe_30b_a3b", "model.num_layers=1", "model.hf_config.vocab_size=1024",
-                   "model.experts_implementation=eager"])
+    cfg = compose(
+        [
+            "model=qwen3_moe_30b_a3b",
+            "model.num_layers=1",
+            "model.hf_config.vocab_size=1024",
+            "model.experts_implementation=eager",
+        ]
+    )
     model = build_model(cfg.model, device=dev).train()
     block = model.model.layers[0].mlp
     x = torch.randn(2048, 2048, device=dev, dtype=torch.bfloat16)
@@ -259,8 +273,15 @@ def test_gpu_whole_model_loss_and_grads_match_hf_at_qwen3_30b_a3b_shapes():
     sorted-routing model's loss, logits and every gradient (router and expert weights included) against HF's
     eager expert loop in float64, HF's bf16 loop as the same-dtype bar."""
     dev = torch.device("cuda")
-    cfg = compose(["model=qwen3_moe_30b_a3b", "model.num_layers=1", "model.hf_config.vocab_size=1024",
-                   "model.experts_implementation=eager", "opt.moe_sorted_routing=true"])
+    cfg = compose(
+        [
+            "model=qwen3_moe_30b_a3b",
+            "model.num_layers=1",
+            "model.hf_config.vocab_size=1024",
+            "model.experts_implementation=eager",
+            "opt.moe_sorted_routing=true",
+        ]
+    )
     model = build_model(cfg.model, device=dev).train()
     ids = torch.randint(0, 1024, (2, 1024), generator=torch.Generator().manual_seed(7)).to(dev)
     ref = _loss_logits_grads(copy.deepcopy(model).double(), ids, ids)

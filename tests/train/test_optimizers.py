@@ -4,6 +4,7 @@ Adam's first step is independent of the gradient's scale: with bias correction, 
 so each parameter moves by lr * sign(g) (minus decoupled weight decay). That closed form is the
 reference; 8-bit states quantize m and v, which the first step's ratio survives to ~1% (bound 2%).
 """
+
 from __future__ import annotations
 
 import warnings

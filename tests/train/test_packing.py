@@ -5,6 +5,7 @@ result may be off by at most 2x what the same per-example run makes in fp32 (+ o
 Syncs on CPU are counted with a dispatch mode that sees every aten op which would force a device->host sync on CUDA
 (nonzero, _local_scalar_dense = .item()/bool()/int(), an explicit copy to the host); the gpu test counts real ones.
 """
+
 import copy
 import functools
 import inspect
@@ -36,8 +37,11 @@ class HostSyncCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         # an explicit host copy: _to_copy to the CPU that keeps the dtype (a cast that names the device is not one)
-        to_host = (func is aten._to_copy.default and kwargs.get("device") == torch.device("cpu")
-                   and kwargs.get("dtype") in (None, args[0].dtype))
+        to_host = (
+            func is aten._to_copy.default
+            and kwargs.get("device") == torch.device("cpu")
+            and kwargs.get("dtype") in (None, args[0].dtype)
+        )
         if func in self.SYNCING or to_host:
             self.count += 1
         return func(*args, **kwargs)
@@ -47,9 +51,19 @@ class HostSyncCounter(TorchDispatchMode):
 def _cfg(model: str = "tiny_qwen3", layers: int = 2, cache: bool = True):
     # HF's default experts implementation on CPU (grouped_mm) has no float64 kernel for the reference: use its loop
     experts = ["model.experts_implementation=eager"] if model.endswith("moe") else []
-    return compose([f"model={model}", f"model.num_layers={layers}", f"opt.packed_metadata_cache={str(cache).lower()}",
-                    *experts, "data=packed", f"data.seq_len={SEQ_LEN}", "data.length_dist=uniform", "data.min_len=2",
-                    "data.max_len=40"])
+    return compose(
+        [
+            f"model={model}",
+            f"model.num_layers={layers}",
+            f"opt.packed_metadata_cache={str(cache).lower()}",
+            *experts,
+            "data=packed",
+            f"data.seq_len={SEQ_LEN}",
+            "data.length_dist=uniform",
+            "data.min_len=2",
+            "data.max_len=40",
+        ]
+    )
 
 
 def _model(model="tiny_qwen3", layers=2, dtype=torch.float32):
@@ -68,8 +82,9 @@ def _per_example_logits(model, batch, rows):
         start = 0
         for length in row:
             assert pos[r, start] == 0
-            out[r, start:start + length] = model(input_ids=ids[r:r + 1, start:start + length],
-                                                 use_cache=False).logits[0]
+            out[r, start : start + length] = model(
+                input_ids=ids[r : r + 1, start : start + length], use_cache=False
+            ).logits[0]
             start += length
     return out
 
@@ -77,7 +92,7 @@ def _per_example_logits(model, batch, rows):
 def _real_mask(batch, rows):
     mask = torch.zeros_like(batch.tensors["input_ids"], dtype=torch.bool)
     for r, row in enumerate(rows):
-        mask[r, :sum(row)] = True
+        mask[r, : sum(row)] = True
     return mask
 
 
@@ -227,8 +242,20 @@ def _fake_varlen(signature: str):
         calls.append("2.10")
         return compute(query, key, value, cu_seq_q, max_q, query.shape[-1] ** -0.5)
 
-    def varlen_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                    window_size=(-1, -1), enable_gqa=False):
+    def varlen_2_12(
+        query,
+        key,
+        value,
+        cu_seq_q,
+        cu_seq_k,
+        max_q,
+        max_k,
+        *,
+        return_aux=None,
+        scale=None,
+        window_size=(-1, -1),
+        enable_gqa=False,
+    ):
         assert window_size == (-1, 0) and (enable_gqa or key.shape[1] == query.shape[1])
         calls.append("2.12")
         return compute(query, key, value, cu_seq_q, max_q, scale)
@@ -261,13 +288,22 @@ def test_gpu_varlen_matches_per_example_and_syncs_drop_to_one():
     k, v = torch.randn(2, 4096, 2, 128, device=dev, dtype=torch.bfloat16, generator=gen)
     batch = packed_batch(2, 2048, 512, torch.Generator().manual_seed(0), compose(["data=packed"]).data)
     meta = P.build_packed_metadata(batch.tensors["position_ids"].to(dev))
-    out = P._varlen_flash(q, k, v, meta, 128 ** -0.5)
-    ref64 = P._varlen_by_example(q.double(), k.double(), v.double(), meta, 128 ** -0.5)
-    same_dtype = P._varlen_by_example(q, k, v, meta, 128 ** -0.5)
+    out = P._varlen_flash(q, k, v, meta, 128**-0.5)
+    ref64 = P._varlen_by_example(q.double(), k.double(), v.double(), meta, 128**-0.5)
+    same_dtype = P._varlen_by_example(q, k, v, meta, 128**-0.5)
     assert_close_to_reference(out, ref64, same_dtype, torch.bfloat16, name="varlen_attn")
 
-    model = build_model(compose(["model=qwen3_14b", "model.num_layers=2", "model.hf_config.hidden_size=1024",
-                                 "model.hf_config.intermediate_size=2048"]).model, device=dev).train()
+    model = build_model(
+        compose(
+            [
+                "model=qwen3_14b",
+                "model.num_layers=2",
+                "model.hf_config.hidden_size=1024",
+                "model.hf_config.intermediate_size=2048",
+            ]
+        ).model,
+        device=dev,
+    ).train()
     tensors = {k: t.to(dev) for k, t in batch.tensors.items()}
     P.install_packed_attention(model)
     per_layer = count_device_syncs(lambda: model(**tensors).loss.backward())
@@ -283,9 +319,19 @@ def test_gpu_packed_loss_and_grads_equal_the_padded_examples_at_qwen3_14b_widths
     through torch's varlen kernel, metadata rebuilt per layer or built once per batch: the loss and every gradient
     against the same examples padded through HF's sdpa in float64, HF's bf16 padded run as the same-dtype bar."""
     dev = torch.device("cuda")
-    cfg = compose(["model=qwen3_14b", "model.num_layers=2", "model.hf_config.vocab_size=1024",
-                   f"opt.packed_metadata_cache={str(cache).lower()}", "data=packed", "data.seq_len=2048",
-                   "data.length_dist=uniform", "data.min_len=16", "data.max_len=512"])
+    cfg = compose(
+        [
+            "model=qwen3_14b",
+            "model.num_layers=2",
+            "model.hf_config.vocab_size=1024",
+            f"opt.packed_metadata_cache={str(cache).lower()}",
+            "data=packed",
+            "data.seq_len=2048",
+            "data.length_dist=uniform",
+            "data.min_len=16",
+            "data.max_len=512",
+        ]
+    )
     model = build_model(cfg.model, device=dev).train()
     padded = padded_batch(1, 2048, 1024, torch.Generator().manual_seed(8), cfg.data).to(dev)
     packed = packed_batch(1, 2048, 1024, torch.Generator().manual_seed(8), cfg.data).to(dev)

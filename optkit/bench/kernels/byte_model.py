@@ -18,6 +18,7 @@ through HBM and can show > 100% of copy. An implementation may move more than th
 bitsandbytes' NF4 dequantize writes its absmax as an fp32 buffer and reads it back (4 + 4 bytes per
 64 weights), which the op need not move and which is therefore not counted.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple

@@ -13,6 +13,7 @@ backward to time: its "full" phase is the forward and its rows' backward fields 
 (optkit/bench/kernels/phases.py). The FLCE op is compute-bound (6*N*H*V matmul FLOPs per
 forward+backward): its rows also carry ``tflops_full``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -94,10 +95,15 @@ def model_shape(name: str) -> Dict[str, Any]:
     hf = cfg["hf_config"]
     heads = hf["num_attention_heads"]
     return {
-        "family": cfg["family"], "hidden": hf["hidden_size"], "intermediate": hf["intermediate_size"],
-        "heads_q": heads, "heads_kv": hf.get("num_key_value_heads", heads),
-        "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads, "vocab": hf["vocab_size"],
-        "eps": hf.get("rms_norm_eps", 1e-6), "softcap": hf.get("final_logit_softcapping"),
+        "family": cfg["family"],
+        "hidden": hf["hidden_size"],
+        "intermediate": hf["intermediate_size"],
+        "heads_q": heads,
+        "heads_kv": hf.get("num_key_value_heads", heads),
+        "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
+        "vocab": hf["vocab_size"],
+        "eps": hf.get("rms_norm_eps", 1e-6),
+        "softcap": hf.get("final_logit_softcapping"),
         "activation": hf.get("hidden_activation") or hf.get("hidden_act") or "silu",
     }
 
@@ -132,8 +138,7 @@ def _cases_for_model(op: str, model: str, m: Dict[str, Any], tokens: Sequence[in
     if op == "cross_entropy":
         return [Case(op, model, {"T": t, "V": m["vocab"]}, {"softcap": m["softcap"]}) for t in tokens]
     if op == "fused_linear_cross_entropy":
-        return [Case(op, model, {"T": t, "H": m["hidden"], "V": m["vocab"]}, {"softcap": m["softcap"]})
-                for t in tokens]
+        return [Case(op, model, {"T": t, "H": m["hidden"], "V": m["vocab"]}, {"softcap": m["softcap"]}) for t in tokens]
     if op == NF4:  # a weight, whatever the token count
         params = {"blocksize": NF4_BLOCKSIZE, "nested_blocksize": NF4_NESTED_BLOCKSIZE}
         return [Case(op, model, {"O": out, "I": inp}, params) for out, inp in linear_shapes(m)]
@@ -152,8 +157,11 @@ def sweep_cases(quick: bool = False, ops: Sequence[str] = OPS) -> List[Case]:
         elif op == NF4:
             per_model = [(model, ()) for model in NF4_MODELS]
         else:
-            tokens = (QUICK_CE_TOKENS if quick else CE_TOKENS) if op == "cross_entropy" else (
-                QUICK_TOKENS if quick else TOKENS)
+            tokens = (
+                (QUICK_CE_TOKENS if quick else CE_TOKENS)
+                if op == "cross_entropy"
+                else (QUICK_TOKENS if quick else TOKENS)
+            )
             per_model = [(model, tokens) for model in MODELS]
         seen, op_cases = set(), []
         for model, tokens in per_model:
@@ -170,8 +178,18 @@ def sweep_cases(quick: bool = False, ops: Sequence[str] = OPS) -> List[Case]:
 
 def smoke_cases(ops: Sequence[str] = OPS) -> List[Case]:
     """Tiny shapes (a vocab of 257: not a power of 2) for the CPU plumbing check."""
-    tiny = {"family": "llama", "hidden": 64, "intermediate": 96, "heads_q": 4, "heads_kv": 2, "head_dim": 16,
-            "vocab": 257, "eps": 1e-6, "softcap": None, "activation": "silu"}
+    tiny = {
+        "family": "llama",
+        "hidden": 64,
+        "intermediate": 96,
+        "heads_q": 4,
+        "heads_kv": 2,
+        "head_dim": 16,
+        "vocab": 257,
+        "eps": 1e-6,
+        "softcap": None,
+        "activation": "silu",
+    }
     # nf4_dequantize: an intermediate of 128, as bitsandbytes 0.50's CPU dequantize_4bit is wrong for some
     # shapes, down_proj's (64, 96) among them; it gets these right (tests/bench/test_kernels_suite.py checks).
     per_op = {"geglu": dict(tiny, activation="gelu_pytorch_tanh"), NF4: dict(tiny, intermediate=128)}
@@ -192,8 +210,10 @@ def _randn(shape, dtype, device, scale: float = 1.0, grad: bool = True) -> torch
 def _rms_norm_inputs(case: Case, dtype, device) -> Dict[str, torch.Tensor]:
     n, h = case.tokens, case.dims["H"]
     weight_center = 0.0 if case.params["offset"] else 1.0  # Gemma stores weight - 1
-    return {"x": _randn((n, h), dtype, device),
-            "weight": (_randn((h,), dtype, device, 0.1, grad=False) + weight_center).requires_grad_()}
+    return {
+        "x": _randn((n, h), dtype, device),
+        "weight": (_randn((h,), dtype, device, 0.1, grad=False) + weight_center).requires_grad_(),
+    }
 
 
 def _rope_inputs(case: Case, dtype, device) -> Dict[str, torch.Tensor]:
@@ -222,36 +242,63 @@ def _ce_inputs(case: Case, dtype, device) -> Dict[str, torch.Tensor]:
 
 def _flce_inputs(case: Case, dtype, device) -> Dict[str, torch.Tensor]:
     h, v = case.dims["H"], case.dims["V"]
-    return {"hidden": _randn((case.tokens, h), dtype, device), "weight": _randn((v, h), dtype, device, h ** -0.5),
-            "target": _targets(case, device)}
+    return {
+        "hidden": _randn((case.tokens, h), dtype, device),
+        "weight": _randn((v, h), dtype, device, h**-0.5),
+        "target": _targets(case, device),
+    }
 
 
 def _nf4_inputs(case: Case, dtype, device) -> Dict[str, torch.Tensor]:
     try:
         from bitsandbytes.functional import quantize_4bit
     except ImportError as exc:
-        raise InputsUnavailable(f"bitsandbytes is not importable ({exc}); nf4_dequantize's input is its NF4 format: "
-                                "pip install bitsandbytes (optkit's quant extra) to measure it") from None
+        raise InputsUnavailable(
+            f"bitsandbytes is not importable ({exc}); nf4_dequantize's input is its NF4 format: "
+            "pip install bitsandbytes (optkit's quant extra) to measure it"
+        ) from None
     weight = _randn((case.dims["O"], case.dims["I"]), dtype, device, 0.02, grad=False)  # a Linear's scale
-    packed, state = quantize_4bit(weight, blocksize=case.params["blocksize"], compress_statistics=True,
-                                  quant_type="nf4", quant_storage=torch.uint8)
+    packed, state = quantize_4bit(
+        weight,
+        blocksize=case.params["blocksize"],
+        compress_statistics=True,
+        quant_type="nf4",
+        quant_storage=torch.uint8,
+    )
     if state.state2.blocksize != case.params["nested_blocksize"]:
-        raise ValueError(f"this bitsandbytes double-quantizes absmax in blocks of {state.state2.blocksize}, "
-                         f"not {case.params['nested_blocksize']}: update NF4_NESTED_BLOCKSIZE")
+        raise ValueError(
+            f"this bitsandbytes double-quantizes absmax in blocks of {state.state2.blocksize}, "
+            f"not {case.params['nested_blocksize']}: update NF4_NESTED_BLOCKSIZE"
+        )
     # The QuantState is no tensor the harness could copy per repeat: its tensors are the inputs, and
     # nf4_quant_state puts them back together around each repeat's copies.
-    return {"weight_packed": packed, "absmax": state.absmax, "nested_absmax": state.state2.absmax,
-            "nested_code": state.state2.code, "offset": state.offset, "code": state.code}
+    return {
+        "weight_packed": packed,
+        "absmax": state.absmax,
+        "nested_absmax": state.state2.absmax,
+        "nested_code": state.state2.code,
+        "offset": state.offset,
+        "code": state.code,
+    }
 
 
 def nf4_quant_state(case: Case, dtype: torch.dtype, absmax, nested_absmax, nested_code, offset, code):
     """bitsandbytes' QuantState of the case's double-quantized weight (``dtype``: the weight's, so the output's)."""
     from bitsandbytes.functional import QuantState
 
-    nested = QuantState(absmax=nested_absmax, code=nested_code, blocksize=case.params["nested_blocksize"],
-                        dtype=torch.float32)
-    return QuantState(absmax=absmax, shape=torch.Size((case.dims["O"], case.dims["I"])), code=code,
-                      blocksize=case.params["blocksize"], quant_type="nf4", dtype=dtype, offset=offset, state2=nested)
+    nested = QuantState(
+        absmax=nested_absmax, code=nested_code, blocksize=case.params["nested_blocksize"], dtype=torch.float32
+    )
+    return QuantState(
+        absmax=absmax,
+        shape=torch.Size((case.dims["O"], case.dims["I"])),
+        code=code,
+        blocksize=case.params["blocksize"],
+        quant_type="nf4",
+        dtype=dtype,
+        offset=offset,
+        state2=nested,
+    )
 
 
 # The eager baselines: the code as users run it (HF's module math, F.* on upcast logits).
@@ -332,20 +379,76 @@ NF4_NOT_APPLICABLE = {
     "liger": "Liger-Kernel has no NF4 dequantize",
 }
 
-SPECS: Dict[str, OpSpec] = {s.name: s for s in (
-    OpSpec("rms_norm", _rms_norm_inputs, _eager_rms_norm, "rms_norm", "liger_rms_norm", byte_model.rms_norm_bytes,
-           {"x": (0,)}),
-    OpSpec("rope", _rope_inputs, _eager_rope, "apply_rotary", "liger_rope", byte_model.rope_bytes,
-           {"q": (0, 2), "k": (0, 2), "cos": (0,), "sin": (0,)}),
-    OpSpec("swiglu", _gated_inputs, _eager_swiglu, "swiglu", "liger_swiglu", byte_model.gated_bytes,
-           {"gate": (0,), "up": (0,)}),
-    OpSpec("geglu", _gated_inputs, _eager_geglu, "geglu", "liger_geglu", byte_model.gated_bytes,
-           {"gate": (0,), "up": (0,)}),
-    OpSpec("cross_entropy", _ce_inputs, _eager_cross_entropy, "cross_entropy", "liger_cross_entropy",
-           byte_model.ce_bytes, {"logits": (0,), "target": (0,)}, fused_loss=True),
-    OpSpec(FLCE, _flce_inputs, _eager_flce, FLCE, "liger_fused_linear_cross_entropy", byte_model.flce_bytes,
-           {"hidden": (0,), "target": (0,)}, fused_loss=True),
-    OpSpec(NF4, _nf4_inputs, _eager_nf4_dequantize, "nf4_dequantize", None, byte_model.nf4_dequantize_bytes, {},
-           forward_only=True, not_applicable=NF4_NOT_APPLICABLE),
-)}
+SPECS: Dict[str, OpSpec] = {
+    s.name: s
+    for s in (
+        OpSpec(
+            "rms_norm",
+            _rms_norm_inputs,
+            _eager_rms_norm,
+            "rms_norm",
+            "liger_rms_norm",
+            byte_model.rms_norm_bytes,
+            {"x": (0,)},
+        ),
+        OpSpec(
+            "rope",
+            _rope_inputs,
+            _eager_rope,
+            "apply_rotary",
+            "liger_rope",
+            byte_model.rope_bytes,
+            {"q": (0, 2), "k": (0, 2), "cos": (0,), "sin": (0,)},
+        ),
+        OpSpec(
+            "swiglu",
+            _gated_inputs,
+            _eager_swiglu,
+            "swiglu",
+            "liger_swiglu",
+            byte_model.gated_bytes,
+            {"gate": (0,), "up": (0,)},
+        ),
+        OpSpec(
+            "geglu",
+            _gated_inputs,
+            _eager_geglu,
+            "geglu",
+            "liger_geglu",
+            byte_model.gated_bytes,
+            {"gate": (0,), "up": (0,)},
+        ),
+        OpSpec(
+            "cross_entropy",
+            _ce_inputs,
+            _eager_cross_entropy,
+            "cross_entropy",
+            "liger_cross_entropy",
+            byte_model.ce_bytes,
+            {"logits": (0,), "target": (0,)},
+            fused_loss=True,
+        ),
+        OpSpec(
+            FLCE,
+            _flce_inputs,
+            _eager_flce,
+            FLCE,
+            "liger_fused_linear_cross_entropy",
+            byte_model.flce_bytes,
+            {"hidden": (0,), "target": (0,)},
+            fused_loss=True,
+        ),
+        OpSpec(
+            NF4,
+            _nf4_inputs,
+            _eager_nf4_dequantize,
+            "nf4_dequantize",
+            None,
+            byte_model.nf4_dequantize_bytes,
+            {},
+            forward_only=True,
+            not_applicable=NF4_NOT_APPLICABLE,
+        ),
+    )
+}
 assert tuple(SPECS) == OPS

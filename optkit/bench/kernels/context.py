@@ -1,5 +1,6 @@
 """What every row of one kernels-suite run shares: ids, device, settings, the L2 flush, copy bandwidth,
 the compile cache and the timer / profiler factories (the event and device passes read it; rows stamp it)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -21,6 +21,7 @@ the suite fits its time budget (< 5 min on an H100, quick mode < 90 s). Dynamo i
 shapes so that a second hidden size never turns the feature dimension dynamic; the device pass,
 which revisits the shapes, compiles each once more (Inductor's caches make that quick).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -56,6 +57,7 @@ def computes_grad_in_forward(spec: OpSpec, impl: str) -> bool:
 def _nf4_call(fn: Callable, case: Case, dtype: torch.dtype) -> Callable:
     """``fn(weight_packed, quant_state)`` on the case's inputs. The QuantState is rebuilt around each
     repeat's fresh tensors: two small Python objects, a host cost every nf4 impl pays alike."""
+
     def call(weight_packed, **state_tensors):
         return fn(weight_packed, nf4_quant_state(case, dtype, **state_tensors))
 
@@ -72,8 +74,9 @@ def _optkit_call(spec: OpSpec, case: Case, dtype: torch.dtype, chunk_rows: Optio
         return _nf4_call(fn, case, dtype)
     params = dict(case.params)
     if spec.name == "rms_norm":
-        return lambda x, weight: fn(x, weight, eps=params["eps"], offset=params["offset"],
-                                    cast_mode=params["cast_mode"])
+        return lambda x, weight: fn(
+            x, weight, eps=params["eps"], offset=params["offset"], cast_mode=params["cast_mode"]
+        )
     if spec.name in ("cross_entropy", FLCE):
         extra = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
         return lambda **t: fn(**t, ignore_index=IGNORE_INDEX, reduction="mean", softcap=params["softcap"], **extra)
@@ -97,8 +100,10 @@ def _liger_call(spec: OpSpec, case: Case, device: torch.device) -> Callable:
     try:
         functional = importlib.import_module("liger_kernel.transformers.functional")
     except ImportError as exc:
-        raise ImplUnavailable(f"liger-kernel is not importable ({exc}); it is a peer, never a dependency: "
-                              "pip install liger-kernel to compare against it") from None
+        raise ImplUnavailable(
+            f"liger-kernel is not importable ({exc}); it is a peer, never a dependency: "
+            "pip install liger-kernel to compare against it"
+        ) from None
     fn = getattr(functional, spec.liger_fn, None)
     if fn is None:
         raise ImplUnavailable(f"this liger-kernel has no liger_kernel.transformers.functional.{spec.liger_fn}")
@@ -124,8 +129,10 @@ def _bitsandbytes_call(case: Case, dtype: torch.dtype) -> Callable:
     try:
         functional = importlib.import_module("bitsandbytes.functional")
     except ImportError as exc:
-        raise ImplUnavailable(f"bitsandbytes is not importable ({exc}); it is a peer: pip install bitsandbytes "
-                              "(optkit's quant extra) to compare against it") from None
+        raise ImplUnavailable(
+            f"bitsandbytes is not importable ({exc}); it is a peer: pip install bitsandbytes "
+            "(optkit's quant extra) to compare against it"
+        ) from None
     return _nf4_call(functional.dequantize_4bit, case, dtype)
 
 
@@ -160,8 +167,9 @@ class CompileCache:
         return call
 
 
-def resolve_impl(impl: str, spec: OpSpec, case: Case, device: torch.device, compile_cache: CompileCache,
-                 dtype: torch.dtype) -> Callable:
+def resolve_impl(
+    impl: str, spec: OpSpec, case: Case, device: torch.device, compile_cache: CompileCache, dtype: torch.dtype
+) -> Callable:
     """The call of ``impl`` for ``case`` on ``device``. ``dtype`` is the benchmark dtype: the other ops read
     it off their inputs; nf4_dequantize's inputs are packed codes, so its QuantState is told."""
     if impl not in ALL_IMPLS:
@@ -187,5 +195,9 @@ def resolve_impl(impl: str, spec: OpSpec, case: Case, device: torch.device, comp
 def impl_version(impl: str, env: Dict[str, Any]) -> Optional[str]:
     if impl.startswith("optkit"):
         return env.get("git_sha")
-    return {"eager": env.get("torch_version"), "compile": env.get("torch_version"),
-            "liger": env.get("liger_kernel_version"), BITSANDBYTES: env.get("bitsandbytes_version")}.get(impl)
+    return {
+        "eager": env.get("torch_version"),
+        "compile": env.get("torch_version"),
+        "liger": env.get("liger_kernel_version"),
+        BITSANDBYTES: env.get("bitsandbytes_version"),
+    }.get(impl)

@@ -9,6 +9,7 @@ call), with the forward as its "full" phase: the event pass times one loop of fo
 (``fwd_ms`` = ``full_ms``), the device pass traces "full" regions only, and the row's backward fields
 stay None.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +18,16 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 
 from optkit.bench.kernels.cases import OpSpec
-from optkit.measure.device_timing import (Measurement, clone_all, first_step, forward_backward, fresh_inputs, measure,
-                                          measure_forward, synchronize)
+from optkit.measure.device_timing import (
+    Measurement,
+    clone_all,
+    first_step,
+    forward_backward,
+    fresh_inputs,
+    measure,
+    measure_forward,
+    synchronize,
+)
 from optkit.measure.device_trace import DeviceTimes, DeviceTraceError, device_times, region_name, trace_phases
 
 Inputs = Dict[str, torch.Tensor]
@@ -46,8 +55,16 @@ def _warm_up_forward(call: Callable, master: Inputs, steps: int) -> None:
         call(**fresh_inputs(master))
 
 
-def trace_forward(trace, impl: str, call: Callable, master: Inputs, grad_outputs: None, device: torch.device,
-                  flush: Callable[[], None], repeats: int) -> None:
+def trace_forward(
+    trace,
+    impl: str,
+    call: Callable,
+    master: Inputs,
+    grad_outputs: None,
+    device: torch.device,
+    flush: Callable[[], None],
+    repeats: int,
+) -> None:
     """device_trace.trace_phases for an op without a backward: ``repeats`` forward calls as "full" regions."""
     for i in range(repeats):
         inputs = fresh_inputs(master)
@@ -68,8 +85,13 @@ def forward_device_times(regions: Dict[str, Tuple[float, int]], impl: str, repea
     if any(n_events == 0 for _, n_events in found):
         raise DeviceTraceError(f"a traced forward of {impl} holds no device work: the profiler lost its records")
     full_ms, events = [ms for ms, _ in found], [n for _, n in found]
-    return DeviceTimes(fwd_ms=full_ms, bwd_ms=[], full_ms=full_ms, full_events=events,
-                       uneven_phases=["full"] if len(set(events)) > 1 else [])
+    return DeviceTimes(
+        fwd_ms=full_ms,
+        bwd_ms=[],
+        full_ms=full_ms,
+        full_events=events,
+        uneven_phases=["full"] if len(set(events)) > 1 else [],
+    )
 
 
 FORWARD_BACKWARD = Phases(measure, _warm_up_forward_backward, trace_phases, device_times)

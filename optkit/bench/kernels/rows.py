@@ -9,6 +9,7 @@ one forward+backward, absolute and as the delta over the inputs; NVML clocks, th
 other GPU processes while the row's event pass ran. A forward-only op's rows (``forward_only``) have
 no backward: their full_* fields are the forward's and their bwd_* fields are None.
 """
+
 from __future__ import annotations
 
 from datetime import datetime, timezone
@@ -29,32 +30,47 @@ NVML_INTERVAL_MS = 50.0  # clocks / throttling only (memory comes from the alloc
 
 KERNEL_ROW_FIELDS: Dict[str, str] = {
     "schema_version": "KERNEL_SCHEMA_VERSION of the code that wrote the row",
-    "run_id": "id of the run (its directory name)", "suite": "'kernels'", "kind": "'kernel'",
-    "status": "ok | oom | error | skipped", "error": "why, when status != ok",
+    "run_id": "id of the run (its directory name)",
+    "suite": "'kernels'",
+    "kind": "'kernel'",
+    "status": "ok | oom | error | skipped",
+    "error": "why, when status != ok",
     "op": "one of OPS",
     "impl": "optkit | eager | compile | liger | bitsandbytes (nf4_dequantize) | optkit-c<rows> (FLCE chunk sweep)",
     "impl_version": "version of the impl's code",
-    "dtype": "input dtype", "model": "zoo model the shape comes from", "shape": "shape string, e.g. T4096xH4096",
-    "dims": "named dims of the shape", "params": "op parameters (eps, cast_mode, softcap, ...)",
+    "dtype": "input dtype",
+    "model": "zoo model the shape comes from",
+    "shape": "shape string, e.g. T4096xH4096",
+    "dims": "named dims of the shape",
+    "params": "op parameters (eps, cast_mode, softcap, ...)",
     "tokens": "N, rows of the op (None for nf4_dequantize: a weight, no tokens)",
     "hidden": "features per token of the op's main input (nf4_dequantize: the weight's in-features)",
-    "point_key": "op/impl/dtype/shape (what regress matches on)", "device": "cuda | cpu",
-    "timer": "cuda_events | host_clock", "warmup_steps": "untimed forward+backward (forward_only: forward) steps",
-    "repeats": "timed repeats per loop", "compile_s": "wall time of the first call (compile / JIT), s",
+    "point_key": "op/impl/dtype/shape (what regress matches on)",
+    "device": "cuda | cpu",
+    "timer": "cuda_events | host_clock",
+    "warmup_steps": "untimed forward+backward (forward_only: forward) steps",
+    "repeats": "timed repeats per loop",
+    "compile_s": "wall time of the first call (compile / JIT), s",
     "fwd_ms": "median forward event time (cold L2; launch gaps included)",
     "bwd_ms": "median backward event time (own loop, cold L2); None when forward_only",
     "full_ms": "median forward+backward event time (the forward when forward_only): first launch to last kernel "
-               "end, host gaps included",
-    "full_ms_p10": "10th percentile", "full_ms_p90": "90th percentile",
-    "full_ms_iqr": "interquartile range", "full_ms_noisy": "IQR / median > 10%",
-    "full_times_ms": "every timed full repeat", "fwd_times_ms": "every forward",
+    "end, host gaps included",
+    "full_ms_p10": "10th percentile",
+    "full_ms_p90": "90th percentile",
+    "full_ms_iqr": "interquartile range",
+    "full_ms_noisy": "IQR / median > 10%",
+    "full_times_ms": "every timed full repeat",
+    "fwd_times_ms": "every forward",
     "bwd_times_ms": "every backward (None when forward_only)",
-    "bytes_fwd": "bytes the forward must move", "bytes_bwd": "bytes the backward must move; None when forward_only",
+    "bytes_fwd": "bytes the forward must move",
+    "bytes_bwd": "bytes the backward must move; None when forward_only",
     "bytes_full": "bytes_fwd + bytes_bwd (bytes_fwd when forward_only)",
     "gbps_full": "bytes_full / full_ms, GB/s (1e9): op + launch path (a host-bound op shows the host here)",
-    "gbps_fwd": "None when loss_in_forward", "gbps_bwd": "None when loss_in_forward or forward_only",
+    "gbps_fwd": "None when loss_in_forward",
+    "gbps_bwd": "None when loss_in_forward or forward_only",
     "copy_gbps": "device-to-device copy bandwidth measured in this run (read + written)",
-    "frac_of_copy": "gbps_full / copy_gbps", "flops_full": "matmul FLOPs of forward+backward (FLCE only)",
+    "frac_of_copy": "gbps_full / copy_gbps",
+    "flops_full": "matmul FLOPs of forward+backward (FLCE only)",
     "fwd_device_ms": "median time the forward's kernels/memcpys/memsets ran (profiler, cold L2): no host gaps",
     "bwd_device_ms": "the same for the backward (forward untraced, L2 flushed in between); None when forward_only",
     "full_device_ms": "the same for forward+backward in one traced region",
@@ -68,15 +84,23 @@ KERNEL_ROW_FIELDS: Dict[str, str] = {
     "loss_in_forward": "impl computes grads in forward: compare full_ms / full_device_ms",
     "forward_only": "the op has no backward (nf4_dequantize: the quantized weight is frozen): full_* is the forward",
     "peak_bytes": "allocator peak during one forward+backward, or forward when forward_only (includes inputs and "
-                  "the flush buffer)",
+    "the flush buffer)",
     "peak_delta_bytes": "peak_bytes - allocated before the call: the op's own memory",
-    "peak_reserved_bytes": "allocator reserved peak", "l2_flush_bytes": "bytes written before each repeat",
+    "peak_reserved_bytes": "allocator reserved peak",
+    "l2_flush_bytes": "bytes written before each repeat",
     "throttled": "NVML saw a performance-limiting clock reason while this row was measured (None: no NVML)",
-    "throttle_reasons": "NVML clock-event reasons seen", "sm_clock_mhz_min": "lowest SM clock sampled",
+    "throttle_reasons": "NVML clock-event reasons seen",
+    "sm_clock_mhz_min": "lowest SM clock sampled",
     "other_gpu_processes": "other processes on the GPU when the row started ([{pid, used_bytes}])",
-    "gpu_name": "GPU name", "gpu_slug": "e.g. h100", "driver": "NVIDIA driver", "torch": "torch version",
-    "triton": "triton version", "transformers": "transformers version",
-    "git_sha": "optkit commit", "git_dirty": "uncommitted changes", "env_fingerprint": "comparable-stack hash",
+    "gpu_name": "GPU name",
+    "gpu_slug": "e.g. h100",
+    "driver": "NVIDIA driver",
+    "torch": "torch version",
+    "triton": "triton version",
+    "transformers": "transformers version",
+    "git_sha": "optkit commit",
+    "git_dirty": "uncommitted changes",
+    "env_fingerprint": "comparable-stack hash",
     "timestamp": "UTC ISO time the row was written",
 }
 
@@ -87,13 +111,17 @@ def empty_kernel_row() -> Dict[str, Any]:
     return row
 
 
-NO_CUDA_REASON = ("no CUDA device: the kernels suite times GPU kernels; run it on a GPU machine "
-                  "(python -m optkit.bench.kernels.run --run-dir DIR --cpu-smoke checks the plumbing on CPU)")
+NO_CUDA_REASON = (
+    "no CUDA device: the kernels suite times GPU kernels; run it on a GPU machine "
+    "(python -m optkit.bench.kernels.run --run-dir DIR --cpu-smoke checks the plumbing on CPU)"
+)
 SMOKE_COMPILE_REASON = "torch.compile is not timed in the CPU smoke (inductor's C++ build takes minutes)"
 NO_DEVICE_TIME_REASON = "device time needs CUDA (torch.profiler's CUDA activity); this run is on the CPU"
 DEVICE_OFF_REASON = "device pass off (device_repeats=0)"
-DEVICE_PENDING_REASON = ("device pass not run: it follows every event-timed row (see kernel_suite's doc) "
-                         "and this run stopped before it ended")
+DEVICE_PENDING_REASON = (
+    "device pass not run: it follows every event-timed row (see kernel_suite's doc) "
+    "and this run stopped before it ended"
+)
 
 
 def _gbps(nbytes: Optional[int], ms: Optional[float]) -> Optional[float]:
@@ -110,15 +138,26 @@ def fill_measurement(row: Dict[str, Any], m: Measurement, copy_gbps: Optional[fl
     fwd, bwd = _median(m.fwd_ms), _median(m.bwd_ms)
     split_is_meaningful = not row["loss_in_forward"]
     row.update(
-        status="ok", compile_s=m.compile_s, warmup_steps=m.warmup_steps, repeats=m.repeats,
-        fwd_ms=fwd, bwd_ms=bwd, full_ms=stats["median"], full_ms_p10=stats["p10"], full_ms_p90=stats["p90"],
-        full_ms_iqr=stats["iqr"], full_ms_noisy=stats["noisy"],
-        full_times_ms=list(m.full_ms), fwd_times_ms=list(m.fwd_ms),
+        status="ok",
+        compile_s=m.compile_s,
+        warmup_steps=m.warmup_steps,
+        repeats=m.repeats,
+        fwd_ms=fwd,
+        bwd_ms=bwd,
+        full_ms=stats["median"],
+        full_ms_p10=stats["p10"],
+        full_ms_p90=stats["p90"],
+        full_ms_iqr=stats["iqr"],
+        full_ms_noisy=stats["noisy"],
+        full_times_ms=list(m.full_ms),
+        fwd_times_ms=list(m.fwd_ms),
         bwd_times_ms=None if row["forward_only"] else list(m.bwd_ms),
         gbps_full=_gbps(row["bytes_full"], stats["median"]),
         gbps_fwd=_gbps(row["bytes_fwd"], fwd) if split_is_meaningful else None,
         gbps_bwd=_gbps(row["bytes_bwd"], bwd) if split_is_meaningful else None,
-        peak_bytes=m.peak_bytes, peak_delta_bytes=m.peak_delta_bytes, peak_reserved_bytes=m.peak_reserved_bytes,
+        peak_bytes=m.peak_bytes,
+        peak_delta_bytes=m.peak_delta_bytes,
+        peak_reserved_bytes=m.peak_reserved_bytes,
     )
     row["frac_of_copy"] = row["gbps_full"] / copy_gbps if row["gbps_full"] and copy_gbps else None
     if row["flops_full"]:
@@ -130,10 +169,15 @@ def fill_device(row: Dict[str, Any], times: DeviceTimes, copy_gbps: Optional[flo
     full = _median(times.full_ms)
     gbps = _gbps(row["bytes_full"], full)
     row.update(
-        fwd_device_ms=_median(times.fwd_ms), bwd_device_ms=_median(times.bwd_ms), full_device_ms=full,
-        full_device_times_ms=list(times.full_ms), device_repeats=len(times.full_ms),
-        n_kernels_full=sorted(times.full_events)[len(times.full_events) // 2], gbps_device=gbps,
-        frac_of_copy_device=gbps / copy_gbps if gbps and copy_gbps else None, device_error=None,
+        fwd_device_ms=_median(times.fwd_ms),
+        bwd_device_ms=_median(times.bwd_ms),
+        full_device_ms=full,
+        full_device_times_ms=list(times.full_ms),
+        device_repeats=len(times.full_ms),
+        n_kernels_full=sorted(times.full_events)[len(times.full_events) // 2],
+        gbps_device=gbps,
+        frac_of_copy_device=gbps / copy_gbps if gbps and copy_gbps else None,
+        device_error=None,
     )
 
 
@@ -146,13 +190,28 @@ def base_row(case: Case, impl: str, dtype_name: str, context: RunContext) -> Dic
     row.update(context.env_fields)
     params = dict(case.params, **({"chunk_rows": CHUNK_IMPLS[impl]} if impl in CHUNK_IMPLS else {}))
     row.update(
-        run_id=context.run_id, op=case.op, impl=impl, impl_version=impl_version(impl, context.env),
-        dtype=dtype_name, model=case.model, shape=case.shape, dims=dict(dims), params=params,
-        tokens=case.tokens, hidden=hidden, point_key=f"{case.op}/{impl}/{dtype_name}/{case.shape}",
-        device=context.device.type, timer="cuda_events" if context.device.type == "cuda" else "host_clock",
-        bytes_fwd=fwd_bytes, bytes_bwd=bwd_bytes, bytes_full=fwd_bytes + (bwd_bytes or 0),
-        flops_full=spec.flops_full(case), copy_gbps=context.copy_gbps, l2_flush_bytes=context.flush.nbytes,
-        loss_in_forward=computes_grad_in_forward(spec, impl), forward_only=spec.forward_only,
+        run_id=context.run_id,
+        op=case.op,
+        impl=impl,
+        impl_version=impl_version(impl, context.env),
+        dtype=dtype_name,
+        model=case.model,
+        shape=case.shape,
+        dims=dict(dims),
+        params=params,
+        tokens=case.tokens,
+        hidden=hidden,
+        point_key=f"{case.op}/{impl}/{dtype_name}/{case.shape}",
+        device=context.device.type,
+        timer="cuda_events" if context.device.type == "cuda" else "host_clock",
+        bytes_fwd=fwd_bytes,
+        bytes_bwd=bwd_bytes,
+        bytes_full=fwd_bytes + (bwd_bytes or 0),
+        flops_full=spec.flops_full(case),
+        copy_gbps=context.copy_gbps,
+        l2_flush_bytes=context.flush.nbytes,
+        loss_in_forward=computes_grad_in_forward(spec, impl),
+        forward_only=spec.forward_only,
     )
     return row
 
@@ -182,5 +241,9 @@ def fill_nvml(row: Dict[str, Any], sampler) -> None:
     report = sampler.stop() if sampler is not None else None
     if report is None or not report.available:
         return
-    row.update(throttled=report.throttled, throttle_reasons=list(report.throttle_reasons_seen),
-               sm_clock_mhz_min=report.sm_clock_mhz_min, other_gpu_processes=report.other_processes_at_start)
+    row.update(
+        throttled=report.throttled,
+        throttle_reasons=list(report.throttle_reasons_seen),
+        sm_clock_mhz_min=report.sm_clock_mhz_min,
+        other_gpu_processes=report.other_processes_at_start,
+    )

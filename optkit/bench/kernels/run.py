@@ -51,6 +51,7 @@ Entry points: ``run(cfg, run_dir)`` (the runner: ``optkit bench suite=kernels`` 
 a standalone run, a subset of ops / impls / dtypes, the CPU smoke), ``run_suite(...)`` (tests, the
 other two) and ``format_table(rows)``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,20 +69,38 @@ from optkit.bench.kernels.cases import DTYPES, OPS, SPECS, Case, InputsUnavailab
 from optkit.bench.kernels.context import RunContext
 from optkit.bench.kernels.impls import ALL_IMPLS, CompileCache, ImplUnavailable, impls_for, resolve_impl
 from optkit.bench.kernels.phases import Phases, phases_of
-from optkit.bench.kernels.rows import (DEVICE_OFF_REASON, DEVICE_PENDING_REASON, NO_CUDA_REASON, NO_DEVICE_TIME_REASON,
-                                       SMOKE_COMPILE_REASON, base_row, failure_row, fill_device, fill_measurement,
-                                       fill_nvml, start_nvml, stamp_row)
+from optkit.bench.kernels.rows import (
+    DEVICE_OFF_REASON,
+    DEVICE_PENDING_REASON,
+    NO_CUDA_REASON,
+    NO_DEVICE_TIME_REASON,
+    SMOKE_COMPILE_REASON,
+    base_row,
+    failure_row,
+    fill_device,
+    fill_measurement,
+    fill_nvml,
+    stamp_row,
+    start_nvml,
+)
 from optkit.bench.kernels.table import format_table
 from optkit.measure.device_timing import L2Flush, Settings, measure_copy_gbps
-from optkit.measure.device_trace import (PAD_LAUNCHES, PAD_REGION, DeviceTraceError, ProfilerTrace,
-                                         device_time_by_region, pad_session_head)
+from optkit.measure.device_trace import (
+    PAD_LAUNCHES,
+    PAD_REGION,
+    DeviceTraceError,
+    ProfilerTrace,
+    device_time_by_region,
+    pad_session_head,
+)
 from optkit.measure.timing import PhaseTimer
 from optkit.results.rows import append_row, env_stamp
 
 FULL_SETTINGS = Settings()
 QUICK_SETTINGS = Settings(warmup_steps=2, warmup_ms=20.0, loop_ms=60.0, min_repeats=10, max_repeats=50)
-SMOKE_SETTINGS = Settings(warmup_steps=1, warmup_ms=0.0, loop_ms=0.0, min_repeats=3, max_repeats=3,
-                          device_repeats=2, device_warmup_steps=1)
+SMOKE_SETTINGS = Settings(
+    warmup_steps=1, warmup_ms=0.0, loop_ms=0.0, min_repeats=3, max_repeats=3, device_repeats=2, device_warmup_steps=1
+)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -100,8 +119,9 @@ def _release_after_failure(device: torch.device) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def run_impl(case: Case, impl: str, dtype_name: str, master: Dict[str, torch.Tensor],
-             context: RunContext) -> Dict[str, Any]:
+def run_impl(
+    case: Case, impl: str, dtype_name: str, master: Dict[str, torch.Tensor], context: RunContext
+) -> Dict[str, Any]:
     """One row; never raises for an implementation that fails (the row says how)."""
     row = base_row(case, impl, dtype_name, context)
     spec = SPECS[case.op]
@@ -109,8 +129,9 @@ def run_impl(case: Case, impl: str, dtype_name: str, master: Dict[str, torch.Ten
     sampler = start_nvml(context.device)
     try:
         call = resolve_impl(impl, spec, case, context.device, context.compile_cache, DTYPES[dtype_name])
-        measurement = phases_of(spec).measure(call, master, context.device, context.settings, context.flush,
-                                              context.timer_factory)
+        measurement = phases_of(spec).measure(
+            call, master, context.device, context.settings, context.flush, context.timer_factory
+        )
     except ImplUnavailable as exc:
         failure = ("skipped", str(exc))
     except torch.cuda.OutOfMemoryError as exc:
@@ -128,8 +149,9 @@ def run_impl(case: Case, impl: str, dtype_name: str, master: Dict[str, torch.Ten
     return stamp_row(row)
 
 
-def run_case(case: Case, dtype_name: str, impls: Sequence[str], context: RunContext,
-             emit: Callable[[Dict[str, Any]], None]) -> List[Dict[str, Any]]:
+def run_case(
+    case: Case, dtype_name: str, impls: Sequence[str], context: RunContext, emit: Callable[[Dict[str, Any]], None]
+) -> List[Dict[str, Any]]:
     """The event pass of one case: a row per impl, each emitted as it is made; returns them."""
     torch.manual_seed(0)
     master, failure, rows = None, None, []
@@ -151,8 +173,13 @@ def run_case(case: Case, dtype_name: str, impls: Sequence[str], context: RunCont
     return rows
 
 
-def _warm_up_for_trace(case: Case, rows: Sequence[Dict[str, Any]], master: Dict[str, torch.Tensor],
-                       context: RunContext, errors: Dict[str, str]) -> List[Tuple[Dict[str, Any], Callable, Any]]:
+def _warm_up_for_trace(
+    case: Case,
+    rows: Sequence[Dict[str, Any]],
+    master: Dict[str, torch.Tensor],
+    context: RunContext,
+    errors: Dict[str, str],
+) -> List[Tuple[Dict[str, Any], Callable, Any]]:
     """(row, call, grad_outputs) of each impl that warms up again; a failure goes to ``errors``."""
     spec, device = SPECS[case.op], context.device
     traced = []
@@ -166,8 +193,9 @@ def _warm_up_for_trace(case: Case, rows: Sequence[Dict[str, Any]], master: Dict[
     return traced
 
 
-def _trace_session(phases: Phases, traced, master: Dict[str, torch.Tensor], context: RunContext, pad: int,
-                   errors: Dict[str, str]) -> Dict[str, Tuple[float, int]]:
+def _trace_session(
+    phases: Phases, traced, master: Dict[str, torch.Tensor], context: RunContext, pad: int, errors: Dict[str, str]
+) -> Dict[str, Tuple[float, int]]:
     """One profiler session: the head pad, then every phase of every impl; returns its regions."""
     context.trace_sessions += 1
     with context.trace_factory() as trace:
@@ -176,15 +204,24 @@ def _trace_session(phases: Phases, traced, master: Dict[str, torch.Tensor], cont
             if row["impl"] in errors:
                 continue
             try:
-                phases.trace(trace, row["impl"], call, master, grad_outputs, context.device, context.flush,
-                             context.settings.device_repeats)
+                phases.trace(
+                    trace,
+                    row["impl"],
+                    call,
+                    master,
+                    grad_outputs,
+                    context.device,
+                    context.flush,
+                    context.settings.device_repeats,
+                )
             except Exception as exc:
                 errors[row["impl"]] = f"device pass: {_error_text(exc)}"
     return device_time_by_region(trace.events())
 
 
-def measure_device_case(case: Case, dtype_name: str, rows: Sequence[Dict[str, Any]], context: RunContext,
-                        log: Callable[[str], None]) -> None:
+def measure_device_case(
+    case: Case, dtype_name: str, rows: Sequence[Dict[str, Any]], context: RunContext, log: Callable[[str], None]
+) -> None:
     """Device times of a case's ok rows: warm each impl up, then trace them all in one session (a second,
     with a longer head pad, if the first lost the whole pad)."""
     torch.manual_seed(0)
@@ -199,21 +236,27 @@ def measure_device_case(case: Case, dtype_name: str, rows: Sequence[Dict[str, An
         pad_seen = regions.get(PAD_REGION, (0.0, 0))[1]
         if pad_seen:
             break
-        log(f"  profiler session {context.trace_sessions} lost all {pad} head launches (pytorch#192021)"
-            + ("; tracing the case again with a longer pad" if attempt == 0 else ""))
+        log(
+            f"  profiler session {context.trace_sessions} lost all {pad} head launches (pytorch#192021)"
+            + ("; tracing the case again with a longer pad" if attempt == 0 else "")
+        )
         pad *= 8
     del traced, master
     if errors:
         _release_after_failure(context.device)
     if 0 < pad_seen < pad:
-        log(f"  profiler session {context.trace_sessions}: {pad - pad_seen} of the {pad} head launches came back "
-            "without a usable timestamp (pytorch#192021); the head pad absorbed them")
+        log(
+            f"  profiler session {context.trace_sessions}: {pad - pad_seen} of the {pad} head launches came back "
+            "without a usable timestamp (pytorch#192021); the head pad absorbed them"
+        )
     for row in rows:
         if row["impl"] in errors:
             row["device_error"] = errors[row["impl"]]
         elif pad_seen == 0:
-            row["device_error"] = ("two profiler sessions lost their whole head pad (pytorch#192021 or no CUPTI), "
-                                   "so the op's own records may be missing too: no device time")
+            row["device_error"] = (
+                "two profiler sessions lost their whole head pad (pytorch#192021 or no CUPTI), "
+                "so the op's own records may be missing too: no device time"
+            )
         else:
             try:
                 times = phases.device_times(regions, row["impl"], context.settings.device_repeats)
@@ -222,12 +265,15 @@ def measure_device_case(case: Case, dtype_name: str, rows: Sequence[Dict[str, An
                 continue
             fill_device(row, times, context.copy_gbps)
             if times.uneven_phases:  # a deterministic op launches the same kernels every time
-                log(f"  {row['point_key']}: device-event count varies over the {'/'.join(times.uneven_phases)} "
-                    "repeats (records lost?); the medians are kept")
+                log(
+                    f"  {row['point_key']}: device-event count varies over the {'/'.join(times.uneven_phases)} "
+                    "repeats (records lost?); the medians are kept"
+                )
 
 
-def run_device_pass(case_rows: Sequence[Tuple[Case, str, List[Dict[str, Any]]]], context: RunContext,
-                    log: Callable[[str], None]) -> None:
+def run_device_pass(
+    case_rows: Sequence[Tuple[Case, str, List[Dict[str, Any]]]], context: RunContext, log: Callable[[str], None]
+) -> None:
     """The profiler pass over every case's ok rows (after all event timing: see the module doc)."""
     for case, dtype_name, rows in case_rows:
         ok = [r for r in rows if r["status"] == "ok"]
@@ -244,8 +290,11 @@ def run_device_pass(case_rows: Sequence[Tuple[Case, str, List[Dict[str, Any]]]],
                 if row["full_device_ms"] is None:
                     row["device_error"] = failure
         for row in ok:
-            timing = (f"device {row['full_device_ms']:.3f} ms, {row['n_kernels_full']} kernels"
-                      if row["full_device_ms"] is not None else (row["device_error"] or "")[:100])
+            timing = (
+                f"device {row['full_device_ms']:.3f} ms, {row['n_kernels_full']} kernels"
+                if row["full_device_ms"] is not None
+                else (row["device_error"] or "")[:100]
+            )
             log(f"  {row['point_key']:<60} {timing}")
 
 
@@ -273,11 +322,22 @@ def _device_note(trace_factory: Optional[Callable[[], Any]], settings: Settings)
     return DEVICE_PENDING_REASON if settings.device_repeats > 0 else DEVICE_OFF_REASON
 
 
-def run_suite(run_dir: Path, *, run_id: Optional[str] = None, quick: bool = False, ops: Sequence[str] = OPS,
-              impls: Sequence[str] = ALL_IMPLS, dtypes: Sequence[str] = ("bfloat16",), device: Optional[str] = None,
-              cpu_smoke: bool = False, timer_factory: Callable[[torch.device], Any] = PhaseTimer,
-              trace_factory: Optional[Callable[[], Any]] = None, device_repeats: Optional[int] = None,
-              env: Optional[Dict[str, Any]] = None, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+def run_suite(
+    run_dir: Path,
+    *,
+    run_id: Optional[str] = None,
+    quick: bool = False,
+    ops: Sequence[str] = OPS,
+    impls: Sequence[str] = ALL_IMPLS,
+    dtypes: Sequence[str] = ("bfloat16",),
+    device: Optional[str] = None,
+    cpu_smoke: bool = False,
+    timer_factory: Callable[[torch.device], Any] = PhaseTimer,
+    trace_factory: Optional[Callable[[], Any]] = None,
+    device_repeats: Optional[int] = None,
+    env: Optional[Dict[str, Any]] = None,
+    log: Callable[[str], None] = print,
+) -> List[Dict[str, Any]]:
     """Measure every case x dtype x impl: the event pass appends each row to run_dir/results.jsonl as it is
     made; the device pass (CUDA, or a given ``trace_factory``) then fills the device fields and rewrites
     this run's rows. ``device_repeats`` overrides the settings' (0: no device pass)."""
@@ -285,8 +345,9 @@ def run_suite(run_dir: Path, *, run_id: Optional[str] = None, quick: bool = Fals
 
     bad = sorted(set(impls) - set(ALL_IMPLS)) + sorted(set(dtypes) - set(DTYPES))
     if bad:
-        raise ValueError(f"unknown impl/dtype {', '.join(bad)}; impls: {', '.join(ALL_IMPLS)}; "
-                         f"dtypes: {', '.join(DTYPES)}")
+        raise ValueError(
+            f"unknown impl/dtype {', '.join(bad)}; impls: {', '.join(ALL_IMPLS)}; dtypes: {', '.join(DTYPES)}"
+        )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     env = capture_env() if env is None else env
@@ -311,10 +372,18 @@ def run_suite(run_dir: Path, *, run_id: Optional[str] = None, quick: bool = Fals
     if trace_factory is None and device.type == "cuda":
         trace_factory = ProfilerTrace
     context = RunContext(
-        run_id=run_id or run_dir.name, device=device, env=env, env_fields=env_stamp(env), settings=settings,
-        flush=L2Flush(device), copy_gbps=None,
-        compile_cache=CompileCache(SMOKE_COMPILE_REASON if cpu_smoke else None), timer_factory=timer_factory,
-        trace_factory=trace_factory, device_note=_device_note(trace_factory, settings))
+        run_id=run_id or run_dir.name,
+        device=device,
+        env=env,
+        env_fields=env_stamp(env),
+        settings=settings,
+        flush=L2Flush(device),
+        copy_gbps=None,
+        compile_cache=CompileCache(SMOKE_COMPILE_REASON if cpu_smoke else None),
+        timer_factory=timer_factory,
+        trace_factory=trace_factory,
+        device_note=_device_note(trace_factory, settings),
+    )
     if device.type != "cuda" and not cpu_smoke:
         for case in cases:
             for dtype_name in dtypes:
@@ -324,10 +393,15 @@ def run_suite(run_dir: Path, *, run_id: Optional[str] = None, quick: bool = Fals
 
     started = time.time()
     context.copy_gbps = measure_copy_gbps(device, timer_factory)
-    log(f"kernels suite: {len(cases)} shapes x {len(dtypes)} dtype(s) x {len(impls)} impls on "
-        f"{env.get('gpu_name') or device.type}; copy bandwidth {context.copy_gbps:,.0f} GB/s -> {results_path}")
-    case_rows = [(case, dtype_name, run_case(case, dtype_name, impls_for(case.op, impls), context, emit))
-                 for case in cases for dtype_name in dtypes]
+    log(
+        f"kernels suite: {len(cases)} shapes x {len(dtypes)} dtype(s) x {len(impls)} impls on "
+        f"{env.get('gpu_name') or device.type}; copy bandwidth {context.copy_gbps:,.0f} GB/s -> {results_path}"
+    )
+    case_rows = [
+        (case, dtype_name, run_case(case, dtype_name, impls_for(case.op, impls), context, emit))
+        for case in cases
+        for dtype_name in dtypes
+    ]
     event_s = time.time() - started
     if context.device_note != DEVICE_PENDING_REASON:
         log(f"kernels suite: {len(rows)} rows in {event_s:.0f} s; no device pass: {context.device_note}")
@@ -335,8 +409,10 @@ def run_suite(run_dir: Path, *, run_id: Optional[str] = None, quick: bool = Fals
     log(f"kernels suite: device pass ({settings.device_repeats} profiled repeats per phase)")
     run_device_pass(case_rows, context, log)
     _rewrite_rows(results_path, keep_bytes, rows)
-    log(f"kernels suite: {len(rows)} rows in {time.time() - started:.0f} s "
-        f"(event pass {event_s:.0f} s, device pass {time.time() - started - event_s:.0f} s)")
+    log(
+        f"kernels suite: {len(rows)} rows in {time.time() - started:.0f} s "
+        f"(event pass {event_s:.0f} s, device pass {time.time() - started - event_s:.0f} s)"
+    )
     return rows
 
 
@@ -369,18 +445,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--config", type=Path, help="JSON {config: the resolved config} (the runner's call)")
     parser.add_argument("--quick", action="store_true", help="one shape per op (< 90 s on an H100)")
     parser.add_argument("--ops", type=_csv, default=OPS, help=f"comma list of {','.join(OPS)} (default: all)")
-    parser.add_argument("--impls", type=_csv, default=ALL_IMPLS,
-                        help=f"comma list of {','.join(ALL_IMPLS)} (default: all; each op gets those that apply)")
+    parser.add_argument(
+        "--impls",
+        type=_csv,
+        default=ALL_IMPLS,
+        help=f"comma list of {','.join(ALL_IMPLS)} (default: all; each op gets those that apply)",
+    )
     parser.add_argument("--dtypes", type=_csv, default=("bfloat16",), help=f"comma list of {','.join(DTYPES)}")
-    parser.add_argument("--device-repeats", type=int, default=None,
-                        help="profiled repeats per phase for device time (default 5; 0 skips the device pass)")
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="tiny shapes on the CPU, host clock, Triton interpreter: a plumbing check, no measurement")
+    parser.add_argument(
+        "--device-repeats",
+        type=int,
+        default=None,
+        help="profiled repeats per phase for device time (default 5; 0 skips the device pass)",
+    )
+    parser.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="tiny shapes on the CPU, host clock, Triton interpreter: a plumbing check, no measurement",
+    )
     args = parser.parse_args(argv)
     if args.cpu_smoke:  # before optkit's kernels (and so triton) are first imported, when impls resolve
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    options = dict(quick=args.quick, ops=args.ops, impls=args.impls, dtypes=args.dtypes,
-                   device_repeats=args.device_repeats, cpu_smoke=args.cpu_smoke)
+    options = dict(
+        quick=args.quick,
+        ops=args.ops,
+        impls=args.impls,
+        dtypes=args.dtypes,
+        device_repeats=args.device_repeats,
+        cpu_smoke=args.cpu_smoke,
+    )
     if args.config is not None:
         from optkit.config.compose import typed_config
 
