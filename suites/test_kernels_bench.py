@@ -33,6 +33,7 @@ if not HAS_CUDA:  # must precede the first triton import (the kernels' modules i
 
 from optkit.bench.kernels import cases as kernel_cases  # noqa: E402
 from optkit.bench.kernels import impls as kernel_impls  # noqa: E402
+from optkit.bench.kernels import ops as kernel_ops  # noqa: E402
 from optkit.bench.kernels import rows as kernel_rows  # noqa: E402
 from optkit.measure import device_timing  # noqa: E402
 
@@ -55,7 +56,7 @@ def _sync() -> None:
 
 @pytest.mark.parametrize("case, impl", POINTS, ids=[f"{c.op}-{c.shape}-{impl}" for c, impl in POINTS])
 def test_forward_backward(benchmark, case, impl):
-    spec = kernel_cases.SPECS[case.op]
+    spec = kernel_ops.SPECS[case.op]
     dtype = kernel_cases.DTYPES[DTYPE]
     try:
         call = kernel_impls.resolve_impl(impl, spec, case, DEVICE, _compile_cache, dtype)

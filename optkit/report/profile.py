@@ -121,7 +121,7 @@ def _vram_series_by_label(points: Sequence[Any], labels: Dict[str, str], baselin
 
 def profile_section(model: str, points: Sequence[Any], labels: Dict[str, str], baseline_opt: str, figure) -> List[str]:
     """Markdown (and files) of the kernel-share table and the VRAM-over-one-step figure; [] if no data."""
-    from optkit.report import plots
+    from optkit.report import curves as curve_plots
     from optkit.report import tables as report_tables
     from optkit.results import runs as report_load
 
@@ -162,7 +162,7 @@ def profile_section(model: str, points: Sequence[Any], labels: Dict[str, str], b
     series, setting = _vram_series_by_label(points, labels, baseline_opt, report_load.setting_of)
     if series:
         md += figure(
-            plots.vram_step,
+            curve_plots.vram_step,
             series,
             f"{model}: VRAM over one step ({setting})",
             name=f"{model}_vram_step",

@@ -86,6 +86,7 @@ class FigureWriter:
 
 
 def train_section(model: str, points: List[Point], baseline_opt: str, figure: FigureWriter) -> List[str]:
+    from optkit.report import curves as curve_plots
     from optkit.report import plots
 
     out_dir = figure.out_dir
@@ -121,7 +122,7 @@ def train_section(model: str, points: List[Point], baseline_opt: str, figure: Fi
     md += figure(plots.phase_bars, entries, f"{model}: step time by phase", name=f"{model}_phases", caption="phases")
     md += figure(plots.memory_bars, entries, f"{model}: peak memory", name=f"{model}_memory", caption="memory")
     md += figure(
-        plots.scaling_lines,
+        curve_plots.scaling_lines,
         entries,
         f"{model}: scaling with sequence length",
         name=f"{model}_scaling",
@@ -130,7 +131,7 @@ def train_section(model: str, points: List[Point], baseline_opt: str, figure: Fi
     curves = {labels[p.key]: p.head["loss_curve"] for p in points if p.head.get("loss_curve")}
     base_curves = {labels[p.key]: _base_curve(points, p, baseline_opt) for p in points}
     md += figure(
-        plots.loss_curves,
+        curve_plots.loss_curves,
         curves,
         base_curves,
         _gaps(points, baseline_opt, labels),
@@ -140,7 +141,7 @@ def train_section(model: str, points: List[Point], baseline_opt: str, figure: Fi
     )
     series = {labels[p.key]: p.head["nvml_series"] for p in points if p.head.get("nvml_series")}
     md += figure(
-        plots.vram_timeline,
+        curve_plots.vram_timeline,
         series,
         f"{model}: GPU memory over time (NVML)",
         name=f"{model}_vram",

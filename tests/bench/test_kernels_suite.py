@@ -22,7 +22,9 @@ import torch
 
 from optkit.bench.kernels import cases as kernel_cases
 from optkit.bench.kernels import context as kernel_context
+from optkit.bench.kernels import device_pass
 from optkit.bench.kernels import impls as kernel_impls
+from optkit.bench.kernels import ops as kernel_ops
 from optkit.bench.kernels import phases as kernel_phases
 from optkit.bench.kernels import rows as kernel_rows
 from optkit.bench.kernels import run as kernel_run
@@ -90,7 +92,7 @@ def _case(op):
 
 def _resolve(impl, case, dtype, cache=None):
     return kernel_impls.resolve_impl(
-        impl, kernel_cases.SPECS[case.op], case, CPU, cache or kernel_impls.CompileCache(None), dtype
+        impl, kernel_ops.SPECS[case.op], case, CPU, cache or kernel_impls.CompileCache(None), dtype
     )
 
 
@@ -148,19 +150,19 @@ def _nbytes(*tensors):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rms_norm_bytes_match_the_tensors_it_must_touch(dtype):
     case = kernel_cases.Case("rms_norm", "t", {"T": 7, "H": 40}, {"eps": 1e-6, "offset": 0.0, "cast_mode": "llama"})
-    t = kernel_cases.SPECS["rms_norm"].make_inputs(case, dtype, CPU)
-    y = kernel_cases._eager_rms_norm(t["x"], t["weight"], 1e-6, 0.0, "llama")
+    t = kernel_ops.SPECS["rms_norm"].make_inputs(case, dtype, CPU)
+    y = kernel_ops._eager_rms_norm(t["x"], t["weight"], 1e-6, 0.0, "llama")
     rstd = torch.empty(7, dtype=torch.float32)
-    fwd, bwd = kernel_cases.SPECS["rms_norm"].bytes_moved(case, dtype.itemsize)
+    fwd, bwd = kernel_ops.SPECS["rms_norm"].bytes_moved(case, dtype.itemsize)
     assert fwd == _nbytes(t["x"], t["weight"], y, rstd)
     assert bwd == _nbytes(y, t["x"], t["weight"], rstd) + _nbytes(t["x"], t["weight"])  # dy,x,w,rstd -> dx,dw
 
 
 def test_rope_bytes_match_the_tensors_it_must_touch():
     case = kernel_cases.Case("rope", "t", {"T": 12, "B": 2, "S": 6, "Hq": 4, "Hkv": 2, "D": 8})
-    t = kernel_cases.SPECS["rope"].make_inputs(case, torch.bfloat16, CPU)
-    q2, k2 = kernel_cases._eager_rope(t["q"], t["k"], t["cos"], t["sin"])
-    fwd, bwd = kernel_cases.SPECS["rope"].bytes_moved(case, 2)
+    t = kernel_ops.SPECS["rope"].make_inputs(case, torch.bfloat16, CPU)
+    q2, k2 = kernel_ops._eager_rope(t["q"], t["k"], t["cos"], t["sin"])
+    fwd, bwd = kernel_ops.SPECS["rope"].bytes_moved(case, 2)
     assert fwd == _nbytes(t["q"], t["k"], t["cos"], t["sin"], q2, k2)
     assert bwd == fwd  # dq', dk', cos, sin -> dq, dk
 
@@ -168,37 +170,37 @@ def test_rope_bytes_match_the_tensors_it_must_touch():
 @pytest.mark.parametrize("op", ["swiglu", "geglu"])
 def test_gated_bytes_match_the_tensors_it_must_touch(op):
     case = kernel_cases.Case(op, "t", {"T": 5, "I": 24}, {"approximate": "tanh"} if op == "geglu" else {})
-    t = kernel_cases.SPECS[op].make_inputs(case, torch.bfloat16, CPU)
-    out = kernel_cases.SPECS[op].eager(**t, **case.params)
-    fwd, bwd = kernel_cases.SPECS[op].bytes_moved(case, 2)
+    t = kernel_ops.SPECS[op].make_inputs(case, torch.bfloat16, CPU)
+    out = kernel_ops.SPECS[op].eager(**t, **case.params)
+    fwd, bwd = kernel_ops.SPECS[op].bytes_moved(case, 2)
     assert fwd == _nbytes(t["gate"], t["up"], out)
     assert bwd == _nbytes(out, t["gate"], t["up"], t["gate"], t["up"])
 
 
 def test_cross_entropy_bytes_match_the_tensors_it_must_touch():
     case = kernel_cases.Case("cross_entropy", "t", {"T": 9, "V": 31}, {"softcap": None})
-    t = kernel_cases.SPECS["cross_entropy"].make_inputs(case, torch.bfloat16, CPU)
+    t = kernel_ops.SPECS["cross_entropy"].make_inputs(case, torch.bfloat16, CPU)
     lse = torch.empty(9, dtype=torch.float32)
-    fwd, bwd = kernel_cases.SPECS["cross_entropy"].bytes_moved(case, 2)
+    fwd, bwd = kernel_ops.SPECS["cross_entropy"].bytes_moved(case, 2)
     assert fwd == _nbytes(t["logits"], t["target"], lse)
     assert bwd == _nbytes(t["logits"], lse, t["target"], t["logits"])  # ... -> dlogits
 
 
 def test_flce_bytes_and_flops():
     case = kernel_cases.Case("fused_linear_cross_entropy", "t", {"T": 9, "H": 16, "V": 31}, {"softcap": None})
-    t = kernel_cases.SPECS["fused_linear_cross_entropy"].make_inputs(case, torch.bfloat16, CPU)
-    fwd, bwd = kernel_cases.SPECS["fused_linear_cross_entropy"].bytes_moved(case, 2)
+    t = kernel_ops.SPECS["fused_linear_cross_entropy"].make_inputs(case, torch.bfloat16, CPU)
+    fwd, bwd = kernel_ops.SPECS["fused_linear_cross_entropy"].bytes_moved(case, 2)
     assert fwd == _nbytes(t["hidden"], t["weight"], t["target"])
     assert bwd == 2 * _nbytes(t["hidden"], t["weight"])  # read h, W; write dh, dW
-    assert kernel_cases.SPECS["fused_linear_cross_entropy"].flops_full(case) == 3 * 2 * 9 * 16 * 31
-    assert kernel_cases.SPECS["swiglu"].flops_full(_case("swiglu")) is None
+    assert kernel_ops.SPECS["fused_linear_cross_entropy"].flops_full(case) == 3 * 2 * 9 * 16 * 31
+    assert kernel_ops.SPECS["swiglu"].flops_full(_case("swiglu")) is None
 
 
 # --------------------------------------------------------------------------- inputs and steps
 
 
 def test_fresh_inputs_are_new_leaves_with_the_same_layout():
-    master = kernel_cases.SPECS["rope"].make_inputs(_case("rope"), torch.bfloat16, CPU)
+    master = kernel_ops.SPECS["rope"].make_inputs(_case("rope"), torch.bfloat16, CPU)
     assert not master["q"].is_contiguous(), "q must be HF's transposed (B, S, H, D) view"
     fresh = device_timing.fresh_inputs(master)
     for name, t in master.items():
@@ -209,7 +211,7 @@ def test_fresh_inputs_are_new_leaves_with_the_same_layout():
 
 def test_measure_gives_every_repeat_fresh_inputs_and_accumulates_no_grad():
     case = _case("rms_norm")
-    master = kernel_cases.SPECS["rms_norm"].make_inputs(case, torch.float32, CPU)
+    master = kernel_ops.SPECS["rms_norm"].make_inputs(case, torch.float32, CPU)
     original = {k: v.detach().clone() for k, v in master.items()}
     seen_x = []
 
@@ -217,7 +219,7 @@ def test_measure_gives_every_repeat_fresh_inputs_and_accumulates_no_grad():
         seen_x.append(x.detach().clone())
         with torch.no_grad():
             x.mul_(2.0)
-        return kernel_cases._eager_rms_norm(x, weight, 1e-6, 0.0, "llama")
+        return kernel_ops._eager_rms_norm(x, weight, 1e-6, 0.0, "llama")
 
     m = device_timing.measure(clobbering_call, master, CPU, kernel_run.SMOKE_SETTINGS, lambda: None, FakeTimer)
     assert all(torch.equal(x, original["x"]) for x in seen_x), "a repeat saw a previous repeat's writes"
@@ -237,7 +239,7 @@ def test_measure_never_keeps_a_graph_for_a_second_backward(monkeypatch):
 
     monkeypatch.setattr(torch.autograd, "grad", spying_grad)
     case = _case("swiglu")
-    master = kernel_cases.SPECS["swiglu"].make_inputs(case, torch.float32, CPU)
+    master = kernel_ops.SPECS["swiglu"].make_inputs(case, torch.float32, CPU)
     m = device_timing.measure(
         _resolve("eager", case, torch.float32), master, CPU, kernel_run.SMOKE_SETTINGS, lambda: None, FakeTimer
     )
@@ -257,7 +259,7 @@ def test_repeats_are_clamped_by_the_settings():
 
 def test_ok_row_statistics_and_bandwidth_from_a_fake_timer():
     case = _case("swiglu")
-    master = kernel_cases.SPECS["swiglu"].make_inputs(case, torch.bfloat16, CPU)
+    master = kernel_ops.SPECS["swiglu"].make_inputs(case, torch.bfloat16, CPU)
     row = kernel_run.run_impl(case, "eager", "bfloat16", master, _context(copy_gbps=2.0))
     assert row["status"] == "ok", row["error"]
     assert row["full_times_ms"] == [1.0, 2.0, 3.0]  # FakeTimer's scripted steps
@@ -274,8 +276,8 @@ def test_ok_row_statistics_and_bandwidth_from_a_fake_timer():
 
 def test_fused_loss_rows_are_flagged_and_get_no_split_bandwidth(monkeypatch):
     case = _case("cross_entropy")
-    master = kernel_cases.SPECS["cross_entropy"].make_inputs(case, torch.float32, CPU)
-    eager = kernel_impls._eager_call(kernel_cases.SPECS["cross_entropy"], case, torch.float32)
+    master = kernel_ops.SPECS["cross_entropy"].make_inputs(case, torch.float32, CPU)
+    eager = kernel_impls._eager_call(kernel_ops.SPECS["cross_entropy"], case, torch.float32)
     monkeypatch.setattr("optkit.bench.kernels.impls._optkit_call", lambda spec, case, dtype: eager)
     row = kernel_run.run_impl(case, "optkit", "float32", master, _context())
     assert row["status"] == "ok" and row["loss_in_forward"] is True
@@ -286,7 +288,7 @@ def test_fused_loss_rows_are_flagged_and_get_no_split_bandwidth(monkeypatch):
 
 def test_flce_rows_carry_tflops():
     case = _case("fused_linear_cross_entropy")
-    master = kernel_cases.SPECS[case.op].make_inputs(case, torch.float32, CPU)
+    master = kernel_ops.SPECS[case.op].make_inputs(case, torch.float32, CPU)
     row = kernel_run.run_impl(case, "eager", "float32", master, _context())
     flops = 6 * case.tokens * case.dims["H"] * case.dims["V"]
     assert row["flops_full"] == flops and row["tflops_full"] == pytest.approx(flops / 2e-3 / 1e12)
@@ -306,18 +308,16 @@ def test_a_failing_impl_is_a_row_not_a_crash(monkeypatch, exc, status):
 
     monkeypatch.setattr(kernel_run, "resolve_impl", lambda *a: broken)
     case = _case("rms_norm")
-    master = kernel_cases.SPECS["rms_norm"].make_inputs(case, torch.float32, CPU)
+    master = kernel_ops.SPECS["rms_norm"].make_inputs(case, torch.float32, CPU)
     row = kernel_run.run_impl(case, "optkit", "float32", master, _context())
     assert row["status"] == status and str(exc) in row["error"] and row["full_ms"] is None
 
 
 def test_missing_optkit_kernel_is_skipped_with_its_name(monkeypatch):
-    spec = kernel_cases.SPECS["swiglu"]
-    monkeypatch.setitem(
-        kernel_cases.SPECS, "swiglu", kernel_cases.OpSpec(**{**spec.__dict__, "optkit_fn": "no_such_fn"})
-    )
+    spec = kernel_ops.SPECS["swiglu"]
+    monkeypatch.setitem(kernel_ops.SPECS, "swiglu", kernel_ops.OpSpec(**{**spec.__dict__, "optkit_fn": "no_such_fn"}))
     case = _case("swiglu")
-    master = kernel_cases.SPECS["swiglu"].make_inputs(case, torch.float32, CPU)
+    master = kernel_ops.SPECS["swiglu"].make_inputs(case, torch.float32, CPU)
     row = kernel_run.run_impl(case, "optkit", "float32", master, _context())
     assert row["status"] == "skipped" and "optkit.kernels.swiglu.no_such_fn" in row["error"]
 
@@ -325,9 +325,9 @@ def test_missing_optkit_kernel_is_skipped_with_its_name(monkeypatch):
 def test_liger_not_installed_is_skipped(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", None)  # import -> ImportError
     with pytest.raises(kernel_impls.ImplUnavailable, match="pip install liger-kernel"):
-        kernel_impls._liger_call(kernel_cases.SPECS["swiglu"], _case("swiglu"), torch.device("cuda"))
+        kernel_impls._liger_call(kernel_ops.SPECS["swiglu"], _case("swiglu"), torch.device("cuda"))
     with pytest.raises(kernel_impls.ImplUnavailable, match="CUDA only"):
-        kernel_impls._liger_call(kernel_cases.SPECS["swiglu"], _case("swiglu"), CPU)
+        kernel_impls._liger_call(kernel_ops.SPECS["swiglu"], _case("swiglu"), CPU)
 
 
 def test_liger_calls_map_our_inputs_to_its_functional_api(monkeypatch):
@@ -341,15 +341,15 @@ def test_liger_calls_map_our_inputs_to_its_functional_api(monkeypatch):
         return fn
 
     fake = types.ModuleType("liger_kernel.transformers.functional")
-    liger_ops = [spec.name for spec in kernel_cases.SPECS.values() if spec.liger_fn]
+    liger_ops = [spec.name for spec in kernel_ops.SPECS.values() if spec.liger_fn]
     for op in liger_ops:
-        setattr(fake, kernel_cases.SPECS[op].liger_fn, recorder(op))
+        setattr(fake, kernel_ops.SPECS[op].liger_fn, recorder(op))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", fake)
     cuda = torch.device("cuda")  # resolving needs no GPU; the fakes run on CPU tensors
     for op in liger_ops:
         case = _case(op)
-        inputs = kernel_cases.SPECS[op].make_inputs(case, torch.float32, CPU)
-        kernel_impls._liger_call(kernel_cases.SPECS[op], case, cuda)(**inputs)
+        inputs = kernel_ops.SPECS[op].make_inputs(case, torch.float32, CPU)
+        kernel_impls._liger_call(kernel_ops.SPECS[op], case, cuda)(**inputs)
     args, kwargs = calls["rms_norm"]
     assert args[2] == 1e-6 and kwargs == {"offset": 0.0, "casting_mode": "llama"}
     args, _ = calls["rope"]
@@ -366,7 +366,7 @@ def test_liger_geglu_without_tanh_is_skipped(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", fake)
     case = kernel_cases.Case("geglu", "t", {"T": 4, "I": 8}, {"approximate": "none"})
     with pytest.raises(kernel_impls.ImplUnavailable, match="tanh"):
-        kernel_impls._liger_call(kernel_cases.SPECS["geglu"], case, torch.device("cuda"))
+        kernel_impls._liger_call(kernel_ops.SPECS["geglu"], case, torch.device("cuda"))
 
 
 def test_compile_compiles_once_per_shape_across_token_counts():
@@ -377,13 +377,13 @@ def test_compile_compiles_once_per_shape_across_token_counts():
         return gm.forward
 
     cache = kernel_impls.CompileCache(backend=counting_backend)
-    spec = kernel_cases.SPECS["rms_norm"]
+    spec = kernel_ops.SPECS["rms_norm"]
     params = {"eps": 1e-6, "offset": 0.0, "cast_mode": "llama"}
     for tokens in (16, 24, 40):
         case = kernel_cases.Case("rms_norm", "t", {"T": tokens, "H": 32}, params)
         inputs = spec.make_inputs(case, torch.float32, CPU)
         out = cache.call_for(spec, case, torch.float32)(**inputs)
-        torch.testing.assert_close(out, kernel_cases._eager_rms_norm(inputs["x"], inputs["weight"], **params))
+        torch.testing.assert_close(out, kernel_ops._eager_rms_norm(inputs["x"], inputs["weight"], **params))
     assert len(graphs) == 1, "a token sweep must reuse one compiled graph"
     other = kernel_cases.Case("rms_norm", "t", {"T": 16, "H": 48}, params)
     cache.call_for(spec, other, torch.float32)(**spec.make_inputs(other, torch.float32, CPU))
@@ -469,7 +469,7 @@ def test_chunk_impls_apply_to_flce_only_and_pass_chunk_rows(monkeypatch):
     module.fused_linear_cross_entropy = fake_flce
     monkeypatch.setitem(sys.modules, "optkit.kernels.fused_linear_cross_entropy", module)
     flce = _case(kernel_cases.FLCE)
-    inputs = kernel_cases.SPECS[kernel_cases.FLCE].make_inputs(flce, torch.float32, CPU)
+    inputs = kernel_ops.SPECS[kernel_cases.FLCE].make_inputs(flce, torch.float32, CPU)
     cache = kernel_impls.CompileCache("unused")
     for impl, rows in kernel_impls.CHUNK_IMPLS.items():
         _resolve(impl, flce, torch.float32, cache)(**inputs)
@@ -730,13 +730,13 @@ def test_an_impl_failing_in_the_device_pass_is_noted_on_its_row_only(monkeypatch
     context = _context()
     context.trace_factory = FakeTrace
     rows = [kernel_rows.base_row(case, impl, "float32", context) for impl in ("eager", "liger")]
-    eager = kernel_impls._eager_call(kernel_cases.SPECS["swiglu"], case, torch.float32)
+    eager = kernel_impls._eager_call(kernel_ops.SPECS["swiglu"], case, torch.float32)
 
     def broken(**tensors):
         raise RuntimeError("boom in the device pass")
 
-    monkeypatch.setattr(kernel_run, "resolve_impl", lambda impl, *a: eager if impl == "eager" else broken)
-    kernel_run.measure_device_case(case, "float32", rows, context, log=lambda m: None)
+    monkeypatch.setattr(device_pass, "resolve_impl", lambda impl, *a: eager if impl == "eager" else broken)
+    device_pass.measure_device_case(case, "float32", rows, context, log=lambda m: None)
     assert rows[0]["full_device_ms"] == pytest.approx(0.4) and rows[0]["device_error"] is None
     assert rows[1]["full_device_ms"] is None and "boom in the device pass" in rows[1]["device_error"]
 
@@ -764,7 +764,7 @@ def test_nf4_cases_are_llama3_8b_linear_weights():
     assert {c.model for c in cases} == {"llama3_8b"} and all(c.tokens is None for c in cases)
     assert all(c.params == {"blocksize": 64, "nested_blocksize": 256} for c in cases)
     assert [c.shape for c in kernel_cases.sweep_cases(quick=True, ops=(NF4,))] == ["O4096xI4096"]
-    spec = kernel_cases.SPECS[NF4]
+    spec = kernel_ops.SPECS[NF4]
     assert spec.forward_only and set(spec.not_applicable) == {"compile", "liger"}
     assert kernel_impls.impls_for(NF4, kernel_impls.ALL_IMPLS) == [*kernel_impls.IMPLS, kernel_impls.BITSANDBYTES]
     assert kernel_impls.BITSANDBYTES not in kernel_impls.impls_for("swiglu", kernel_impls.ALL_IMPLS)
@@ -774,11 +774,11 @@ def test_nf4_cases_are_llama3_8b_linear_weights():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_nf4_bytes_match_the_tensors_it_must_touch(dtype):
     case = _nf4_case(256, 128)  # 512 absmax blocks: two nested blocks of 256
-    t = kernel_cases.SPECS[NF4].make_inputs(case, dtype, CPU)
+    t = kernel_ops.SPECS[NF4].make_inputs(case, dtype, CPU)
     assert t["weight_packed"].dtype == torch.uint8 and t["absmax"].dtype == torch.uint8
     assert t["nested_absmax"].numel() == 2
     out = _resolve("eager", case, dtype)(**t)
-    fwd, bwd = kernel_cases.SPECS[NF4].bytes_moved(case, dtype.itemsize)
+    fwd, bwd = kernel_ops.SPECS[NF4].bytes_moved(case, dtype.itemsize)
     assert fwd == _nbytes(*t.values(), out)  # packed codes, absmax codes, nested scales, code tables, offset -> W
     assert bwd is None
 
@@ -790,7 +790,7 @@ def test_nf4_optkit_equals_the_reference_on_the_suites_inputs(dtype):
     smoke shapes (it does not at every shape: smoke_cases picks these for it)."""
     for case in kernel_cases.smoke_cases((NF4,)) + [_nf4_case(256, 128)]:
         torch.manual_seed(0)
-        master = kernel_cases.SPECS[NF4].make_inputs(case, dtype, CPU)
+        master = kernel_ops.SPECS[NF4].make_inputs(case, dtype, CPU)
         expected = _resolve("eager", case, dtype)(**device_timing.fresh_inputs(master))
         assert expected.shape == (case.dims["O"], case.dims["I"]) and expected.dtype == dtype
         for impl in ("optkit", "bitsandbytes"):
@@ -803,15 +803,15 @@ def test_nf4_compile_and_liger_are_skipped_with_the_reason():
     context = _context(compile_cache=kernel_impls.CompileCache(None))  # compile enabled: the op's own reason
     for impl in ("compile", "liger"):
         row = kernel_run.run_impl(case, impl, "bfloat16", {}, context)
-        assert row["status"] == "skipped" and row["error"] == kernel_cases.NF4_NOT_APPLICABLE[impl]
-    assert "bitsandbytes" in kernel_cases.NF4_NOT_APPLICABLE["compile"]
-    assert "no NF4 dequantize" in kernel_cases.NF4_NOT_APPLICABLE["liger"]
+        assert row["status"] == "skipped" and row["error"] == kernel_ops.NF4_NOT_APPLICABLE[impl]
+    assert "bitsandbytes" in kernel_ops.NF4_NOT_APPLICABLE["compile"]
+    assert "no NF4 dequantize" in kernel_ops.NF4_NOT_APPLICABLE["liger"]
 
 
 @needs_bnb
 def test_forward_only_rows_time_the_forward_and_have_no_backward():
     case = _nf4_case(64, 64)
-    master = kernel_cases.SPECS[NF4].make_inputs(case, torch.bfloat16, CPU)
+    master = kernel_ops.SPECS[NF4].make_inputs(case, torch.bfloat16, CPU)
     row = kernel_run.run_impl(case, "eager", "bfloat16", master, _context(copy_gbps=2.0))
     assert row["status"] == "ok" and row["forward_only"] is True and row["loss_in_forward"] is False
     assert row["full_times_ms"] == row["fwd_times_ms"] == [1.0, 2.0, 3.0]  # FakeTimer's steps: one loop, forwards
@@ -825,7 +825,7 @@ def test_forward_only_rows_time_the_forward_and_have_no_backward():
 @needs_bnb
 def test_forward_only_measure_gives_every_repeat_fresh_inputs():
     case = _nf4_case(64, 64)
-    master = kernel_cases.SPECS[NF4].make_inputs(case, torch.bfloat16, CPU)
+    master = kernel_ops.SPECS[NF4].make_inputs(case, torch.bfloat16, CPU)
     eager = _resolve("eager", case, torch.bfloat16)
     seen = []
 

@@ -3,6 +3,7 @@ the compile cache and the timer / profiler factories (the event and device passe
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
@@ -27,3 +28,16 @@ class RunContext:
     trace_factory: Optional[Callable[[], Any]] = None  # a profiler session (ProfilerTrace); None: no device pass
     trace_sessions: int = 0  # profiler sessions opened so far in this process
     device_note: Optional[str] = None  # device_error of ok rows until the device pass fills them
+
+
+def error_text(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) < 2000 else text[:2000] + " ..."
+
+
+def release_after_failure(device: torch.device) -> None:
+    """A failed impl may leave cycles (frames, compiled graphs) pinning device memory: collect them.
+    Not done after ok rows: gc.collect costs ~0.1-0.5 s with torch loaded, and refcounts free those."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

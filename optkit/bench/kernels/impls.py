@@ -29,7 +29,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from optkit.bench.kernels.cases import FLCE, IGNORE_INDEX, NF4, Case, OpSpec, nf4_quant_state
+from optkit.bench.kernels.cases import FLCE, IGNORE_INDEX, NF4, Case
+from optkit.bench.kernels.ops import OpSpec, nf4_quant_state
 
 IMPLS = ("optkit", "eager", "compile", "liger")  # every op (a skipped row where one does not apply)
 BITSANDBYTES = "bitsandbytes"

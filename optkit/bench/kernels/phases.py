@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from optkit.bench.kernels.cases import OpSpec
+from optkit.bench.kernels.ops import OpSpec
 from optkit.measure.device_timing import (
     Measurement,
     clone_all,

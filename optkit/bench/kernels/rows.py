@@ -17,9 +17,10 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from optkit.bench.kernels.cases import DTYPES, SPECS, Case
+from optkit.bench.kernels.cases import DTYPES, Case
 from optkit.bench.kernels.context import RunContext
 from optkit.bench.kernels.impls import CHUNK_IMPLS, computes_grad_in_forward, impl_version
+from optkit.bench.kernels.ops import SPECS
 from optkit.measure.device_timing import Measurement
 from optkit.measure.device_trace import DeviceTimes
 from optkit.measure.stats import percentile, summarize

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import os
 import sys
 import time
@@ -65,10 +64,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from optkit.bench.kernels.cases import DTYPES, OPS, SPECS, Case, InputsUnavailable, smoke_cases, sweep_cases
-from optkit.bench.kernels.context import RunContext
+from optkit.bench.kernels.cases import DTYPES, OPS, Case, InputsUnavailable, smoke_cases, sweep_cases
+from optkit.bench.kernels.context import RunContext, error_text, release_after_failure
+from optkit.bench.kernels.device_pass import run_device_pass
 from optkit.bench.kernels.impls import ALL_IMPLS, CompileCache, ImplUnavailable, impls_for, resolve_impl
-from optkit.bench.kernels.phases import Phases, phases_of
+from optkit.bench.kernels.ops import SPECS
+from optkit.bench.kernels.phases import phases_of
 from optkit.bench.kernels.rows import (
     DEVICE_OFF_REASON,
     DEVICE_PENDING_REASON,
@@ -77,7 +78,6 @@ from optkit.bench.kernels.rows import (
     SMOKE_COMPILE_REASON,
     base_row,
     failure_row,
-    fill_device,
     fill_measurement,
     fill_nvml,
     stamp_row,
@@ -86,12 +86,7 @@ from optkit.bench.kernels.rows import (
 from optkit.bench.kernels.table import format_table
 from optkit.measure.device_timing import L2Flush, Settings, measure_copy_gbps
 from optkit.measure.device_trace import (
-    PAD_LAUNCHES,
-    PAD_REGION,
-    DeviceTraceError,
     ProfilerTrace,
-    device_time_by_region,
-    pad_session_head,
 )
 from optkit.measure.timing import PhaseTimer
 from optkit.results.rows import append_row, env_stamp
@@ -101,19 +96,6 @@ QUICK_SETTINGS = Settings(warmup_steps=2, warmup_ms=20.0, loop_ms=60.0, min_repe
 SMOKE_SETTINGS = Settings(
     warmup_steps=1, warmup_ms=0.0, loop_ms=0.0, min_repeats=3, max_repeats=3, device_repeats=2, device_warmup_steps=1
 )
-
-
-def _error_text(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) < 2000 else text[:2000] + " ..."
-
-
-def _release_after_failure(device: torch.device) -> None:
-    """A failed impl may leave cycles (frames, compiled graphs) pinning device memory: collect them.
-    Not done after ok rows: gc.collect costs ~0.1-0.5 s with torch loaded, and refcounts free those."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------- the run
@@ -135,14 +117,14 @@ def run_impl(
     except ImplUnavailable as exc:
         failure = ("skipped", str(exc))
     except torch.cuda.OutOfMemoryError as exc:
-        failure = ("oom", _error_text(exc))
+        failure = ("oom", error_text(exc))
     except Exception as exc:  # an unsupported shape or a broken kernel is a row, not a crash
-        failure = ("error", _error_text(exc))
+        failure = ("error", error_text(exc))
     finally:
         fill_nvml(row, sampler)
     if failure is not None:  # outside the except block: its traceback no longer pins tensors
         if failure[0] != "skipped":
-            _release_after_failure(context.device)
+            release_after_failure(context.device)
         return failure_row(row, *failure)
     fill_measurement(row, measurement, context.copy_gbps)
     row["device_error"] = context.device_note
@@ -160,9 +142,9 @@ def run_case(
     except InputsUnavailable as exc:
         failure = ("skipped", str(exc))
     except torch.cuda.OutOfMemoryError as exc:
-        failure = ("oom", f"inputs do not fit: {_error_text(exc)}")
+        failure = ("oom", f"inputs do not fit: {error_text(exc)}")
     if master is None:
-        _release_after_failure(context.device)
+        release_after_failure(context.device)
         for impl in impls:
             rows.append(failure_row(base_row(case, impl, dtype_name, context), *failure))
             emit(rows[-1])
@@ -171,131 +153,6 @@ def run_case(
         rows.append(run_impl(case, impl, dtype_name, master, context))
         emit(rows[-1])
     return rows
-
-
-def _warm_up_for_trace(
-    case: Case,
-    rows: Sequence[Dict[str, Any]],
-    master: Dict[str, torch.Tensor],
-    context: RunContext,
-    errors: Dict[str, str],
-) -> List[Tuple[Dict[str, Any], Callable, Any]]:
-    """(row, call, grad_outputs) of each impl that warms up again; a failure goes to ``errors``."""
-    spec, device = SPECS[case.op], context.device
-    traced = []
-    for row in rows:
-        try:
-            call = resolve_impl(row["impl"], spec, case, device, context.compile_cache, DTYPES[row["dtype"]])
-            grad_outputs = phases_of(spec).warm_up(call, master, context.settings.device_warmup_steps)
-            traced.append((row, call, grad_outputs))
-        except Exception as exc:  # it ran in the event pass; say what changed rather than stop
-            errors[row["impl"]] = f"device pass warm-up: {_error_text(exc)}"
-    return traced
-
-
-def _trace_session(
-    phases: Phases, traced, master: Dict[str, torch.Tensor], context: RunContext, pad: int, errors: Dict[str, str]
-) -> Dict[str, Tuple[float, int]]:
-    """One profiler session: the head pad, then every phase of every impl; returns its regions."""
-    context.trace_sessions += 1
-    with context.trace_factory() as trace:
-        pad_session_head(trace, context.device, pad)
-        for row, call, grad_outputs in traced:
-            if row["impl"] in errors:
-                continue
-            try:
-                phases.trace(
-                    trace,
-                    row["impl"],
-                    call,
-                    master,
-                    grad_outputs,
-                    context.device,
-                    context.flush,
-                    context.settings.device_repeats,
-                )
-            except Exception as exc:
-                errors[row["impl"]] = f"device pass: {_error_text(exc)}"
-    return device_time_by_region(trace.events())
-
-
-def measure_device_case(
-    case: Case, dtype_name: str, rows: Sequence[Dict[str, Any]], context: RunContext, log: Callable[[str], None]
-) -> None:
-    """Device times of a case's ok rows: warm each impl up, then trace them all in one session (a second,
-    with a longer head pad, if the first lost the whole pad)."""
-    torch.manual_seed(0)
-    spec = SPECS[case.op]
-    master, phases = spec.make_inputs(case, DTYPES[dtype_name], context.device), phases_of(spec)
-    errors: Dict[str, str] = {}
-    traced = _warm_up_for_trace(case, rows, master, context, errors)
-    pad = PAD_LAUNCHES + 2 * context.trace_sessions
-    regions, pad_seen = {}, 0
-    for attempt in range(2 if traced else 0):
-        regions = _trace_session(phases, traced, master, context, pad, errors)
-        pad_seen = regions.get(PAD_REGION, (0.0, 0))[1]
-        if pad_seen:
-            break
-        log(
-            f"  profiler session {context.trace_sessions} lost all {pad} head launches (pytorch#192021)"
-            + ("; tracing the case again with a longer pad" if attempt == 0 else "")
-        )
-        pad *= 8
-    del traced, master
-    if errors:
-        _release_after_failure(context.device)
-    if 0 < pad_seen < pad:
-        log(
-            f"  profiler session {context.trace_sessions}: {pad - pad_seen} of the {pad} head launches came back "
-            "without a usable timestamp (pytorch#192021); the head pad absorbed them"
-        )
-    for row in rows:
-        if row["impl"] in errors:
-            row["device_error"] = errors[row["impl"]]
-        elif pad_seen == 0:
-            row["device_error"] = (
-                "two profiler sessions lost their whole head pad (pytorch#192021 or no CUPTI), "
-                "so the op's own records may be missing too: no device time"
-            )
-        else:
-            try:
-                times = phases.device_times(regions, row["impl"], context.settings.device_repeats)
-            except DeviceTraceError as exc:
-                row["device_error"] = str(exc)
-                continue
-            fill_device(row, times, context.copy_gbps)
-            if times.uneven_phases:  # a deterministic op launches the same kernels every time
-                log(
-                    f"  {row['point_key']}: device-event count varies over the {'/'.join(times.uneven_phases)} "
-                    "repeats (records lost?); the medians are kept"
-                )
-
-
-def run_device_pass(
-    case_rows: Sequence[Tuple[Case, str, List[Dict[str, Any]]]], context: RunContext, log: Callable[[str], None]
-) -> None:
-    """The profiler pass over every case's ok rows (after all event timing: see the module doc)."""
-    for case, dtype_name, rows in case_rows:
-        ok = [r for r in rows if r["status"] == "ok"]
-        if not ok:
-            continue
-        failure = None
-        try:
-            measure_device_case(case, dtype_name, ok, context, log)
-        except Exception as exc:  # inputs that no longer fit, a profiler that fails: rows keep event times
-            failure = f"device pass: {_error_text(exc)}"
-        if failure is not None:
-            _release_after_failure(context.device)
-            for row in ok:
-                if row["full_device_ms"] is None:
-                    row["device_error"] = failure
-        for row in ok:
-            timing = (
-                f"device {row['full_device_ms']:.3f} ms, {row['n_kernels_full']} kernels"
-                if row["full_device_ms"] is not None
-                else (row["device_error"] or "")[:100]
-            )
-            log(f"  {row['point_key']:<60} {timing}")
 
 
 def _rewrite_rows(path: Path, keep_bytes: int, rows: Sequence[Dict[str, Any]]) -> None:
