@@ -34,7 +34,7 @@ from optkit.results import rows as result_rows
 from optkit.results.rows import read_rows
 
 CPU = torch.device("cpu")
-# The fields the brief requires of every kernel row.
+# The fields every kernel row must carry (what the report and the gate read).
 REQUIRED_FIELDS = (
     "schema_version run_id suite kind status error op impl dtype shape tokens hidden fwd_ms bwd_ms full_ms "
     "full_ms_p10 full_ms_p90 full_times_ms bytes_full gbps_full copy_gbps frac_of_copy peak_bytes "

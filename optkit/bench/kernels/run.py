@@ -28,23 +28,17 @@ stores the gradient in the logits, cannot skew the next repeat) and builds its o
 gradients come from ``torch.autograd.grad`` w.r.t. every differentiable input (weights included), so
 nothing accumulates and no graph is replayed with retain_graph.
 
-Why the device pass comes last and traces a whole case per session: a profiler session leaves CUPTI
-attached to the process (Kineto tears it down only with TEARDOWN_CUPTI=1), which slows later kernel
-launches (pytorch/pytorch#144455), so no event-timed row may follow one; and each new session in a
-process returns a few kernel records at its head with timestamps from another clock, one more per
-session (pytorch/pytorch#192021), so sessions are few, each starts with a burst of throw-away
-launches, and a session whose burst was entirely lost gives no device times (``device_error`` says
-so). The rows are appended to results.jsonl as the event pass makes them (a killed run keeps them,
-with ``device_error`` saying that the device pass did not run) and rewritten in place, device times
-filled, when the device pass ends. Device time needs CUDA: on the CPU its fields are None.
+The device pass comes last (device_pass.py says why). The rows are appended to results.jsonl as the event
+pass makes them (a killed run keeps them, with ``device_error`` saying that the device pass did not run) and
+rewritten in place, device times filled, when the device pass ends. Device time needs CUDA: on the CPU its
+fields are None.
 
-The suite's parts, one job each: optkit/bench/kernels/cases.py (ops, shapes, inputs, eager baselines),
-optkit/bench/kernels/byte_model.py (the bytes each op must move), optkit/bench/kernels/impls.py (optkit /
-eager / compile / liger / bitsandbytes callables), optkit/bench/kernels/rows.py (row fields and filling
-them), optkit/bench/kernels/phases.py (forward+backward or forward-only steps of both passes),
-optkit/measure/device_timing.py (event timing, L2 flush, copy bandwidth), optkit/measure/device_trace.py
-(profiler device time) and optkit/bench/kernels/table.py (the printed table). This module runs them: the
-event pass, the device pass, results.jsonl and the command line.
+The suite's parts, one job each, in optkit/bench/kernels/: cases.py (which op at which shape), ops.py (each
+op's inputs, eager baseline and byte model, byte_model.py), impls.py (optkit / eager / compile / liger /
+bitsandbytes callables), rows.py (row fields and filling them), phases.py (forward+backward or forward-only
+steps of both passes), device_pass.py (the profiler pass), table.py (the printed table); timing itself is
+optkit/measure/device_timing.py's (events, L2 flush, copy bandwidth) and device_trace.py's (profiler device
+time). This module runs them: the event pass, then the device pass, results.jsonl and the command line.
 
 Entry points: ``run(cfg, run_dir)`` (the runner: ``optkit bench suite=kernels`` calls
 ``python -m optkit.bench.kernels.run --config``), ``main()`` (the same command line without a config:
