@@ -89,15 +89,20 @@ def _git(*args: str) -> Optional[str]:
 
 
 def git_state() -> dict:
-    """SHA of HEAD and whether tracked files differ from it (untracked files don't count)."""
-    sha = _git("rev-parse", "HEAD")
-    if sha is None:
-        # A copy of the tree without .git (e.g. shipped to a GPU machine): the caller says which commit.
+    """SHA of HEAD and whether tracked files differ from it (untracked files don't count).
+
+    OPTKIT_GIT_SHA (and OPTKIT_GIT_DIRTY), when set, win: a copy of the tree shipped to a GPU machine may
+    carry no .git, or a stale one whose HEAD is not the commit the copy holds; the caller knows which it is.
+    """
+    if os.environ.get("OPTKIT_GIT_SHA"):
         dirty = os.environ.get("OPTKIT_GIT_DIRTY")
         return {
-            "git_sha": os.environ.get("OPTKIT_GIT_SHA"),
+            "git_sha": os.environ["OPTKIT_GIT_SHA"],
             "git_dirty": None if dirty is None else dirty.lower() in ("1", "true", "yes"),
         }
+    sha = _git("rev-parse", "HEAD")
+    if sha is None:
+        return {"git_sha": None, "git_dirty": None}
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {"git_sha": sha, "git_dirty": None if status is None else bool(status)}
 

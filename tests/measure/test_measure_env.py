@@ -100,3 +100,15 @@ def test_fingerprint_keys_only_the_comparability_fields():
     assert env_fingerprint({**env, "timestamp_utc": "b", "hostname": "y"}) == fp
     assert env_fingerprint({**env, "driver_version": "580.2"}) != fp
     assert env_fingerprint({**env, "triton_version": "3.5.0"}) != fp
+
+
+def test_the_callers_commit_wins_over_a_stale_git(monkeypatch):
+    """A tree copied to a GPU machine can hold an old .git: the commit the caller names is the one stamped."""
+    from optkit.measure.env import git_state
+
+    monkeypatch.setenv("OPTKIT_GIT_SHA", "f" * 40)
+    monkeypatch.setenv("OPTKIT_GIT_DIRTY", "0")
+    assert git_state() == {"git_sha": "f" * 40, "git_dirty": False}
+    monkeypatch.delenv("OPTKIT_GIT_SHA")
+    here = git_state()  # this checkout's own HEAD again
+    assert here["git_sha"] != "f" * 40
