@@ -2,6 +2,8 @@
 # One batched call on a lent GPU machine: install the carried wheels, then run each named step with its
 # own time limit, logging to $OUT/logs/<step>.log; results/ and reports/ come back as one tarball.
 # A failing step never stops the others.   usage: scripts/gpu_run.sh STEP:TIMEOUT_S:COMMAND ...
+# Export OPTKIT_GIT_SHA=<the commit the tree holds> (and OPTKIT_GIT_DIRTY=0) first: the copied tree may carry no
+# .git or a stale one, and rows must name the commit that ran.
 # Wheels: .whl/ from ../shared/tools/gpu-wheels.sh; when the carried tree nears the device tool's 64 MiB,
 # carry .whl-slim/ from scripts/slim_wheels.sh instead and link it as .whl in the unpacked tree.
 set -u
