@@ -123,7 +123,7 @@ def profile_section(model: str, points: Sequence[Any], labels: Dict[str, str], b
     """Markdown (and files) of the kernel-share table and the VRAM-over-one-step figure; [] if no data."""
     from optkit.report import curves as curve_plots
     from optkit.report import tables as report_tables
-    from optkit.results import runs as report_load
+    from optkit.results import runs
 
     out_dir = figure.out_dir
     md: List[str] = []
@@ -159,7 +159,7 @@ def profile_section(model: str, points: Sequence[Any], labels: Dict[str, str], b
         ]
         for entry in entries:
             md += _top_kernels_block(entry)
-    series, setting = _vram_series_by_label(points, labels, baseline_opt, report_load.setting_of)
+    series, setting = _vram_series_by_label(points, labels, baseline_opt, runs.setting_of)
     if series:
         md += figure(
             curve_plots.vram_step,
