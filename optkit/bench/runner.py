@@ -207,11 +207,9 @@ def default_run_id(suite_dir: Path, suite_name: str, git_sha: Optional[str]) -> 
 
 
 def _hash_of(cfg) -> str:
-    from omegaconf import OmegaConf
-
     from optkit.results.rows import config_hash
 
-    return config_hash(OmegaConf.to_container(cfg, resolve=True))
+    return config_hash(_container(cfg))
 
 
 def run_isolated(

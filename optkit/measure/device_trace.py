@@ -95,19 +95,22 @@ class DeviceTimes:
     uneven_phases: List[str] = field(default_factory=list)  # device-event count varies over repeats
 
 
+def _phase_repeats(
+    regions: Dict[str, Tuple[float, int]], impl: str, phase: str, repeats: int, label: str
+) -> List[Tuple[float, int]]:
+    """(device ms, device events) of each traced repeat of one phase; raises DeviceTraceError."""
+    found = [regions.get(region_name(impl, phase, i)) for i in range(repeats)]
+    missing = sum(f is None for f in found)
+    if missing:
+        raise DeviceTraceError(f"the trace lacks {missing} of {impl}'s {repeats} {label} regions")
+    if any(n_events == 0 for _, n_events in found):
+        raise DeviceTraceError(f"a traced {label} repeat of {impl} holds no device work: the profiler lost its records")
+    return found
+
+
 def device_times(regions: Dict[str, Tuple[float, int]], impl: str, repeats: int) -> DeviceTimes:
     """One impl's repeats of every phase, from ``device_time_by_region``; raises DeviceTraceError."""
-    by_phase = {}
-    for phase in PHASES:
-        found = [regions.get(region_name(impl, phase, i)) for i in range(repeats)]
-        missing = sum(f is None for f in found)
-        if missing:
-            raise DeviceTraceError(f"the trace lacks {missing} of {impl}'s {repeats} {phase} regions")
-        if any(n_events == 0 for _, n_events in found):
-            raise DeviceTraceError(
-                f"a traced {phase} repeat of {impl} holds no device work: the profiler lost its records"
-            )
-        by_phase[phase] = found
+    by_phase = {phase: _phase_repeats(regions, impl, phase, repeats, phase) for phase in PHASES}
     uneven = [phase for phase, found in by_phase.items() if len({n_events for _, n_events in found}) > 1]
     return DeviceTimes(
         fwd_ms=[ms for ms, _ in by_phase["fwd"]],
@@ -203,6 +206,39 @@ def trace_phases(
             backward_wrt_inputs(outs, inputs, grads)
             synchronize(device)
         del inputs, outs, grads
+
+
+def trace_forward(
+    trace,
+    impl: str,
+    call: Callable,
+    master: Dict[str, torch.Tensor],
+    grad_outputs: None,
+    device: torch.device,
+    flush: Callable[[], None],
+    repeats: int,
+) -> None:
+    """``trace_phases`` for an op without a backward: ``repeats`` forward calls as "full" regions."""
+    for i in range(repeats):
+        inputs = fresh_inputs(master)
+        _settle(flush, device)
+        with trace.region(region_name(impl, "full", i)):
+            out = call(**inputs)
+            synchronize(device)
+        del inputs, out
+
+
+def forward_device_times(regions: Dict[str, Tuple[float, int]], impl: str, repeats: int) -> DeviceTimes:
+    """``device_times`` for the "full" regions of ``trace_forward``: the forward's times are the full ones."""
+    found = _phase_repeats(regions, impl, "full", repeats, "forward")
+    full_ms, events = [ms for ms, _ in found], [n for _, n in found]
+    return DeviceTimes(
+        fwd_ms=full_ms,
+        bwd_ms=[],
+        full_ms=full_ms,
+        full_events=events,
+        uneven_phases=["full"] if len(set(events)) > 1 else [],
+    )
 
 
 def pad_launches(device: torch.device, launches: int = PAD_LAUNCHES) -> None:

@@ -26,9 +26,8 @@ from optkit.measure.device_timing import (
     fresh_inputs,
     measure,
     measure_forward,
-    synchronize,
 )
-from optkit.measure.device_trace import DeviceTimes, DeviceTraceError, device_times, region_name, trace_phases
+from optkit.measure.device_trace import DeviceTimes, device_times, forward_device_times, trace_forward, trace_phases
 
 Inputs = Dict[str, torch.Tensor]
 
@@ -53,45 +52,6 @@ def _warm_up_forward_backward(call: Callable, master: Inputs, steps: int) -> Opt
 def _warm_up_forward(call: Callable, master: Inputs, steps: int) -> None:
     for _ in range(1 + steps):  # the first call (compile / JIT) and the warm-up ones
         call(**fresh_inputs(master))
-
-
-def trace_forward(
-    trace,
-    impl: str,
-    call: Callable,
-    master: Inputs,
-    grad_outputs: None,
-    device: torch.device,
-    flush: Callable[[], None],
-    repeats: int,
-) -> None:
-    """device_trace.trace_phases for an op without a backward: ``repeats`` forward calls as "full" regions."""
-    for i in range(repeats):
-        inputs = fresh_inputs(master)
-        flush()
-        synchronize(device)  # the region starts idle and cold
-        with trace.region(region_name(impl, "full", i)):
-            out = call(**inputs)
-            synchronize(device)
-        del inputs, out
-
-
-def forward_device_times(regions: Dict[str, Tuple[float, int]], impl: str, repeats: int) -> DeviceTimes:
-    """device_trace.device_times for the "full" regions of trace_forward; the forward's times are the full ones."""
-    found = [regions.get(region_name(impl, "full", i)) for i in range(repeats)]
-    missing = sum(f is None for f in found)
-    if missing:
-        raise DeviceTraceError(f"the trace lacks {missing} of {impl}'s {repeats} forward regions")
-    if any(n_events == 0 for _, n_events in found):
-        raise DeviceTraceError(f"a traced forward of {impl} holds no device work: the profiler lost its records")
-    full_ms, events = [ms for ms, _ in found], [n for _, n in found]
-    return DeviceTimes(
-        fwd_ms=full_ms,
-        bwd_ms=[],
-        full_ms=full_ms,
-        full_events=events,
-        uneven_phases=["full"] if len(set(events)) > 1 else [],
-    )
 
 
 FORWARD_BACKWARD = Phases(measure, _warm_up_forward_backward, trace_phases, device_times)
