@@ -11,6 +11,7 @@ this is the one place that says what each version changed:
      points counted ~16 GiB of that cache at Llama-3-8B).
   3  ``enabled_optimizations`` (which listed every switch that was on, applied or skipped) is replaced by
      ``requested_optimizations`` (switched on) and ``applied_optimizations`` (applied to the model).
+  4  new fields, none of v3's changes meaning:
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 STATUSES = ("ok", "oom", "error", "skipped", "timeout")
 
