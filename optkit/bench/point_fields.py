@@ -2,7 +2,7 @@
 
 NVML is sampled by a background thread for the point's whole life; a window's own figures (its peak,
 one step at full rate) are cut from the raw samples by the time marks the point records on the
-sampler's clock.
+sampler's clock; the window's energy is the counter read at those two marks (measure/energy.py).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def window_nvml_fields(sampler, fields: Dict[str, Any]) -> Dict[str, Any]:
     if sampler is None or not window:
         return {}
     out: Dict[str, Any] = {"peak_nvml_timed_device_bytes": sampler.peak_device_used_between(*window)}
+    out.update(_window_energy(sampler, window, fields))
     step, of = fields.get("nvml_profiled_step_ms"), "profiled_step"
     if not step:
         step, of = [window[1] - fields["step_times_ms"][-1], window[1]], "last_timed_step"
@@ -61,6 +62,15 @@ def window_nvml_fields(sampler, fields: Dict[str, Any]) -> Dict[str, Any]:
         out["nvml_step_series"] = [[round(t - step[0], 1), used] for t, used in samples]
         out["nvml_step_series_of"] = of
     return out
+
+
+def _window_energy(sampler, window, fields: Dict[str, Any]) -> Dict[str, Any]:
+    """Joules, J/token and mean watts of the timed steps, from the energy counter read at the window's marks."""
+    from optkit.measure.energy import window_energy_fields
+
+    steps = len(fields.get("step_times_ms") or [])
+    tokens = (fields.get("tokens_per_step") or 0) * steps
+    return window_energy_fields(sampler.energy_between(*window), window[1] - window[0], tokens)
 
 
 def env_fields() -> Dict[str, Any]:

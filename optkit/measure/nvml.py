@@ -22,6 +22,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
+from optkit.measure.energy import energy_delta_mj, read_energy_mj
+
 # NVML clock-event ("throttle") reason bits, stable across driver versions (nvml.h).
 _THROTTLE_BITS = (
     (0x1, "gpu_idle"),
@@ -232,6 +234,7 @@ class NvmlSampler:
         self._reasons_seen: set[str] = set()
         self._mask_readable = False
         self._energy_start: Optional[int] = None
+        self._energy_at: dict[float, Optional[int]] = {}  # mark (now_ms) -> energy counter, mJ
         self._track_process = False
         self._pid = os.getpid()
         self._report: Optional[NvmlReport] = None
@@ -287,10 +290,18 @@ class NvmlSampler:
         """Now, in ms on the clock of ``series_t_ms`` (ms since sampling began); None if not sampling.
 
         Mark a window with it (before its first step, after its last synchronize) to cut the series
-        or take a peak over that window only."""
+        or take a peak over that window only. While sampling, a mark also reads the energy counter,
+        so ``energy_between`` two marks is the window's own energy (measure/energy.py)."""
         if not self._t0_ns:
             return None
-        return (time.perf_counter_ns() - self._t0_ns) / 1e6
+        t_ms = (time.perf_counter_ns() - self._t0_ns) / 1e6
+        if self._nvml is not None:
+            self._energy_at[t_ms] = read_energy_mj(self._nvml, self._handle)
+        return t_ms
+
+    def energy_between(self, start_ms: float, end_ms: float) -> Optional[int]:
+        """mJ the device used between two marks ``now_ms`` returned; None without a counter reading at both."""
+        return energy_delta_mj(self._energy_at.get(start_ms), self._energy_at.get(end_ms))
 
     def samples_between(self, start_ms: float, end_ms: float) -> list[list]:
         """Every raw sample [t_ms, device used bytes] with start_ms <= t_ms <= end_ms (not downsampled)."""

@@ -61,6 +61,9 @@ def train_entry(point: Point, base: Optional[Point]) -> Dict[str, Any]:
             peak_nvml_timed_bytes=point.median("peak_nvml_timed_device_bytes"),
             noisy=any(r.get("step_ms_noisy") for r in point.ok),
         )
+        for field in ("energy_j_per_token", "avg_power_w"):  # rows before these fields: no (empty) CSV column
+            if point.median(field) is not None:
+                entry[field] = point.median(field)
     if base is None:
         return entry
     if base is point:

@@ -62,6 +62,8 @@ TRAIN_COLUMNS = [
     text_col("setting_short", "setting"),
     text_col("status", "status"),
     Column("tokens_per_s", "tokens/s", _num("tokens_per_s", lambda v: f"{v:,.0f}" if v >= 100 else sig(v)), "high"),
+    Column("energy_j_per_token", "J/token", _num("energy_j_per_token", sig), "low"),
+    Column("avg_power_w", "avg W", _num("avg_power_w", lambda v: f"{v:,.0f}")),
     Column("speedup", "speedup [95% CI]", _ratio_cell, "high"),
     Column("mfu", "MFU", _num("mfu", lambda v: f"{100 * v:.1f}%"), "high"),
     Column("forward_ms", "fwd ms", _marked("forward_ms", "loss_in_forward", "†"), "low"),

@@ -12,6 +12,8 @@ this is the one place that says what each version changed:
   3  ``enabled_optimizations`` (which listed every switch that was on, applied or skipped) is replaced by
      ``requested_optimizations`` (switched on) and ``applied_optimizations`` (applied to the model).
   4  new fields, none of v3's changes meaning:
+     - ``timed_energy_j``, ``energy_j_per_token``, ``avg_power_w``: NVML's energy counter over this row's
+       timed steps only (read at the window's edges), where ``energy_mj`` spans the whole process.
 """
 from __future__ import annotations
 
@@ -91,6 +93,10 @@ ROW_FIELDS: Dict[str, str] = {
     "sm_clock_mhz_min": "lowest SM clock seen while sampling",
     "other_gpu_processes": "other processes on the GPU when the point started", "peak_rss_bytes": "host peak RSS of the point's process",
     "energy_mj": "NVML energy counter delta over the whole point's process (build + warm-up + every window), or None",
+    "timed_energy_j": "NVML energy counter delta over this row's timed steps only, read at the window's edges "
+                      "(device-wide, J); None without the counter or when it did not advance",
+    "energy_j_per_token": "timed_energy_j / (tokens_per_step x timed steps): joules per real token",
+    "avg_power_w": "timed_energy_j / the timed window's wall time: mean device power over the timed steps, W",
     "nvml_series": "NVML device-used samples [[t_ms, bytes], ...] over the point, downsampled",
     "nvml_timed_window_ms": "[start, end] of this row's timed steps on nvml_series' clock (ms since sampling began)",
     "nvml_profiled_step_ms": "[start, end] of the profiled step (bench.profile) on nvml_series' clock, or None",
