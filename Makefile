@@ -18,7 +18,9 @@ REGRESS_ARGS ?=
 REPORT_ARGS ?=
 # Two test processes when pytest-xdist is there (CI: 2 cores; 4m40s -> 3m30s), else one.
 PYTEST_ARGS ?= $(shell $(PYTHON) -c "import xdist" 2>/dev/null && echo "-n 2")
-STAMP := .make/installed
+# One install stamp per Python environment: a fresh virtual environment installs even where another
+# environment's install already ran in this tree.
+STAMP := .make/installed-$(shell $(PYTHON) -c "import sys; print(sys.prefix)" | cksum | cut -d' ' -f1)
 
 .PHONY: install bench test test-gpu report regress list env clean-install
 
@@ -28,7 +30,6 @@ $(STAMP): pyproject.toml
 	  && echo "keeping installed torch $$($(PYTHON) -c 'import torch; print(torch.__version__)')" \
 	  || $(PIP) install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[$(EXTRAS)]"
-	-$(PIP) install -q "pytest-xdist>=3"  # optional: parallel tests; without it they run in one process
 	@touch $(STAMP)
 
 install: $(STAMP)
