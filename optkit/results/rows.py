@@ -14,14 +14,19 @@ this is the one place that says what each version changed:
   4  new fields, none of v3's changes meaning:
      - ``timed_energy_j``, ``energy_j_per_token``, ``avg_power_w``: NVML's energy counter over this row's
        timed steps only (read at the window's edges), where ``energy_mj`` spans the whole process.
+     - ``peft``, ``bitsandbytes``, ``liger_kernel``, ``unsloth``, ``accelerate``, ``trl``: versions of the
+       libraries that define an opt-set or a peer (the baseline itself is peft's LoRA), None when absent.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 SCHEMA_VERSION = 4
 
@@ -57,6 +62,10 @@ ROW_FIELDS: Dict[str, str] = {
     "device": "cuda | cpu", "gpu_name": "GPU name or None", "gpu_slug": "e.g. h100, cpu",
     "driver": "NVIDIA driver", "torch": "torch version", "triton": "triton version",
     "transformers": "transformers version", "git_sha": "optkit commit", "git_dirty": "uncommitted changes",
+    "peft": "peft version (defines the LoRA baseline)",
+    "bitsandbytes": "bitsandbytes version (QLoRA, 8-bit optimizers)",
+    "liger_kernel": "liger-kernel version (the liger peer)", "unsloth": "unsloth version (None: not installed)",
+    "accelerate": "accelerate version", "trl": "trl version",
     "env_fingerprint": "hash of GPU + driver + library versions: compare only equal fingerprints",
     "timestamp": "UTC ISO time the point finished",
     # timing: medians over the timed steps (warm-up excluded)
@@ -148,7 +157,20 @@ def env_stamp(env: Dict[str, Any]) -> Dict[str, Any]:
         "torch": env.get("torch_version"), "triton": env.get("triton_version"),
         "transformers": env.get("transformers_version"), "git_sha": env.get("git_sha"),
         "git_dirty": env.get("git_dirty"), "env_fingerprint": env_fingerprint(env),
+        **{name: _library_version(env, name) for name in PEER_LIBRARIES},
     }
+
+
+# Libraries that define an opt-set or a peer; a row names their versions (None: not installed).
+PEER_LIBRARIES = ("peft", "bitsandbytes", "liger_kernel", "unsloth", "accelerate", "trl")
+
+
+def _library_version(env: Dict[str, Any], name: str) -> Any:
+    """From env.json when it has the key; an older capture without it is asked of this interpreter."""
+    from optkit.measure.env import package_version
+
+    key = f"{name}_version"
+    return env[key] if key in env else package_version(name)
 
 
 def empty_row() -> Dict[str, Any]:
@@ -210,31 +232,97 @@ def identity_fields(config: Dict[str, Any], overrides: List[str], run_id: str, r
     }
 
 
+class ResultsFileError(Exception):
+    """A results file that cannot be written; the message is one line and names the fix."""
+
+
+_WRITE_FIXES = {
+    errno.ENOSPC: "free disk space, or pass bench.results_dir=<a directory on another disk>",
+    errno.EDQUOT: "free space under your quota, or pass bench.results_dir=<another directory>",
+    errno.EROFS: "the file system is read-only: pass bench.results_dir=<a writable directory>",
+    errno.EACCES: "make it writable, or pass bench.results_dir=<a writable directory>",
+    errno.EPERM: "make it writable, or pass bench.results_dir=<a writable directory>",
+}
+
+
+def write_error(path: Path, exc: OSError) -> ResultsFileError:
+    """The one-line error for an OSError while writing a results file."""
+    fix = _WRITE_FIXES.get(exc.errno, "check the path, or pass bench.results_dir=<another directory>")
+    return ResultsFileError(f"cannot write {path}: {exc.strerror or exc}; {fix}")
+
+
 def append_row(path: Path, row: Dict[str, Any]) -> None:
-    """Append one row and fsync, so a killed sweep loses at most the point in flight."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(finite(row), default=json_default, allow_nan=False)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Append one row as one line and fsync it, so a killed sweep loses at most the point in flight.
+
+    The row starts on a fresh line: when the file ends in a fragment (a writer killed mid-line, a
+    full disk), a newline goes first, so the fragment stays one unreadable line of its own and this row
+    stays readable."""
+    path = Path(path)
+    line = json.dumps(finite(row), default=json_default, allow_nan=False).encode() + b"\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+b") as fh:
+            if fh.seek(0, os.SEEK_END) > 0:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    line = b"\n" + line
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise write_error(path, exc) from exc
 
 
-def read_rows(path: Path) -> List[Dict[str, Any]]:
-    """Rows of a results.jsonl; a torn last line (killed mid-write) is ignored."""
-    rows = []
+@dataclass(frozen=True)
+class BadLine:
+    """A line of a results file that holds no row."""
+
+    number: int  # 1-based
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.number} ({self.reason})"
+
+
+def scan_rows(path: Path) -> Tuple[List[Dict[str, Any]], List[BadLine]]:
+    """(rows, lines that hold no row) of a results.jsonl; blank lines are neither."""
+    rows: List[Dict[str, Any]] = []
+    bad: List[BadLine] = []
     if not Path(path).exists():
-        return rows
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
+        return rows, bad
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
                 continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                bad.append(BadLine(number, "torn or not JSON: a write cut short?"))
                 continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad.append(BadLine(number, f"JSON {type(row).__name__}, not a row object"))
+    return rows, bad
+
+
+def describe_bad_lines(path: Path, bad: List[BadLine]) -> str:
+    """One line naming every skipped line (the first five, then a count)."""
+    named = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return f"{path}: skipped {len(bad)} line(s) that hold no row: {named}"
+
+
+def read_rows(path: Path, warn: Optional[Callable[[str], None]] = None) -> List[Dict[str, Any]]:
+    """Rows of a results.jsonl; a line that holds no row (torn by a kill mid-write, not a JSON object) is
+    skipped and reported through ``warn`` (default: one line on stderr)."""
+    rows, bad = scan_rows(path)
+    if bad:
+        (warn or _warn_stderr)(describe_bad_lines(path, bad))
     return rows
+
+
+def _warn_stderr(message: str) -> None:
+    print(f"optkit: warning: {message}", file=sys.stderr, flush=True)
 
 
 def read_run(run_dir: Path) -> tuple[Dict[str, Any], List[Dict[str, Any]]]:

@@ -6,7 +6,8 @@ One row per op x shape x dtype x implementation. A row's fields and their meanin
 the bytes the op must move (optkit/bench/kernels/byte_model.py), beside the device's copy bandwidth
 measured in the same run (one large device-to-device copy, bytes read + written); allocator peak of
 one forward+backward, absolute and as the delta over the inputs; NVML clocks, throttle reasons and
-other GPU processes while the row's event pass ran. A forward-only op's rows (``forward_only``) have
+other GPU processes while the row's event pass ran; the event time of a CUDA-graph replay of the same
+call (``graph_ms``) and whether the op is launch-bound. A forward-only op's rows (``forward_only``) have
 no backward: their full_* fields are the forward's and their bwd_* fields are None.
 """
 
@@ -24,10 +25,15 @@ from optkit.bench.kernels.ops import SPECS
 from optkit.measure.device_timing import Measurement
 from optkit.measure.device_trace import DeviceTimes
 from optkit.measure.stats import percentile, summarize
+from optkit.results.rows import PEER_LIBRARIES, ROW_FIELDS
 
 KERNEL_SCHEMA_VERSION = 2  # bump when a kernel row field changes meaning (2: device-time fields)
 SUITE = "kernels"
 NVML_INTERVAL_MS = 50.0  # clocks / throttling only (memory comes from the allocator): sample lightly
+
+# Event time this much above the graph replay's means launches, not kernels, set the time: both are medians
+# of event-timed repeats, and a noisy row's IQR is > 10% of its median, so a 25% gap is beyond their noise.
+LAUNCH_BOUND_RATIO = 1.25
 
 KERNEL_ROW_FIELDS: Dict[str, str] = {
     "schema_version": "KERNEL_SCHEMA_VERSION of the code that wrote the row",
@@ -81,6 +87,13 @@ KERNEL_ROW_FIELDS: Dict[str, str] = {
     "gbps_device": "bytes_full / full_device_ms, GB/s: the kernels' own bandwidth",
     "frac_of_copy_device": "gbps_device / copy_gbps: what a bandwidth target (e.g. >= 85% of copy) is judged on",
     "device_error": "why the device fields are None on an ok row (no CUDA, pass not run, trace lost records)",
+    "graph_ms": "median event time of one CUDA-graph replay of forward+backward (the forward when forward_only), "
+    "cold L2, inputs refilled outside the timed span: the kernels without host cost (Python, autograd, launches)",
+    "graph_times_ms": "every timed replay",
+    "graph_error": "why graph_ms is None on an ok row (no CUDA; a call that syncs with the host cannot be captured)",
+    "launch_overhead_ms": "full_ms - graph_ms: what launching the op from the host adds to its event time",
+    "launch_bound": f"full_ms >= {LAUNCH_BOUND_RATIO} x graph_ms: host launch cost, not the kernels, sets the op's "
+    "event time (faster kernels would not help; fewer launches or a graph would)",
     "tflops_full": "flops_full / full_ms, TFLOP/s",
     "loss_in_forward": "impl computes grads in forward: compare full_ms / full_device_ms",
     "forward_only": "the op has no backward (nf4_dequantize: the quantized weight is frozen): full_* is the forward",
@@ -99,6 +112,7 @@ KERNEL_ROW_FIELDS: Dict[str, str] = {
     "torch": "torch version",
     "triton": "triton version",
     "transformers": "transformers version",
+    **{name: ROW_FIELDS[name] for name in PEER_LIBRARIES},  # the libraries defining an opt-set or a peer
     "git_sha": "optkit commit",
     "git_dirty": "uncommitted changes",
     "env_fingerprint": "comparable-stack hash",
@@ -179,6 +193,25 @@ def fill_device(row: Dict[str, Any], times: DeviceTimes, copy_gbps: Optional[flo
         gbps_device=gbps,
         frac_of_copy_device=gbps / copy_gbps if gbps and copy_gbps else None,
         device_error=None,
+    )
+
+
+def is_launch_bound(full_ms: Optional[float], graph_ms: Optional[float]) -> Optional[bool]:
+    """Whether host launches set the event time (see LAUNCH_BOUND_RATIO); None without both times."""
+    if not full_ms or not graph_ms:
+        return None
+    return full_ms >= LAUNCH_BOUND_RATIO * graph_ms
+
+
+def fill_graph(row: Dict[str, Any], graph_times_ms: Optional[Sequence[float]], error: Optional[str]) -> None:
+    """The graph-replay fields of an ok row (its full_ms already filled): the replays' times, or why there are none."""
+    graph = _median(graph_times_ms or [])
+    row.update(
+        graph_ms=graph,
+        graph_times_ms=list(graph_times_ms) if graph_times_ms else None,
+        graph_error=None if graph is not None else error,
+        launch_overhead_ms=row["full_ms"] - graph if graph is not None and row["full_ms"] is not None else None,
+        launch_bound=is_launch_bound(row["full_ms"], graph),
     )
 
 
