@@ -110,7 +110,9 @@ def _failure_fields(exc: BaseException) -> Dict[str, Any]:
         return {"status": "oom", "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
     if type(exc).__name__ == "MissingRequirement":
         return {"status": "skipped", "error": str(exc)}
-    return {"status": "error", "error": tail}
+    # The cause first: the summary and the sweep's progress show an error's first line.
+    cause = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    return {"status": "error", "error": f"{cause}\n{tail}"}
 
 
 def _is_oom(exc: BaseException) -> bool:
