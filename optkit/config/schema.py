@@ -11,7 +11,7 @@ in config/ and the runner: ``register_configs`` puts these schemas in its Config
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from optkit.data import LENGTH_DISTS
@@ -24,6 +24,7 @@ from optkit.train.optimizers import OPTIMIZERS
 
 DEVICES = ("auto", "cuda", "cpu")  # bench.device
 SUITE_KINDS = ("training", "kernels")  # what a suite's points measure; the runner picks the scenario by it
+RETRY = ("none", "failed")  # bench.retry
 
 
 def _check_choice(field_name: str, value: Any, choices) -> None:
@@ -31,101 +32,113 @@ def _check_choice(field_name: str, value: Any, choices) -> None:
         raise ValueError(f"{field_name}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
 
 
+def setting(default: Any = None, meaning: str = "", *, choices=None, minimum=None, factory=None):
+    """A schema field with its one-line meaning (``optkit bench --help`` prints it), and optionally its valid
+    choices or lower bound (``check_fields`` enforces them, the help lists them)."""
+    metadata = {"help": meaning, "choices": tuple(choices) if choices is not None else None, "minimum": minimum}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def check_fields(node: Any, prefix: str) -> None:
+    """Every field's declared choices and lower bound; ``prefix`` names the node (``train``, ``opt.kernels``)."""
+    for spec in fields(node):
+        value = getattr(node, spec.name)
+        if value is None:
+            continue
+        if spec.metadata.get("choices") is not None:
+            _check_choice(f"{prefix}.{spec.name}", value, spec.metadata["choices"])
+        minimum = spec.metadata.get("minimum")
+        if minimum is not None and value < minimum:
+            raise ValueError(f"{prefix}.{spec.name} must be >= {minimum}, got {value}")
+
+
 @dataclass
 class ModelConfig:
     """Which model to build. Shapes come from ``hf_config``; weights are random unless ``path``."""
 
-    name: str = "tiny_llama"  # zoo name, also the YAML file name in conf/model/
-    family: str = "llama"  # llama | mistral | qwen2 | qwen3 | qwen3_moe | gemma2
-    hf_config: Dict[str, Any] = field(default_factory=dict)  # kwargs of the family's HF config class
-    path: Optional[str] = None  # local checkpoint directory (config.json + weights); overrides hf_config
-    num_layers: Optional[int] = None  # cut the model to this many decoder layers (None: as published)
-    dtype: str = "bfloat16"  # parameter / compute dtype
-    attn_implementation: str = "sdpa"  # passed to HF: eager | sdpa | flex_attention
-    experts_implementation: Optional[str] = None  # HF MoE switch: eager | grouped_mm | batched_mm
+    name: str = setting("tiny_llama", "zoo name: the YAML file in conf/model/; labels the rows")
+    family: str = setting("llama", "model family (the HF classes to build)", choices=FAMILIES)
+    hf_config: Dict[str, Any] = setting(meaning="kwargs of the family's HF config class (the shape)", factory=dict)
+    path: Optional[str] = setting(None, "local checkpoint directory (config.json + weights); overrides hf_config")
+    num_layers: Optional[int] = setting(None, "cut the model to this many decoder layers (null: all)", minimum=1)
+    dtype: str = setting("bfloat16", "parameter and compute dtype", choices=DTYPES)
+    attn_implementation: str = setting("sdpa", "HF attention: eager | sdpa | flex_attention")
+    experts_implementation: Optional[str] = setting(None, "HF MoE experts: eager | grouped_mm | batched_mm")
 
     def __post_init__(self) -> None:
-        _check_choice("model.family", self.family, FAMILIES)
-        _check_choice("model.dtype", self.dtype, DTYPES)
+        check_fields(self, "model")
 
 
 @dataclass
 class KernelsConfig:
     """optkit's Triton kernels, each swapped into the model by the patcher."""
 
-    rms_norm: bool = False  # RMSNorm modules -> optkit.kernels.rms_norm
-    rope: bool = False  # rotary application -> optkit.kernels.apply_rotary
-    swiglu: bool = False  # MLP activation silu(gate)*up -> optkit.kernels.swiglu
-    geglu: bool = False  # MLP activation gelu(gate)*up (Gemma) -> optkit.kernels.geglu
-    cross_entropy: bool = False  # loss on materialized logits -> optkit.kernels.cross_entropy
-    fused_linear_cross_entropy: bool = False  # LM head + loss, logits never materialized
+    rms_norm: bool = setting(False, "RMSNorm modules -> optkit.kernels.rms_norm")
+    rope: bool = setting(False, "rotary embedding application -> optkit.kernels.apply_rotary")
+    swiglu: bool = setting(False, "MLP activation silu(gate)*up -> optkit.kernels.swiglu")
+    geglu: bool = setting(False, "MLP activation gelu(gate)*up (Gemma) -> optkit.kernels.geglu")
+    cross_entropy: bool = setting(False, "loss on materialized logits -> optkit.kernels.cross_entropy")
+    fused_linear_cross_entropy: bool = setting(False, "LM head + loss fused, logits never materialized")
 
 
 @dataclass
 class OptConfig:
     """An optimization set. ``name`` labels result rows; every switch is independent."""
 
-    name: str = "baseline"
-    kernels: KernelsConfig = field(default_factory=KernelsConfig)
-    fused_lora: bool = False  # fused LoRA autograd functions (MLP, QKV, O)
-    packed_metadata_cache: bool = False  # packed-sequence boundary metadata built once per batch
-    moe_sorted_routing: bool = False  # MoE: one sort + grouped GEMM instead of per-expert loop
-    compile: bool = False  # torch.compile the model (peer, and composable with our kernels)
-    compile_mode: Optional[str] = None  # torch.compile mode (None = default)
-    liger: bool = False  # Liger-Kernel's own patching (peer; skipped row when not installed)
+    name: str = setting("baseline", "opt-set name: labels the rows")
+    kernels: KernelsConfig = setting(meaning="optkit's Triton kernels", factory=KernelsConfig)
+    fused_lora: bool = setting(False, "fused LoRA autograd functions (MLP, QKV, O)")
+    packed_metadata_cache: bool = setting(False, "packed sequences: boundary metadata built once per batch")
+    moe_sorted_routing: bool = setting(False, "MoE: one sort + grouped GEMM instead of a per-expert loop")
+    compile: bool = setting(False, "torch.compile the model (peer; composes with optkit's kernels)")
+    compile_mode: Optional[str] = setting(None, "torch.compile mode (null: default)")
+    liger: bool = setting(False, "Liger-Kernel's own patching (peer; a skipped row when not installed)")
 
 
 @dataclass
 class TrainConfig:
     """The training step that is measured."""
 
-    method: str = "lora"  # full | lora | qlora
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_targets: List[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    method: str = setting("lora", "what is trained", choices=TRAIN_METHODS)
+    lora_r: int = setting(16, "LoRA rank", minimum=1)
+    lora_alpha: int = setting(32, "LoRA alpha (the adapter's scale is alpha / r)")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA input")
+    lora_targets: List[str] = setting(
+        meaning="module names that get LoRA adapters ('experts': MoE expert weights)",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
-    qlora_quant_type: str = "nf4"
-    qlora_double_quant: bool = True
-    optimizer: str = "adamw"  # adamw | adamw_fused | adamw_8bit | paged_adamw_8bit
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    checkpointing: str = "none"  # none | standard | offload | offload_double_buffer
-    batch_size: int = 2
-    warmup_steps: int = 3  # excluded from every statistic
-    steps: int = 10  # timed steps
-    seed: int = 0
+    qlora_quant_type: str = setting("nf4", "bitsandbytes 4-bit type of QLoRA's base weights", choices=("nf4", "fp4"))
+    qlora_double_quant: bool = setting(True, "quantize QLoRA's quantization constants too")
+    optimizer: str = setting("adamw", "optimizer", choices=OPTIMIZERS)
+    lr: float = setting(1e-4, "learning rate")
+    weight_decay: float = setting(0.0, "weight decay")
+    checkpointing: str = setting("none", "gradient checkpointing", choices=CHECKPOINTING)
+    batch_size: int = setting(2, "rows per step", minimum=1)
+    warmup_steps: int = setting(3, "untimed steps first (compilation, autotuning); in no statistic", minimum=0)
+    steps: int = setting(10, "timed steps per measurement window", minimum=1)
+    seed: int = setting(0, "seed of the weights and the data")
 
     def __post_init__(self) -> None:
-        _check_choice("train.method", self.method, TRAIN_METHODS)
-        _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("train.checkpointing", self.checkpointing, CHECKPOINTING)
-        for name in ("batch_size", "steps", "lora_r"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check_fields(self, "train")
 
 
 @dataclass
 class DataConfig:
     """Token batches: synthetic (seeded random) or learnable (deterministic, for convergence)."""
 
-    source: str = "synthetic"  # synthetic | learnable
-    seq_len: int = 512
-    packing: bool = False  # padding-free packed rows of variable-length examples
-    length_dist: str = "fixed"  # fixed | uniform | empirical (lengths of examples before packing)
-    min_len: int = 16  # uniform distribution bounds
-    max_len: int = 512
-    lengths_csv: Optional[str] = None  # empirical histogram (default: the one shipped in optkit/data)
-    pad_fraction: float = 0.0  # unpacked path: share of each row that is padding (not counted)
+    source: str = setting("synthetic", "where tokens come from", choices=DATA_SOURCES)
+    seq_len: int = setting(512, "tokens per row", minimum=1)
+    packing: bool = setting(False, "padding-free packed rows of variable-length examples")
+    length_dist: str = setting("fixed", "lengths of the examples before packing", choices=LENGTH_DISTS)
+    min_len: int = setting(16, "uniform length distribution: shortest example", minimum=1)
+    max_len: int = setting(512, "uniform length distribution: longest example", minimum=1)
+    lengths_csv: Optional[str] = setting(None, "empirical length histogram (null: the one in optkit/data)")
+    pad_fraction: float = setting(0.0, "unpadded path: share of each row that is padding, in [0, 1)")
 
     def __post_init__(self) -> None:
-        _check_choice("data.source", self.source, DATA_SOURCES)
-        _check_choice("data.length_dist", self.length_dist, LENGTH_DISTS)
-        if self.seq_len < 1:
-            raise ValueError(f"data.seq_len must be >= 1, got {self.seq_len}")
+        check_fields(self, "data")
         if not 0.0 <= self.pad_fraction < 1.0:
             raise ValueError(f"data.pad_fraction must be in [0, 1), got {self.pad_fraction}")
 
@@ -138,40 +151,39 @@ class SuiteConfig:
     expands into baseline, full, each optimization alone on and each alone off (from the registry).
     """
 
-    name: str = "none"
-    description: str = ""
-    kind: str = "training"  # training: points of training steps (bench/point.py) | kernels: per-op (bench/kernels/)
-    axes: Dict[str, List[Any]] = field(default_factory=dict)
-    fixed: Dict[str, Any] = field(default_factory=dict)  # overrides applied to every point
-    points: List[Dict[str, Any]] = field(default_factory=list)  # extra explicit points
-    baseline_opt: str = "baseline"  # the opt-set speedups are computed against
-    requires_cuda: bool = False
+    name: str = setting("none", "suite name (none: the one point the other groups define)")
+    description: str = setting("", "what the suite measures (optkit list prints it)")
+    kind: str = setting("training", "training: points of training steps | kernels: per-op timings", choices=SUITE_KINDS)
+    axes: Dict[str, List[Any]] = setting(meaning="override key -> values; the points are their product", factory=dict)
+    fixed: Dict[str, Any] = setting(meaning="overrides applied to every point", factory=dict)
+    points: List[Dict[str, Any]] = setting(meaning="extra explicit points (override key -> value)", factory=list)
+    baseline_opt: str = setting("baseline", "the opt-set speedups are computed against")
+    requires_cuda: bool = setting(False, "the suite measures a GPU: refused on a machine without CUDA")
 
     def __post_init__(self) -> None:
-        _check_choice("suite.kind", self.kind, SUITE_KINDS)
+        check_fields(self, "suite")
 
 
 @dataclass
 class BenchConfig:
     """How points are run and measured."""
 
-    device: str = "auto"  # auto | cuda | cpu
-    results_dir: str = "results"  # rows go to <results_dir>/<gpu-slug>/<suite>/<run_id>/
-    run_id: Optional[str] = None  # default: a timestamp
-    resume: Optional[str] = None  # run id whose finished points are skipped
-    timeout_s: int = 1800  # per point
-    nvml_interval_ms: float = 10.0
-    peak_tflops: Optional[float] = None  # override the GPU's dense bf16 peak (TFLOP/s)
-    repeats: int = 1  # measurement windows per point
-    isolate_repeats: bool = False  # each repeat in its own subprocess
-    profile: bool = False  # torch.profiler trace of one measured step
-    count_syncs: bool = False  # count device->host syncs per step (untimed extra step)
-    progress: bool = True
+    device: str = setting("auto", "where points run (auto: cuda when visible)", choices=DEVICES)
+    results_dir: str = setting("results", "rows go to <results_dir>/<gpu>/<suite>/<run_id>/")
+    run_id: Optional[str] = setting(None, "name of a new run (null: <suite>-<yyyymmdd>-<sha7>)")
+    resume: Optional[str] = setting(None, "finish this run: its finished points are not measured again")
+    retry: str = setting("none", "with bench.resume, failed: re-measure error and timeout rows", choices=RETRY)
+    timeout_s: int = setting(1800, "seconds one point may run before it is killed (a timeout row)", minimum=1)
+    nvml_interval_ms: float = setting(10.0, "NVML sampling interval")
+    peak_tflops: Optional[float] = setting(None, "the GPU's dense bf16 peak for MFU (null: from the GPU table)")
+    repeats: int = setting(1, "measurement windows per point", minimum=1)
+    isolate_repeats: bool = setting(False, "each window in its own process (process-to-process spread)")
+    profile: bool = setting(False, "a torch.profiler trace of one extra step after the timed ones")
+    count_syncs: bool = setting(False, "count device->host syncs in one extra untimed step")
+    progress: bool = setting(True, "one line per point on stderr")
 
     def __post_init__(self) -> None:
-        _check_choice("bench.device", self.device, DEVICES)
-        if self.repeats < 1:
-            raise ValueError(f"bench.repeats must be >= 1, got {self.repeats}")
+        check_fields(self, "bench")
 
 
 @dataclass
