@@ -10,6 +10,7 @@ and builds its own autograd graph; gradients come from ``torch.autograd.grad`` w
 differentiable input (weights included), so nothing accumulates and no graph is replayed with
 retain_graph. ``measure_copy_gbps`` gives the device's copy bandwidth the op's GB/s is set beside.
 
+``measure_graph`` times the same call captured once into a CUDA graph and replayed (no host cost).
 The profiler's device time of the same calls lives in optkit/measure/device_trace.py.
 """
 
@@ -254,6 +255,70 @@ def measure_forward(
         peak_delta_bytes=peak_delta,
         peak_reserved_bytes=peak_reserved,
     )
+
+
+class GraphUnavailable(Exception):
+    """The call cannot be captured into a CUDA graph here (no CUDA); the row keeps its other times."""
+
+
+def _refill(static: Dict[str, torch.Tensor], master: Dict[str, torch.Tensor], grads, static_grads) -> None:
+    """The captured tensors get the master values again: a call may write into its inputs (in-place
+    RoPE, Liger's cross entropy) or into dy, and every replay must start from the same data."""
+    with torch.no_grad():
+        for name, t in static.items():
+            t.copy_(master[name])
+        for g, static_g in zip(grads or (), static_grads or ()):
+            static_g.copy_(g)
+
+
+def measure_graph(
+    call: Callable,
+    master: Dict[str, torch.Tensor],
+    device: torch.device,
+    repeats: int,
+    flush: Callable[[], None],
+    forward_only: bool = False,
+    timer_factory: Callable[[torch.device], Any] = PhaseTimer,
+) -> List[float]:
+    """Event time of each of ``repeats`` replays of one CUDA graph holding the call's forward+backward
+    (its forward when ``forward_only``), from a cold L2.
+
+    A replay launches the whole captured sequence at once, so host cost (Python, autograd, the
+    launches) is gone and the time is the kernels plus the device's own gaps between them: set beside
+    ``full_ms`` (same events, launched from the host) it says whether the op is launch-bound. Inputs
+    are refilled from the master copies before each replay, outside the timed span, as the event
+    pass gives every repeat fresh inputs. Warm-up on a side stream, then capture, as torch.cuda.graph
+    asks; a call that syncs with the host cannot be captured and raises."""
+    if device.type != "cuda":
+        raise GraphUnavailable("CUDA graphs need CUDA; this run is on the CPU")
+    grad_outputs = None if forward_only else first_step(call, master)
+    static, static_grads = fresh_inputs(master), clone_all(grad_outputs)
+
+    def step() -> None:
+        if forward_only:
+            call(**static)
+        else:
+            backward_wrt_inputs(as_tuple(call(**static)), static, static_grads)
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            _refill(static, master, grad_outputs, static_grads)
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    _refill(static, master, grad_outputs, static_grads)
+    with torch.cuda.graph(graph):
+        step()
+    timer = timer_factory(device)
+    for _ in range(repeats):
+        _refill(static, master, grad_outputs, static_grads)
+        flush()
+        timer.begin_step()
+        graph.replay()
+        timer.end_step()
+    return [r["step_ms"] for r in timer.results()]  # the graph and its memory pool go with this frame
 
 
 def measure_copy_gbps(

@@ -3,7 +3,7 @@ eager PyTorch, torch.compile of that eager code, Liger-Kernel and bitsandbytes, 
 
 One row per op x shape x dtype x implementation (fields: ``KERNEL_ROW_FIELDS``), all in one process.
 Two times per phase (forward, backward, forward+backward = "full"; a forward-only op's one phase, its
-forward, is its "full"), from two separate passes:
+forward, is its "full"), from two separate passes, and a third of the full phase:
 
 - event time (``fwd_ms``, ``bwd_ms``, ``full_ms``): CUDA events on the stream around the phase
   (``PhaseTimer``), median of many repeats, warm-up excluded. The device's wall time from the first
@@ -20,6 +20,11 @@ forward, is its "full"), from two separate passes:
   neighbours are large. ``gbps_device`` and ``frac_of_copy_device`` come from it: those judge the
   kernels (e.g. ">= 85% of copy bandwidth"); ``gbps_full`` / ``frac_of_copy`` judge op + launch path.
   ``n_kernels_full`` counts the launches of one forward+backward.
+- graph time (``graph_ms``, of the full phase): right after a row's event loops, the same call
+  captured once into a CUDA graph and replayed, event-timed from a cold L2. A replay launches the whole
+  sequence at once, so host cost is gone but the device's gaps between kernels stay; ``launch_bound``
+  marks rows whose event time is >= 1.25x it (the host, not the kernels, sets their event time). A call
+  that syncs with the host cannot be captured: ``graph_error`` says so and the row keeps its other times.
 
 Both passes: L2 flushed before every repeat by writing a buffer of at least 2x the L2 size (in the
 device pass, before the traced region, which therefore never contains the flush); every repeat gets
@@ -72,13 +77,14 @@ from optkit.bench.kernels.rows import (
     SMOKE_COMPILE_REASON,
     base_row,
     failure_row,
+    fill_graph,
     fill_measurement,
     fill_nvml,
     stamp_row,
     start_nvml,
 )
 from optkit.bench.kernels.table import format_table
-from optkit.measure.device_timing import L2Flush, Settings, measure_copy_gbps
+from optkit.measure.device_timing import GraphUnavailable, L2Flush, Settings, measure_copy_gbps, measure_graph
 from optkit.measure.device_trace import (
     ProfilerTrace,
 )
@@ -121,8 +127,25 @@ def run_impl(
             release_after_failure(context.device)
         return failure_row(row, *failure)
     fill_measurement(row, measurement, context.copy_gbps)
+    fill_graph(row, *_graph_times(call, master, spec, context, measurement.repeats))
     row["device_error"] = context.device_note
     return stamp_row(row)
+
+
+def _graph_times(call: Callable, master: Dict[str, torch.Tensor], spec, context: RunContext, repeats: int):
+    """(replay times, None) or (None, why not): a call that cannot be captured keeps its other times."""
+    try:
+        times = measure_graph(
+            call, master, context.device, repeats, context.flush, spec.forward_only, context.timer_factory
+        )
+    except GraphUnavailable as exc:
+        return None, str(exc)
+    except Exception as exc:  # a host sync inside the call (.item()), an op capture does not support
+        failure = f"graph capture: {error_text(exc)}"
+    else:
+        return times, None
+    release_after_failure(context.device)  # outside the except block: its traceback no longer pins tensors
+    return None, failure
 
 
 def run_case(

@@ -1,6 +1,6 @@
 """Kernel rows -> the text table the kernels suite prints: one line per row, "x eager" (eager's
 full_ms over the row's), share of copy bandwidth by event time and by device time, and flags
-(noisy, THROTTLED, NO-DEVICE-TIME, DEVICE>EVENTS, TFLOP/s of compute-bound ops). A forward-only op's
+(noisy, THROTTLED, LAUNCH-BOUND, NO-DEVICE-TIME, DEVICE>EVENTS, TFLOP/s of compute-bound ops). A forward-only op's
 rows (nf4_dequantize: optkit, eager = optkit's PyTorch reference, bitsandbytes) show "-" for bwd ms.
 """
 
@@ -23,7 +23,13 @@ def _fmt_pct(fraction: Optional[float]) -> str:
 
 def _flags(r: Dict[str, Any]) -> str:
     flags = "".join(
-        f" {flag}" for flag, on in (("noisy", r.get("full_ms_noisy")), ("THROTTLED", r.get("throttled"))) if on
+        f" {flag}"
+        for flag, on in (
+            ("noisy", r.get("full_ms_noisy")),
+            ("THROTTLED", r.get("throttled")),
+            ("LAUNCH-BOUND", r.get("launch_bound")),
+        )
+        if on
     )
     expected_none = (None, NO_DEVICE_TIME_REASON, DEVICE_OFF_REASON)
     if r.get("full_device_ms") is None and r.get("device_error") not in expected_none:
@@ -41,7 +47,9 @@ TABLE_NOTES = (
     "full ms: CUDA events around forward+backward (launch gaps included); p10-p90 of it; x eager: eager's full ms / "
     "the row's\ndev ms: profiler time of the op's kernels, memcpys and memsets alone (median); kern: their number; "
     "%copy ev / dev: bytes_full over full ms / dev ms, as a share of copy bandwidth\n"
-    "flags: noisy (IQR > 10% of median), THROTTLED, NO-DEVICE-TIME (see the row's device_error), "
+    "graph ms: CUDA events around one CUDA-graph replay of forward+backward (no host launch cost)\n"
+    "flags: noisy (IQR > 10% of median), THROTTLED, LAUNCH-BOUND (full ms >= 1.25 x graph ms), "
+    "NO-DEVICE-TIME (see the row's device_error), "
     "DEVICE>EVENTS (dev ms > 1.1 x full ms: the device pass misattributed work)"
 )
 
@@ -54,7 +62,7 @@ def format_table(rows: Iterable[Dict[str, Any]]) -> str:
     }
     header = (
         f"{'op':<27} {'shape':<34} {'dtype':<8} {'impl':<12} {'fwd ms':>9} {'bwd ms':>9} {'full ms':>9} "
-        f"{'p10-p90':>17} {'x eager':>7} {'%copy ev':>8} {'dev ms':>9} {'kern':>5} {'%copy dev':>9} "
+        f"{'p10-p90':>17} {'x eager':>7} {'%copy ev':>8} {'graph ms':>9} {'dev ms':>9} {'kern':>5} {'%copy dev':>9} "
         f"{'dpeak MiB':>10}  status"
     )
     lines = [header, "-" * len(header)]
@@ -73,6 +81,7 @@ def format_table(rows: Iterable[Dict[str, Any]]) -> str:
         lines.append(
             f"{label} {_fmt_ms(r['fwd_ms']):>8}{star} {_fmt_ms(r['bwd_ms']):>8}{star} "
             f"{_fmt_ms(r['full_ms']):>9} {spread:>17} {speedup:>7} {_fmt_pct(r['frac_of_copy']):>8} "
+            f"{_fmt_ms(r.get('graph_ms')):>9} "
             f"{_fmt_ms(r.get('full_device_ms')):>9} {kernels:>5} {_fmt_pct(r.get('frac_of_copy_device')):>9} "
             f"{peak:>10}  ok{_flags(r)}"
         )
