@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +24,21 @@ class LoRAProjection:
     """One frozen linear (nn.Linear or bitsandbytes Linear4bit) with an optional LoRA adapter."""
 
     base: nn.Module
-    lora_A: Optional[nn.Parameter]  # (r, in)
-    lora_B: Optional[nn.Parameter]  # (out, r)
+    # The adapter weights, or the modules holding them as ``.weight``: a module's weight is read on every
+    # use, because FSDP2 swaps a sharded module's parameter objects (the sharded DTensor between steps,
+    # the all-gathered tensor inside forward and backward), so a tensor kept from patch time goes stale.
+    adapter_A: Union[Tensor, nn.Module, None]  # (r, in)
+    adapter_B: Union[Tensor, nn.Module, None]  # (out, r)
     scale: float
     _dequantizer: object = field(default=None, repr=False)  # NF4Dequantizer, prepared on first use
+
+    @property
+    def lora_A(self) -> Optional[Tensor]:
+        return self.adapter_A.weight if isinstance(self.adapter_A, nn.Module) else self.adapter_A
+
+    @property
+    def lora_B(self) -> Optional[Tensor]:
+        return self.adapter_B.weight if isinstance(self.adapter_B, nn.Module) else self.adapter_B
 
     @property
     def has_lora(self) -> bool:
@@ -82,7 +93,7 @@ def projection_of(module: nn.Module):
         if not isinstance(dropout, nn.Identity):
             return f"lora_dropout={getattr(dropout, 'p', '?')} > 0 (the fused path is dropout-free)"
         base = module.get_base_layer()
-        lora_A, lora_B, scale = module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name])
+        lora_A, lora_B, scale = module.lora_A[name], module.lora_B[name], float(module.scaling[name])
     if not isinstance(getattr(base, "weight", None), Tensor) or getattr(base, "in_features", None) is None:
         return f"{type(base).__name__} is not a linear layer"
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
