@@ -8,11 +8,13 @@ rejects unknown keys.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Iterable, List
 
 from omegaconf import DictConfig, OmegaConf
 
+from optkit.config.keys import check_override
 from optkit.config.schema import OptkitConfig, register_configs
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -36,13 +38,14 @@ def compose(overrides: Iterable[str] = ()) -> DictConfig:
 
     overrides = list(overrides)
     _check_group_choices(overrides)
+    _check_keys(overrides)
     register_configs()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise ConfigError(f"bad config ({' '.join(overrides) or 'defaults'}): {exc}") from exc
+        raise ConfigError(f"bad config ({' '.join(overrides) or 'defaults'}): {_one_line(exc)}") from exc
     finally:
         GlobalHydra.instance().clear()
     try:  # run the dataclasses' __post_init__ checks on the composed values
@@ -70,8 +73,31 @@ def _check_group_choices(overrides: List[str]) -> None:
     for item in overrides:
         key, sep, value = item.partition("=")
         key = key.lstrip("+~")
-        if sep and key in GROUPS and value not in group_choices(key):
-            raise ConfigError(f"{key} {value!r} unknown; choose one of: {', '.join(group_choices(key))}")
+        if not sep or key not in GROUPS or value in group_choices(key):
+            continue
+        if "," in value and set(value.split(",")) <= set(group_choices(key)):
+            raise ConfigError(
+                f"{item}: a comma list sweeps a suite's axis; add suite=NAME (e.g. suite=smoke {item}), "
+                f"or give one {key}"
+            )
+        guess = difflib.get_close_matches(value, group_choices(key), n=1)
+        hint = f"did you mean {guess[0]}? " if guess else ""
+        raise ConfigError(f"{key} {value!r} unknown; {hint}choose one of: {', '.join(group_choices(key))}")
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra's message on one line, without its grammar pointer (a line of spaces and '^') and doc link."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    kept = [line for line in lines if line.strip("^ ") and not line.startswith("See https://")]
+    return " ".join(kept) or type(exc).__name__
+
+
+def _check_keys(overrides: List[str]) -> None:
+    """Unknown keys (with the closest valid one), '+' on the schema's groups, values of the wrong type."""
+    for item in overrides:
+        problem = check_override(item, GROUPS)
+        if problem:
+            raise ConfigError(problem)
 
 
 def typed_config(config) -> OptkitConfig:
