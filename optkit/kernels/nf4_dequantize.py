@@ -22,12 +22,16 @@ is compiled with ``enable_fp_fusion=False``; nothing else in it could contract.
 
 Limits: NF4 only (FP4 raises), quant_storage of any dtype (viewed as bytes), blocksizes that are even
 powers of two (bitsandbytes allows 32..4096). There is no backward: the quantized weight is frozen.
+
+``nf4_quantize`` (beside the reference) writes the same layout without bitsandbytes, for weights optkit
+quantizes itself (expert QLoRA): the dequantizers here read its ``NF4State`` as they read a QuantState.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -74,6 +78,61 @@ def reference_nf4_dequantize(weight_packed: torch.Tensor, quant_state) -> torch.
     else:
         scale = quant_state.absmax.float()
     return (values * scale[block]).to(quant_state.dtype).reshape(quant_state.shape)
+
+
+# The NF4 codebook in code order 0..15 (QLoRA: quantiles of N(0, 1) scaled to [-1, 1]), the float32 values
+# of bitsandbytes' get_4bit_type("nf4"), so optkit's codes and bitsandbytes' mean the same weights.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+
+
+@dataclass
+class NF4State:
+    """What the dequantizers here read of a bitsandbytes ``QuantState``, for weights optkit quantized itself
+    (single-level: one fp32 absmax per block, no double quantization)."""
+
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    absmax: torch.Tensor  # fp32, one per block
+    code: torch.Tensor  # fp32 (16,), NF4_CODE
+    blocksize: int
+    quant_type: str = "nf4"
+    nested: bool = False
+
+
+def nf4_quantize(weight: torch.Tensor, blocksize: int = 64) -> Tuple[torch.Tensor, NF4State]:
+    """NF4 blockwise quantization in bitsandbytes' layout: (packed uint8 codes, NF4State).
+
+    The weight is flattened row-major and cut into blocks of ``blocksize`` (the last may be short); each
+    element becomes the code nearest to ``element * (1 / block absmax)`` (a tie goes to the lower code, as
+    in bitsandbytes). Plain PyTorch rather than a kernel: it runs once per frozen weight; blocks are done
+    a chunk at a time so the fp32 temporaries stay small beside a large weight.
+    """
+    if blocksize < 2 or blocksize & (blocksize - 1):
+        raise ValueError(f"nf4_quantize needs a power-of-two blocksize >= 2, got {blocksize}")
+    flat = weight.detach().reshape(-1)
+    n, device = flat.numel(), flat.device
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    midpoints = (code[:-1] + code[1:]) / 2
+    n_blocks = -(-n // blocksize)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=device)
+    codes = torch.full((n_blocks * blocksize + 1,), 7, dtype=torch.uint8, device=device)  # 7: code 0.0 pads
+    chunk = max(1, (1 << 22) // blocksize)  # blocks per chunk: 4M elements
+    for first in range(0, n_blocks, chunk):
+        start, stop = first * blocksize, min(n, (first + chunk) * blocksize)
+        part = flat[start:stop].float()
+        part = torch.nn.functional.pad(part, (0, -part.numel() % blocksize)).view(-1, blocksize)
+        block_absmax = part.abs().amax(dim=1)
+        absmax[first : first + part.shape[0]] = block_absmax
+        scaled = (part * (1.0 / block_absmax.clamp(min=1e-38))[:, None]).clamp(-1.0, 1.0)
+        codes[start:stop] = torch.bucketize(scaled, midpoints).view(-1)[: stop - start].to(torch.uint8)
+    codes = codes[: n + n % 2]  # an odd count pads the last low nibble
+    packed = (codes[0::2] << 4) | codes[1::2]
+    return packed, NF4State(tuple(weight.shape), weight.dtype, absmax, code, blocksize)
 
 
 # Reads n/2 packed bytes, one absmax (u8 code, or fp32 without nesting) per `BLOCKSIZE` weights and one

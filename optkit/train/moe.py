@@ -21,8 +21,9 @@ Layouts: HF v5 stores experts as 3D tensors, ``gate_up_proj`` (E, 2I, H) = [gate
 Expert LoRA (train.method lora/qlora with "experts" in train.lora_targets): per expert low-rank adapters
 A (E, r, in) and B (E, out, r), B = 0 at start, output += (alpha / r) * (x A_e^T) B_e^T, computed with the same
 grouped GEMMs inside this path. The adapters are parameters of the swapped module (names ``gate_up_lora_A`` ...), in
-the base weight's dtype. QLoRA: the frozen expert weights are stored NF4 (bitsandbytes blockwise 4-bit) and
-dequantized per projection in forward and again in backward (never kept alive between them).
+the base weight's dtype. QLoRA: the frozen expert weights are stored NF4 (bitsandbytes' blockwise 4-bit layout,
+quantized and dequantized by optkit's own NF4 code, no bitsandbytes call) and dequantized per projection in forward
+and again in backward (never kept alive between them).
 
 Everything is per model instance: each HF experts module is swapped for a ``SortedExperts`` sharing its parameters
 (state-dict keys unchanged); the originals are kept so ``remove_moe_sorted_routing`` restores them.
@@ -124,22 +125,23 @@ class _NF4ExpertWeight(torch.autograd.Function):
 
 
 class NF4ExpertWeight:
-    """A frozen (E, out, in) expert weight stored as bitsandbytes NF4 (blockwise 4-bit, per-block absmax)."""
+    """A frozen (E, out, in) expert weight stored as NF4 (blockwise 4-bit, one fp32 absmax per 64 weights).
+
+    Quantized and dequantized by optkit's NF4 code, not bitsandbytes': bitsandbytes 0.50's CPU dequantize_4bit
+    is wrong when a row is not a whole number of blocks (e.g. (256, 32), (64, 96) with blocksize 64), which
+    an expert's (E * out, in) weight often is; optkit's matches the original weights on every shape.
+    """
 
     def __init__(self, weight_out_in: torch.Tensor, blocksize: int = 64):
-        import bitsandbytes.functional as bnbf
+        from optkit.kernels.nf4_dequantize import nf4_quantize
 
         self.shape, self.dtype = tuple(weight_out_in.shape), weight_out_in.dtype
-        self.packed, self.state = bnbf.quantize_4bit(
-            weight_out_in.detach().contiguous().reshape(-1, self.shape[-1]), quant_type="nf4", blocksize=blocksize
-        )
+        self.packed, self.state = nf4_quantize(weight_out_in, blocksize)
 
     def dequantize(self) -> torch.Tensor:
-        # optkit's kernel, not bitsandbytes' dequantize_4bit: on CPU, bitsandbytes 0.50's is wrong for some
-        # shapes (e.g. (256, 32)), while optkit's matches its float reference on every shape.
         from optkit.kernels.nf4_dequantize import nf4_dequantize
 
-        return nf4_dequantize(self.packed, self.state, dtype=self.dtype).view(self.shape)
+        return nf4_dequantize(self.packed, self.state, dtype=self.dtype)
 
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + self.state.absmax.numel() * 4
