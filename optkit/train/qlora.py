@@ -7,7 +7,9 @@ speed are those of a real QLoRA run. Only linears inside the decoder layers are 
 model dtype); MoE routers are skipped because quantizing the expert choice changes the model's
 routing, and bitsandbytes users skip them too.
 
-Works on CUDA and on CPU (bitsandbytes >= 0.45 quantizes and dequantizes NF4 there).
+Works on CUDA and on CPU (bitsandbytes >= 0.45 quantizes and dequantizes NF4 there). On CPU, bitsandbytes
+0.50's dequantize_4bit is wrong where a weight row is not a whole number of 64-blocks; the tiny models'
+linears are whole blocks (tests/kernels/test_nf4_quantize.py checks their round trips through it).
 """
 
 from __future__ import annotations
