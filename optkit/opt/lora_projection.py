@@ -7,10 +7,13 @@
 - ``project`` / ``project_backward``: forward and backward of projections sharing an input: one GEMM for
   every x A^T, one for every dA, LoRA scales in the GEMM epilogue. No autograd inside: the callers are
   autograd.Functions (optkit.opt.fused_lora), which save what backward needs.
+- ``autocast_dtype`` / ``autocast_off``: under ``torch.autocast`` those Functions cast their input to the
+  autocast dtype and run this math with autocast off, like ``torch.amp.custom_fwd(cast_inputs=...)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -51,7 +54,9 @@ class LoRAProjection:
     def weight(self, dtype: torch.dtype) -> Tensor:
         """The base weight (out, in) in ``dtype``; a 4-bit weight is dequantized afresh on every call."""
         weight = self.base.weight
-        if getattr(weight, "bnb_quantized", False):
+        # FSDP2 hands a Linear4bit its gathered packed bytes as a plain tensor (no Params4bit, no quant_state):
+        # the module's own quant_state, which bitsandbytes keeps for exactly that case, says it is 4-bit.
+        if getattr(weight, "bnb_quantized", False) or getattr(self.base, "quant_state", None) is not None:
             quant_state = getattr(weight, "quant_state", None) or self.base.quant_state
             if quant_state.quant_type == "nf4":
                 from optkit.kernels.nf4_dequantize import NF4Dequantizer, nf4_dequantize
@@ -150,6 +155,23 @@ class LoRAOperandCache:
 
     def drop(self) -> None:
         self._key = self._operands = None
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype:
+    """The dtype to compute on ``x`` in: inside an enabled ``torch.autocast`` region its dtype (what a linear
+    there would run in, as ``torch.amp.custom_fwd(cast_inputs=...)`` casts), otherwise ``x``'s own."""
+    device_type = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off: the math here picks its dtypes itself (autocast would recast the adapter
+    operands per GEMM, and its addmm_ / out= GEMMs refuse mixed dtypes)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 _ZERO = {}
