@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from optkit.bench.card import card_identity, start_card
 from optkit.bench.point_fields import env_fields, nvml_fields, start_nvml, window_nvml_fields
 from optkit.bench.setup import SkipPoint, build_training
 from optkit.config.compose import typed_config
@@ -66,12 +67,15 @@ def run_point(
     failure: Dict[str, Any] = {"status": "error", "error": "window not measured"}
     sampler = None
     nvml_report = None
+    card = None  # bench.card's emulation, held (with its ballast) until the process ends
     try:
+        base.update(card_identity(cfg.bench))
         device = resolve_device(cfg.bench.device)
         base["device"] = device.type
         if cfg.suite.requires_cuda and device.type != "cuda":
             raise SkipPoint(f"suite {cfg.suite.name!r} needs a CUDA GPU; on CPU run suite=smoke")
         sampler = start_nvml(cfg, device)
+        card = start_card(cfg.bench, cfg.train.optimizer, device)  # before the model: the card's memory only
         trace = _trace_file(run_dir, base, repeats[-1]) if cfg.bench.profile else None
         _train_and_measure(cfg, device, len(repeats), windows, sampler, trace)
     except SkipPoint as exc:
@@ -82,6 +86,8 @@ def run_point(
         if sampler is not None:
             nvml_report = sampler.stop()
     shared = nvml_fields(nvml_report) if nvml_report is not None else {}
+    if card is not None:
+        shared.update(card.fields(nvml_report))
     shared.update(env_fields())
     shared["duration_s"] = round(time.time() - started, 3)
     shared["timestamp"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

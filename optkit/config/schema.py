@@ -23,7 +23,9 @@ from optkit.train.method import METHODS as TRAIN_METHODS
 from optkit.train.optimizers import OPTIMIZERS
 
 DEVICES = ("auto", "cuda", "cpu")  # bench.device
-SUITE_KINDS = ("training", "kernels")  # what a suite's points measure; the runner picks the scenario by it
+SUITE_KINDS = ("training", "kernels", "fit")  # what a suite's points measure; the runner picks the scenario by it
+FIT_SEARCHES = ("seq_len", "batch_size")  # suite.fit.searches: the variable each fit search bisects
+CARD_MODES = ("cap_and_ballast", "ballast", "cap")  # bench.card_mode (optkit/bench/card.py says what each misses)
 RETRY = ("none", "failed")  # bench.retry
 
 
@@ -95,6 +97,8 @@ class OptConfig:
     compile: bool = setting(False, "torch.compile the model (peer; composes with optkit's kernels)")
     compile_mode: Optional[str] = setting(None, "torch.compile mode (null: default)")
     liger: bool = setting(False, "Liger-Kernel's own patching (peer; a skipped row when not installed)")
+    tiled_mlp: bool = setting(False, "long sequences: the MLP runs over token chunks, recomputed in backward")
+    tiled_mlp_chunk_tokens: int = setting(4096, "tiled_mlp: tokens per chunk (fewer tokens: one chunk)", minimum=1)
 
 
 @dataclass
@@ -144,6 +148,34 @@ class DataConfig:
 
 
 @dataclass
+class FitConfig:
+    """suite.kind=fit: per cell (the axes' product, crossed with ``points``), bisect the largest value of each
+    search's variable that fits, over real measured points (each its own process, each a row)."""
+
+    searches: List[str] = setting(
+        meaning="seq_len: largest data.seq_len at batch 1 | batch_size: largest train.batch_size at batch_seq_len",
+        factory=lambda: list(FIT_SEARCHES),
+    )
+    seq_len_min: int = setting(512, "seq_len search: smallest length tried", minimum=1)
+    seq_len_max: int = setting(524288, "seq_len search: largest length tried", minimum=1)
+    seq_len_step: int = setting(512, "seq_len search: lengths are multiples of it (the answer's resolution)", minimum=1)
+    batch_seq_len: int = setting(2048, "batch_size search: tokens per row", minimum=1)
+    batch_min: int = setting(1, "batch_size search: smallest batch tried", minimum=1)
+    batch_max: int = setting(256, "batch_size search: largest batch tried", minimum=1)
+    rel_tol: float = setting(0.0, "stop once failure and fit are within this share of the fit (0: one step)")
+    growth: float = setting(2.0, "factor between probes while no failure (or no fit) bounds the search yet")
+    confirm: bool = setting(True, "probe the answer again; a second try that fails moves the search down")
+    start_from_smaller_card: bool = setting(True, "a bigger card's search starts at a smaller card's answer")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "suite.fit")
+        for name in self.searches:
+            _check_choice("suite.fit.searches", name, FIT_SEARCHES)
+        if self.growth <= 1.0:
+            raise ValueError(f"suite.fit.growth must be > 1, got {self.growth}")
+
+
+@dataclass
 class SuiteConfig:
     """A sweep: the cartesian product of ``axes`` (override key -> values), plus ``points``.
 
@@ -153,12 +185,17 @@ class SuiteConfig:
 
     name: str = setting("none", "suite name (none: the one point the other groups define)")
     description: str = setting("", "what the suite measures (optkit list prints it)")
-    kind: str = setting("training", "training: points of training steps | kernels: per-op timings", choices=SUITE_KINDS)
+    kind: str = setting(
+        "training",
+        "training: points of training steps | kernels: per-op timings | fit: largest fitting seq_len / batch",
+        choices=SUITE_KINDS,
+    )
     axes: Dict[str, List[Any]] = setting(meaning="override key -> values; the points are their product", factory=dict)
     fixed: Dict[str, Any] = setting(meaning="overrides applied to every point", factory=dict)
     points: List[Dict[str, Any]] = setting(meaning="extra explicit points (override key -> value)", factory=list)
     baseline_opt: str = setting("baseline", "the opt-set speedups are computed against")
     requires_cuda: bool = setting(False, "the suite measures a GPU: refused on a machine without CUDA")
+    fit: FitConfig = setting(meaning="kind=fit: the searches and their ranges", factory=FitConfig)
 
     def __post_init__(self) -> None:
         check_fields(self, "suite")
@@ -181,9 +218,15 @@ class BenchConfig:
     profile: bool = setting(False, "a torch.profiler trace of one extra step after the timed ones")
     count_syncs: bool = setting(False, "count device->host syncs in one extra untimed step")
     progress: bool = setting(True, "one line per point on stderr")
+    card: Optional[str] = setting(None, "emulate a smaller GPU's memory: a card of optkit/bench/card.py (rtx4090, t4)")
+    card_gib: Optional[float] = setting(None, "emulate a card of this many GiB (instead of bench.card)")
+    card_mode: str = setting("cap_and_ballast", "how a card is emulated (see optkit/bench/card.py)", choices=CARD_MODES)
+    card_reserve_mib: int = setting(256, "cap_and_ballast / cap: card memory left outside the allocator cap", minimum=0)
 
     def __post_init__(self) -> None:
         check_fields(self, "bench")
+        if self.card and self.card_gib:
+            raise ValueError(f"set bench.card={self.card!r} or bench.card_gib={self.card_gib}, not both")
 
 
 @dataclass

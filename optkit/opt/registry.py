@@ -18,7 +18,17 @@ from torch import nn
 
 from optkit.config.schema import OptConfig
 from optkit.families import families_with
-from optkit.opt import fused_lora, gated_mlp, loss, moe_sorted_routing, packed_metadata_cache, peers, rms_norm, rope
+from optkit.opt import (
+    fused_lora,
+    gated_mlp,
+    loss,
+    moe_sorted_routing,
+    packed_metadata_cache,
+    peers,
+    rms_norm,
+    rope,
+    tiled_mlp,
+)
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,14 @@ _ALL = (
         None,
         moe_sorted_routing.apply_moe_sorted_routing,
         moe_sorted_routing.remove_moe_sorted_routing,
+    ),
+    Optimization(  # after the MLP's other optimizations: it wraps the forward they install
+        "tiled_mlp",
+        "tiled_mlp",
+        "long sequences: MLP over token chunks (opt.tiled_mlp_chunk_tokens), recomputed in backward",
+        (),
+        None,
+        tiled_mlp.apply_tiled_mlp,
     ),
     Optimization(
         "liger",

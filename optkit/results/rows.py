@@ -16,6 +16,11 @@ this is the one place that says what each version changed:
        timed steps only (read at the window's edges), where ``energy_mj`` spans the whole process.
      - ``peft``, ``bitsandbytes``, ``liger_kernel``, ``unsloth``, ``accelerate``, ``trl``: versions of the
        libraries that define an opt-set or a peer (the baseline itself is peft's LoRA), None when absent.
+     - ``card``, ``card_bytes``, ``card_mode``, ``card_ballast_bytes``, ``card_allocator_cap_bytes``,
+       ``card_peak_bytes``, ``card_exceeded``, ``card_note``: the emulated smaller GPU (bench.card); the
+       point's ``setting_key`` gains ``card-<name>`` when one is emulated (keys without a card are unchanged).
+     - ``fit_search``, ``fit_probe``: a fit suite's probe (which search, its index in the search).
+     - opt switches added in v4 (``tiled_mlp``...) leave ``point_key`` unchanged while at their defaults.
 """
 from __future__ import annotations
 
@@ -145,6 +150,18 @@ ROW_FIELDS: Dict[str, str] = {
     "checkpointing_info": "what enable_checkpointing reported (e.g. extra buffer bytes)",
     "loss_last": "loss of the last timed step", "loss_curve": "loss per step (warm-up and earlier windows of the process included)",
     "duration_s": "wall time of the whole point's process incl. model build",
+    # card emulation (bench.card / bench.card_gib; optkit/bench/card.py), None without one
+    "card": "emulated card (bench.card name or '<n>gib'); memory only: tokens/s are the physical GPU's",
+    "card_bytes": "the emulated card's memory (nvidia-smi total)",
+    "card_mode": "cap_and_ballast | ballast | cap: how the card was emulated",
+    "card_ballast_bytes": "device memory held outside the allocator so the GPU has the card's memory",
+    "card_allocator_cap_bytes": "the caching allocator's limit (None under card_mode=ballast)",
+    "card_peak_bytes": "the card's peak use: NVML device peak (+ driver reservation) minus the ballast",
+    "card_exceeded": "the process used more than card_bytes (NVML): the point does not fit the card",
+    "card_note": "where this point's emulation is not a real card (context, allocator cap, managed memory, speed)",
+    # fit search (suite.kind=fit; optkit/bench/fit.py)
+    "fit_search": "seq_len | batch_size: the fit search this probe belongs to (None outside a fit suite)",
+    "fit_probe": "index of the probe within its search (0 = first)",
 }
 
 
@@ -202,13 +219,25 @@ def setting_key(config: Dict[str, Any]) -> str:
         parts.append(f"packed-{d.get('length_dist')}")
     if d.get("source", "synthetic") != "synthetic":
         parts.append(d["source"])
+    bench = config.get("bench") or {}
+    if bench.get("card") or bench.get("card_gib"):
+        parts.append(f"card-{bench.get('card') or format(bench['card_gib'], 'g') + 'gib'}-{bench.get('card_mode')}")
     return "/".join(str(p) for p in parts)
+
+
+# Opt switches added after opt-sets had keys, with their defaults: at the default they stay out of the
+# digest, so every opt-set that existed before them keeps its point_key (regress matches old runs).
+LATER_SWITCH_DEFAULTS = {"tiled_mlp": False, "tiled_mlp_chunk_tokens": 4096}
 
 
 def opt_key(config: Dict[str, Any]) -> str:
     """The opt-set's name plus a short hash of its switches: a preset with one switch overridden on
     the command line never shares a key with the unmodified preset."""
-    switches = {k: v for k, v in config["opt"].items() if k != "name"}
+    switches = {
+        k: v
+        for k, v in config["opt"].items()
+        if k != "name" and not (k in LATER_SWITCH_DEFAULTS and v == LATER_SWITCH_DEFAULTS[k])
+    }
     digest = hashlib.sha256(json.dumps(switches, sort_keys=True).encode()).hexdigest()[:6]
     return f"{config['opt']['name']}~{digest}"
 
