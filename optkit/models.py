@@ -8,10 +8,12 @@ would. The builder knows nothing of optimizations (those are the patcher's job).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
+from torch import nn
 
 from optkit.families import family_classes
 
@@ -64,21 +66,101 @@ def build_model(model_cfg, device: torch.device | str = "cpu", seed: int = 0) ->
     """
     device = torch.device(device)
     dtype = torch_dtype(model_cfg.dtype)
-    attn = model_cfg.attn_implementation
     if model_cfg.path:
-        model = _load_local(model_cfg.path, dtype, device, model_cfg.num_layers, attn)
+        model = _load_local(model_cfg.path, dtype, device, model_cfg.num_layers, model_cfg.attn_implementation)
     else:
-        _, model_cls = family_classes(model_cfg.family)
-        config = build_hf_config(model_cfg.family, _to_dict(model_cfg.hf_config), model_cfg.num_layers)
-        config._attn_implementation = attn
+        model_cls, config = _model_class_and_config(model_cfg)
         torch.manual_seed(seed)
-        previous = torch.get_default_dtype()
-        try:
-            torch.set_default_dtype(dtype)
-            with torch.device(device):
-                model = model_cls(config)
-        finally:
-            torch.set_default_dtype(previous)
+        with _default_dtype(dtype), torch.device(device):
+            model = model_cls(config)
+    return _finish(model, model_cfg)
+
+
+LayersOf = Callable[[nn.Module], nn.ModuleList]
+
+
+def build_model_layerwise(
+    model_cfg,
+    device: torch.device | str,
+    seed: int,
+    layers_of: LayersOf,
+    each_layer: Callable[[int, nn.Module], None],
+) -> nn.Module:
+    """Build the model with its decoder layers reaching ``device`` one at a time, as
+    ``from_pretrained(quantization_config=...)`` loads a checkpoint: ``each_layer(index, layer)`` runs on
+    each layer as soon as it is on ``device`` (QLoRA quantizes it there), before the next layer exists
+    there, so ``device`` never holds more than one layer as built besides what ``each_layer`` leaves.
+
+    Random weights: the model is made on the meta device (no memory, no init), then each module gets its
+    parameters on ``device`` and the family's own ``_init_weights`` (the init HF applies when it builds,
+    buffers such as rotary frequencies included); same seed, same weights. A local checkpoint is loaded
+    into host memory, everything outside the layers moved to ``device``, then each layer. ``layers_of``
+    finds the decoder layers (optkit.train.method.decoder_layers)."""
+    device = torch.device(device)
+    dtype = torch_dtype(model_cfg.dtype)
+    created: Dict[int, nn.Parameter] = {}  # meta parameter -> its materialized one (tied weights stay tied)
+    if model_cfg.path:
+        host = torch.device("cpu")
+        model = _load_local(model_cfg.path, dtype, host, model_cfg.num_layers, model_cfg.attn_implementation)
+    else:
+        model_cls, config = _model_class_and_config(model_cfg)
+        torch.manual_seed(seed)
+        with _default_dtype(dtype), torch.device("meta"):
+            model = model_cls(config)
+
+    def place(module: nn.Module) -> None:
+        if model_cfg.path:
+            module._apply(lambda t: t.to(device), recurse=False)
+        else:
+            _materialize(model, module, device, created)
+
+    layers = layers_of(model)
+    in_layers = {id(m) for m in layers.modules()}
+    for module in model.modules():
+        if id(module) not in in_layers:
+            place(module)
+    for index, layer in enumerate(layers):
+        for module in reversed(list(layer.modules())):  # children first, as HF's own init visits them
+            place(module)
+        each_layer(index, layer)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"layerwise build left tensors on the meta device: {left[:5]}")
+    return _finish(model, model_cfg)
+
+
+def _materialize(model: nn.Module, module: nn.Module, device: torch.device, created: Dict[int, nn.Parameter]) -> None:
+    """``module``'s own meta parameters and buffers made on ``device`` and initialized as the family does."""
+    for name, param in module._parameters.items():
+        if param is not None and param.device.type == "meta":
+            if id(param) not in created:
+                created[id(param)] = nn.Parameter(torch.empty_like(param, device=device), param.requires_grad)
+            module._parameters[name] = created[id(param)]
+    for name, buffer in module._buffers.items():
+        if buffer is not None and buffer.device.type == "meta":
+            module._buffers[name] = torch.empty_like(buffer, device=device)
+    with torch.no_grad():
+        model._init_weights(module)
+
+
+def _model_class_and_config(model_cfg):
+    _, model_cls = family_classes(model_cfg.family)
+    config = build_hf_config(model_cfg.family, _to_dict(model_cfg.hf_config), model_cfg.num_layers)
+    config._attn_implementation = model_cfg.attn_implementation
+    return model_cls, config
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _finish(model: nn.Module, model_cfg) -> nn.Module:
     experts = getattr(model_cfg, "experts_implementation", None)
     if experts:
         _set_experts_implementation(model, experts)

@@ -9,13 +9,14 @@ import torch
 
 from optkit.config.schema import OptkitConfig
 from optkit.data import make_batches
-from optkit.models import build_model
+from optkit.models import build_model, build_model_layerwise, torch_dtype
 from optkit.opt import patcher
 from optkit.opt.registry import missing_requirements
 from optkit.train.checkpointing import enable_checkpointing
-from optkit.train.method import apply_training_method
+from optkit.train.method import add_lora, apply_training_method, decoder_layers
 from optkit.train.optimizers import build_optimizer
 from optkit.train.packing import install_packed_attention
+from optkit.train.qlora import LayerQuantizer
 
 N_DISTINCT_BATCHES = 4  # cycled, so no step re-reads the exact tensors of the previous one
 
@@ -31,9 +32,10 @@ def build_training(cfg: OptkitConfig, device: torch.device):
     if missing:
         raise SkipPoint("; ".join(missing))
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, device, seed=cfg.train.seed)
+    model = build_base_model(cfg, device)
     vocab_size = model.config.vocab_size
-    model = apply_training_method(model, cfg.train)
+    # A QLoRA base is quantized as it is built: what is left of its training method is LoRA.
+    model = add_lora(model, cfg.train) if cfg.train.method == "qlora" else apply_training_method(model, cfg.train)
     if cfg.data.packing:  # padding-free rows need boundary-aware attention (metadata per layer, as HF)
         install_packed_attention(model)
     model = patcher.patch(model, cfg.opt)
@@ -45,3 +47,13 @@ def build_training(cfg: OptkitConfig, device: torch.device):
     ]
     model.train()
     return model, optimizer, batches, ckpt_info
+
+
+def build_base_model(cfg: OptkitConfig, device: torch.device):
+    """The model before its training method. QLoRA's is quantized one decoder layer at a time on ``device``
+    (as from_pretrained(quantization_config=...) loads), so its setup never holds the full-precision model
+    there: the setup peak is about the training one (8B: the quantized model plus one bf16 layer)."""
+    if cfg.train.method != "qlora":
+        return build_model(cfg.model, device, seed=cfg.train.seed)
+    quantize = LayerQuantizer(cfg.train, torch_dtype(cfg.model.dtype))
+    return quantize.finish(build_model_layerwise(cfg.model, device, cfg.train.seed, decoder_layers, quantize))

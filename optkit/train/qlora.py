@@ -71,6 +71,7 @@ def quantize_linears(
     double_quant: bool = True,
     compute_dtype: Optional[torch.dtype] = None,
     prefix: str = "layers",
+    first_index: int = 0,
 ) -> List[str]:
     """Replace every ``nn.Linear`` inside ``blocks`` (the decoder layers) by ``Linear4bit``, in place.
 
@@ -81,7 +82,7 @@ def quantize_linears(
         raise ValueError(f"train.qlora_quant_type={quant_type!r} is not valid; choose nf4 or fp4")
     bnb = _import_bnb()
     replaced = []
-    for index, block in enumerate(blocks):
+    for index, block in enumerate(blocks, start=first_index):
         targets = [
             (name, module)
             for name, module in block.named_modules()
@@ -95,3 +96,27 @@ def quantize_linears(
             setattr(parent, leaf, to_linear4bit(linear, quant_type, double_quant, compute_dtype))
             replaced.append(f"{prefix}.{index}.{name}")
     return replaced
+
+
+class LayerQuantizer:
+    """QLoRA's quantization one decoder layer at a time: the ``each_layer`` of
+    ``optkit.models.build_model_layerwise``. Each layer's linears become ``Linear4bit`` as soon as the layer
+    is on the device, so its full-precision weights are freed before the next layer exists there: the
+    setup peak is the quantized model plus one layer, not the full-precision model."""
+
+    def __init__(self, train_cfg, compute_dtype: torch.dtype):
+        self.train_cfg, self.compute_dtype = train_cfg, compute_dtype
+        self.replaced: List[str] = []
+
+    def __call__(self, index: int, layer: nn.Module) -> None:
+        cfg = self.train_cfg
+        self.replaced += quantize_linears(
+            [layer], cfg.qlora_quant_type, cfg.qlora_double_quant, self.compute_dtype, first_index=index
+        )
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        """The built model, marked as loaded in 4 bit (peft then wraps its Linear4bit with 4-bit LoRA layers)."""
+        if not self.replaced:
+            raise ValueError("train.method=qlora found no nn.Linear inside the decoder layers to quantize")
+        model.is_loaded_in_4bit = True
+        return model
