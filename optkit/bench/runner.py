@@ -7,7 +7,10 @@ Hydra's own multirun launcher runs jobs in one process, which is exactly what we
 ``bench.repeats=R`` measures R windows per point: back to back in one process after one warm-up
 (default), or one process each with ``bench.isolate_repeats=true`` (process-to-process spread: a
 new CUDA context, allocator and autotuning each time). Resume skips every (config_hash, repeat)
-already in results.jsonl and measures only the missing windows.
+already in results.jsonl and measures only the missing windows (bench/resume.py: which run, what is done).
+
+Everything that can be checked before a point runs is checked before the first one starts (config keys and
+values, checkpoint paths, LoRA targets, a suite's GPU requirement): a mistake is one message, not N rows.
 """
 
 from __future__ import annotations
@@ -23,7 +26,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from optkit.results.rows import append_row, empty_row, read_rows
+from optkit.bench.process import exit_cause, run_process
+from optkit.bench.resume import (
+    choose_run_dir,
+    clean_stale_scratch,
+    default_run_id,
+    done_windows,
+    prepare_run_dir,
+    scratch_prefix,
+)
+from optkit.config.compose import ConfigError
+from optkit.results.rows import append_row, empty_row, env_stamp, read_rows
 
 AXIS_ABLATION = "ablation"
 STDERR_TAIL_CHARS = 4000
@@ -150,6 +163,7 @@ def default_suite() -> str:
 
 def run_sweep(overrides: Sequence[str]) -> Path:
     """Run a suite (or a single point when no suite is given); returns the run directory."""
+    from optkit.config.checks import check_point
     from optkit.config.compose import compose
     from optkit.measure.env import capture_env, gpu_slug
 
@@ -159,22 +173,57 @@ def run_sweep(overrides: Sequence[str]) -> Path:
         suite_name = "none" if defines_point else default_suite()
     # The sweep-level config: the suite and bench settings (axis values may be comma lists here).
     cfg = compose([f"suite={suite_name}", *(o for o in rest if o.startswith("bench."))])
+    _check_device(cfg)
     points = expand_points(cfg.suite, rest, model_family) if suite_name != "none" else [["suite=none", *rest]]
     point_cfgs = [compose(p) for p in points]  # fail fast, before any work, on a bad name or value
+    for point_cfg in point_cfgs:
+        check_point(point_cfg)
     env = capture_env()
     suite_dir = Path(cfg.bench.results_dir) / gpu_slug(env) / suite_name
-    run_id = cfg.bench.resume or cfg.bench.run_id or default_run_id(suite_dir, suite_name, env.get("git_sha"))
-    run_dir = suite_dir / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "env.json").write_text(json.dumps(env, indent=2, default=str))
+    run_dir, resuming = choose_run_dir(
+        cfg.bench, suite_dir, lambda: default_run_id(suite_dir, suite_name, env.get("git_sha"))
+    )
+    run_id = run_dir.name
+    clean_stale_scratch()
+    prepare_run_dir(run_dir, env, resuming, _log)
 
     if cfg.suite.kind == "kernels":
         _run_kernels_suite(point_cfgs[0], run_dir)
         return run_dir
     results = run_dir / "results.jsonl"
-    done = {(r.get("config_hash"), r.get("repeat")) for r in read_rows(results)} if cfg.bench.resume else set()
+    done = done_windows(read_rows(results), cfg.bench.retry) if resuming else set()
     _log(f"optkit: {len(points)} point(s) x {cfg.bench.repeats} repeat(s) -> {run_dir}")
     progress = Progress(len(points) * cfg.bench.repeats, enabled=cfg.bench.progress)
+    try:
+        _measure(points, point_cfgs, cfg, done, run_dir, env, progress)
+    except KeyboardInterrupt:
+        _log(f"optkit: interrupted; the finished points are in {results}: bench.resume={run_id} measures the rest")
+        raise
+    from optkit.bench.summary import failure_lines, print_summary
+
+    rows = read_rows(results)
+    print_summary(rows, baseline_opt=cfg.suite.baseline_opt)
+    _log(f"results: {results}")
+    for line in failure_lines(rows):
+        _log(line)
+    return run_dir
+
+
+def _check_device(cfg) -> None:
+    """A suite or device that needs a GPU, refused once on a machine without one (not once per point)."""
+    if _cuda_available():
+        return
+    if cfg.suite.requires_cuda:
+        raise ConfigError(
+            f"suite {cfg.suite.name!r} measures a GPU and this machine has no CUDA GPU: run it on a GPU machine, "
+            "or suite=smoke here"
+        )
+    if cfg.bench.device == "cuda":
+        raise ConfigError("bench.device=cuda but no CUDA GPU is visible: drop bench.device, or pass bench.device=cpu")
+
+
+def _measure(points, point_cfgs, cfg, done, run_dir: Path, env, progress: "Progress") -> None:
+    results, run_id = run_dir / "results.jsonl", run_dir.name
     for point, point_cfg in zip(points, point_cfgs):
         point_hash = _hash_of(point_cfg)
         todo = [r for r in range(cfg.bench.repeats) if (point_hash, r) not in done]
@@ -184,26 +233,11 @@ def run_sweep(overrides: Sequence[str]) -> Path:
         for repeats in [[r] for r in todo] if cfg.bench.isolate_repeats else [todo] if todo else []:
             progress.start(_label(point))
             rows = run_isolated(
-                point, run_id, repeats, timeout_s=cfg.bench.timeout_s, point_cfg=point_cfg, run_dir=run_dir
+                point, run_id, repeats, timeout_s=cfg.bench.timeout_s, point_cfg=point_cfg, run_dir=run_dir, env=env
             )
             for row in rows:
                 append_row(results, row)
             progress.finish(rows)
-    from optkit.bench.summary import print_summary
-
-    print_summary(read_rows(results), baseline_opt=cfg.suite.baseline_opt)
-    _log(f"results: {results}")
-    return run_dir
-
-
-def default_run_id(suite_dir: Path, suite_name: str, git_sha: Optional[str]) -> str:
-    """``<suite>-<yyyymmdd>-<sha7>``: what ran, when and at which commit; ``-2``, ``-3`` ... for a repeat."""
-    stem = f"{suite_name}-{datetime.now(timezone.utc):%Y%m%d}-{(git_sha or 'nosha')[:7]}"
-    run_id, n = stem, 1
-    while (suite_dir / run_id).exists():
-        n += 1
-        run_id = f"{stem}-{n}"
-    return run_id
 
 
 def _hash_of(cfg) -> str:
@@ -213,14 +247,20 @@ def _hash_of(cfg) -> str:
 
 
 def run_isolated(
-    point: List[str], run_id: str, repeats: Sequence[int], timeout_s: float, point_cfg, run_dir: Optional[Path] = None
+    point: List[str],
+    run_id: str,
+    repeats: Sequence[int],
+    timeout_s: float,
+    point_cfg,
+    run_dir: Optional[Path] = None,
+    env: Optional[Dict[str, Any]] = None,
 ) -> List[Dict[str, Any]]:
     """Run one point in a fresh Python process, one measurement window per index in ``repeats``;
-    always returns one row per index (failure rows when the process died).
+    always returns one row per index (failure rows, carrying ``env``'s versions, when the process died).
 
     The process is handed the composed, resolved config (``point_cfg``) in a file, not overrides to compose
     again: what the runner checked is exactly what the point runs."""
-    with tempfile.TemporaryDirectory(prefix="optkit-point-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix("point")) as tmp:
         out, config = Path(tmp) / "rows.json", Path(tmp) / "point.json"
         config.write_text(json.dumps({"config": _container(point_cfg), "overrides": list(point)}))
         cmd = [
@@ -237,40 +277,29 @@ def run_isolated(
             ",".join(map(str, repeats)),
             *(["--run-dir", str(Path(run_dir).resolve())] if run_dir else []),
         ]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        process_env = dict(os.environ, PYTHONUNBUFFERED="1")
         if not _cuda_available():  # no GPU: optkit's Triton kernels run under Triton's interpreter
-            env.setdefault("TRITON_INTERPRET", "1")
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-        except subprocess.TimeoutExpired as exc:
-            return [
-                _failed_row(
-                    point,
-                    run_id,
-                    r,
-                    "timeout",
-                    f"point exceeded bench.timeout_s={timeout_s}",
-                    _as_text(exc.stderr),
-                    point_cfg,
-                )
-                for r in repeats
-            ]
-        if out.exists():
-            return json.loads(out.read_text())
-        stderr = proc.stderr or ""
-        status = "oom" if "out of memory" in stderr.lower() else "error"
-        return [
-            _failed_row(
-                point, run_id, r, status, f"point process exited with code {proc.returncode}", stderr, point_cfg
-            )
-            for r in repeats
-        ]
+            process_env.setdefault("TRITON_INTERPRET", "1")
+        finished = run_process(cmd, process_env, timeout_s)
+        rows = _rows_written(out) if finished.returncode is not None else None
+    if rows is not None:
+        return rows
+    if finished.returncode is None:
+        status, cause = "timeout", f"point exceeded bench.timeout_s={timeout_s} and was killed"
+    else:
+        status = "oom" if "out of memory" in finished.stderr.lower() else "error"
+        cause = exit_cause(finished.returncode, finished.stderr)
+        cause += f"\npoint process exited with code {finished.returncode}"
+    return [_failed_row(point, run_id, r, status, cause, finished.stderr, point_cfg, env) for r in repeats]
 
 
-def _as_text(data) -> str:
-    if data is None:
-        return ""
-    return data.decode(errors="replace") if isinstance(data, bytes) else data
+def _rows_written(out: Path) -> Optional[List[Dict[str, Any]]]:
+    """The rows the point process wrote; None when it wrote none (or died while writing them)."""
+    try:
+        rows = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return None
+    return rows if isinstance(rows, list) and all(isinstance(r, dict) for r in rows) else None
 
 
 def _container(cfg) -> Dict[str, Any]:
@@ -279,12 +308,15 @@ def _container(cfg) -> Dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def _failed_row(point, run_id, repeat, status, message, stderr, point_cfg) -> Dict[str, Any]:
-    """A row for a point whose process died without writing one (crash, kill, timeout)."""
+def _failed_row(point, run_id, repeat, status, message, stderr, point_cfg, env=None) -> Dict[str, Any]:
+    """A row for a point whose process died without writing one (crash, kill, timeout). Its error's first line
+    is the cause (the exception the process ended with, or the signal that killed it)."""
     from optkit.results.rows import identity_fields
 
     row = empty_row()
     row.update(identity_fields(_container(point_cfg), point, run_id, repeat))
+    if env is not None:
+        row.update(env_stamp(env))
     row.update(
         run_id=run_id,
         repeat=repeat,
@@ -298,7 +330,7 @@ def _failed_row(point, run_id, repeat, status, message, stderr, point_cfg) -> Di
 
 def _run_kernels_suite(cfg, run_dir: Path) -> None:
     """A suite of kind "kernels" measures ops, not training steps: its own module, in a subprocess too."""
-    with tempfile.TemporaryDirectory(prefix="optkit-kernels-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix("kernels")) as tmp:
         config = Path(tmp) / "suite.json"
         config.write_text(json.dumps({"config": _container(cfg)}))
         proc = subprocess.run(

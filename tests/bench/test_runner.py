@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from optkit.bench import runner as runner
-from optkit.config.compose import compose
+from optkit.config.compose import ConfigError, compose
 from optkit.results.rows import ROW_FIELDS, SCHEMA_VERSION, STATUSES, read_rows
 
 TINY = ["train.warmup_steps=1", "train.steps=2", "train.batch_size=1", "data.seq_len=16", "bench.progress=false"]
@@ -131,16 +131,25 @@ def test_row_schema(tmp_path, monkeypatch):
     assert run_dir.parts[-3:-1] == ("cpu", "smoke")
 
 
-def test_requirement_missing_gives_a_skipped_row(tmp_path, monkeypatch):
-    run_dir = _sweep(tmp_path, ["suite=smoke", "model=tiny_llama", "opt=baseline", "bench.device=cuda"], monkeypatch)
-    (row,) = read_rows(run_dir / "results.jsonl")
-    assert row["status"] == "skipped" and "CUDA" in row["error"]
+def test_a_gpu_requirement_on_cpu_is_one_config_error_before_any_point(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "_cuda_available", lambda: False)
+    spawned = []
+    monkeypatch.setattr(runner, "run_isolated", lambda *a, **k: spawned.append(a))
+    with pytest.raises(ConfigError, match="suite=smoke"):
+        _sweep(tmp_path, ["suite=e2e", "model=tiny_llama", "opt=baseline,full"], monkeypatch)
+    with pytest.raises(ConfigError, match="bench.device=cpu"):
+        _sweep(tmp_path, ["suite=smoke", "model=tiny_llama", "opt=baseline", "bench.device=cuda"], monkeypatch)
+    assert not spawned and not any(tmp_path.iterdir()), "refused before any process or directory"
 
 
-def test_gpu_suite_on_cpu_is_skipped_not_crashed(tmp_path, monkeypatch):
-    run_dir = _sweep(tmp_path, ["suite=e2e", "model=tiny_llama", "opt=baseline"], monkeypatch)
-    (row,) = read_rows(run_dir / "results.jsonl")
-    assert row["status"] == "skipped" and "smoke" in row["error"]
+def test_a_cuda_point_on_a_cpu_device_is_a_skipped_row():
+    from optkit.bench.point import run_point
+    from optkit.config.compose import typed_config
+
+    cfg = typed_config(compose(["model=tiny_llama", "bench.device=cuda"]))
+    (row,) = run_point(cfg, [], run_id="t")
+    if not __import__("torch").cuda.is_available():
+        assert row["status"] == "skipped" and "CUDA" in row["error"]
 
 
 def test_cli_lists_choices_and_rejects_unknown_names(capsys):
