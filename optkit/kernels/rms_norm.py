@@ -18,6 +18,10 @@ Statistics and every accumulation are fp32 in both modes.
 Limits: rows of at most 65536 elements (a row is one register tile); x must be fp32/fp16/bf16; a
 non-contiguous x is copied once to rows with unit stride. ``weight`` is required.
 
+Launch config (``RmsNormLaunch``): rows per program, warps and the backward's programs per SM;
+``default_rms_norm_launch`` derives them from the shape, and ``launch_rms_norm_fwd`` / ``launch_rms_norm_bwd``
+take another one (scripts/tune_kernels.py sweeps them on a GPU).
+
 Dispatch (``_dispatch.autograd_op``): eager calls go through a ``torch.autograd.Function`` (about 10x
 less host time than a custom op's dispatcher round trip); under ``torch.compile`` the same launchers
 run as the custom ops ``optkit::rms_norm_fwd`` / ``optkit::rms_norm_bwd`` (fake implementations give
@@ -25,6 +29,8 @@ the shapes), so a ``fullgraph=True`` compile has no graph break.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -146,15 +152,41 @@ def _output_dtype(x: Tensor, weight: Tensor, cast_normalized: bool) -> torch.dty
     return torch.promote_types(x.dtype, weight.dtype) if cast_normalized else x.dtype
 
 
-def _rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, offset: float, cast_normalized: bool) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class RmsNormLaunch:
+    """How both kernels are launched: ``default_rms_norm_launch`` picks one from the shape; scripts/tune_kernels.py
+    times others on a GPU (``launch_rms_norm_fwd / _bwd(..., launch=RmsNormLaunch(...))``)."""
+
+    rows_per_program: int  # BLOCK_M; a row is one tile (BLOCK_N = its width, rounded up to a power of 2)
+    num_warps: int
+    programs_per_sm: int | None = None  # the backward's persistent grid; None: _launch.PROGRAMS_PER_SM
+
+
+def default_rms_norm_launch(n_rows: int, n_cols: int) -> RmsNormLaunch:
+    block_m, _, num_warps = row_tile_config(n_rows, n_cols)
+    return RmsNormLaunch(block_m, num_warps)
+
+
+def _backward_programs(device: torch.device, n_blocks: int, programs_per_sm: int | None) -> int:
+    if programs_per_sm is None or device.type != "cuda":
+        return persistent_programs(device, n_blocks)
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_blocks, programs_per_sm * sm_count))
+
+
+def launch_rms_norm_fwd(
+    x: Tensor, weight: Tensor, eps: float, offset: float, cast_normalized: bool, launch: RmsNormLaunch | None = None
+) -> tuple[Tensor, Tensor]:
+    """(y, rstd) of the forward kernel, launched with ``launch`` (default: from the shape)."""
     x2d, weight = as_rows(x), weight.contiguous()
     n_rows, n_cols = x2d.shape
     y = torch.empty((n_rows, n_cols), dtype=_output_dtype(x, weight, cast_normalized), device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y.view(x.shape), rstd.view(x.shape[:-1])
-    block_m, block_n, num_warps = row_tile_config(n_rows, n_cols)
-    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+    launch = launch or default_rms_norm_launch(n_rows, n_cols)
+    _, block_n, _ = row_tile_config(n_rows, n_cols)
+    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, launch.rows_per_program),)](
         x2d,
         weight,
         y,
@@ -166,24 +198,33 @@ def _rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, offset: float, cast_nor
         eps,
         offset,
         CAST_NORMALIZED=cast_normalized,
-        BLOCK_M=block_m,
+        BLOCK_M=launch.rows_per_program,
         BLOCK_N=block_n,
-        num_warps=num_warps,
+        num_warps=launch.num_warps,
     )
     return y.view(x.shape), rstd.view(x.shape[:-1])
 
 
-def _rms_norm_bwd(
-    dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, offset: float, cast_normalized: bool, compute_dw: bool
+def launch_rms_norm_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    rstd: Tensor,
+    offset: float,
+    cast_normalized: bool,
+    compute_dw: bool,
+    launch: RmsNormLaunch | None = None,
 ) -> tuple[Tensor, Tensor]:
+    """(dx, dw) of the backward kernel, launched with ``launch`` (default: from the shape)."""
     x2d, dy2d, weight = as_rows(x), as_rows(dy), weight.contiguous()
     n_rows, n_cols = x2d.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     no_dw = weight.new_empty(0)
     if n_rows == 0:
         return dx.view(x.shape), torch.zeros_like(weight) if compute_dw else no_dw
-    block_m, block_n, num_warps = row_tile_config(n_rows, n_cols)
-    n_programs = persistent_programs(x.device, triton.cdiv(n_rows, block_m))
+    launch = launch or default_rms_norm_launch(n_rows, n_cols)
+    _, block_n, _ = row_tile_config(n_rows, n_cols)
+    n_programs = _backward_programs(x.device, triton.cdiv(n_rows, launch.rows_per_program), launch.programs_per_sm)
     rstd = rstd.reshape(-1)
     # Every program stores its row of partials (no memset needed). Without dW the kernel never touches
     # the pointer; rstd stands in, as Triton refuses the null pointer of an empty CUDA tensor.
@@ -203,12 +244,22 @@ def _rms_norm_bwd(
         offset,
         CAST_NORMALIZED=cast_normalized,
         COMPUTE_DW=compute_dw,
-        BLOCK_M=block_m,
+        BLOCK_M=launch.rows_per_program,
         BLOCK_N=block_n,
-        num_warps=num_warps,
+        num_warps=launch.num_warps,
     )
     dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else no_dw
     return dx.view(x.shape), dw
+
+
+def _rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, offset: float, cast_normalized: bool) -> tuple[Tensor, Tensor]:
+    return launch_rms_norm_fwd(x, weight, eps, offset, cast_normalized)
+
+
+def _rms_norm_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, offset: float, cast_normalized: bool, compute_dw: bool
+) -> tuple[Tensor, Tensor]:
+    return launch_rms_norm_bwd(dy, x, weight, rstd, offset, cast_normalized, compute_dw)
 
 
 def _rms_norm_fwd_fake(

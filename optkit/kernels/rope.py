@@ -15,16 +15,27 @@ sequences. Math is fp32; outputs have ``promote_types(q.dtype, cos.dtype)`` like
 Limits: D even and at most 1024; a q/k/grad with a non-unit last stride is copied first; cos/sin get
 no gradient (HF computes them from a buffer under no_grad; passing ones that require grad is an error).
 
+In place (``apply_rotary(..., inplace=True)``): the same kernel with q_out = q and k_out = k, and in
+backward the gradients rotated where they arrive. The bytes moved are the same; what goes is the
+allocation of q_rot, k_rot (and dq, dk), i.e. two activation-sized buffers per call and their allocator
+traffic, which is what Liger's RoPE does too. Its own autograd.Function (``_RopeInPlaceFunction``).
+
+Launch config (``RopeLaunch``): heads per tile, warps and tokens per program; ``default_rope_launch``
+derives them from the shape, and ``launch_rope`` takes another one (scripts/tune_kernels.py sweeps them).
+
 Dispatch (``_dispatch.autograd_op``): an autograd.Function when eager, the custom ops
 ``optkit::rope_fwd`` / ``optkit::rope_bwd`` under ``torch.compile`` (no graph break).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from optkit.kernels._dispatch import autograd_op
 from optkit.kernels._launch import TILE_ELEMENTS, check_float_dtype, warps_for
@@ -79,6 +90,7 @@ def _rotate_token_heads(
 
 
 # Per token reads (Hq + Hkv) * D elements of q/k plus 2 * D of cos/sin; writes (Hq + Hkv) * D elements.
+# In place (q_out is q, k_out is k) is safe: every element is loaded before the same program stores it.
 @triton.jit
 def _rope_kernel(
     q_ptr,
@@ -87,6 +99,7 @@ def _rope_kernel(
     sin_ptr,
     q_out_ptr,
     k_out_ptr,
+    n_tokens,
     seq_len,
     n_heads_q,
     n_heads_k,
@@ -106,52 +119,75 @@ def _rope_kernel(
     stride_cos_b,
     stride_cos_s,
     BACKWARD: tl.constexpr,
+    TOKENS_PER_PROGRAM: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
-    token = tl.program_id(0)
-    b = (token // seq_len).to(tl.int64)  # int64: b * stride_b can pass 2**31 elements
-    s = (token % seq_len).to(tl.int64)
     dims = tl.arange(0, BLOCK_HALF)[None, :]
     dim_mask = dims < half
-    cs_row = b * stride_cos_b + s * stride_cos_s + dims
-    cos_lo = tl.load(cos_ptr + cs_row, mask=dim_mask, other=0.0).to(tl.float32)
-    cos_hi = tl.load(cos_ptr + cs_row + half, mask=dim_mask, other=0.0).to(tl.float32)
-    sin_lo = tl.load(sin_ptr + cs_row, mask=dim_mask, other=0.0).to(tl.float32)
-    sin_hi = tl.load(sin_ptr + cs_row + half, mask=dim_mask, other=0.0).to(tl.float32)
-    if BACKWARD:
-        # Forward: y_lo = x_lo*c_lo - x_hi*s_lo, y_hi = x_hi*c_hi + x_lo*s_hi. Its transpose is the same
-        # map with s_lo' = -s_hi and s_hi' = -s_lo (for HF's cos/sin, whose halves are equal: -sin).
-        sin_lo, sin_hi = -sin_hi, -sin_lo
-    _rotate_token_heads(
-        q_ptr + b * stride_q_b + s * stride_q_s,
-        q_out_ptr + b * stride_qo_b + s * stride_qo_s,
-        n_heads_q,
-        stride_q_h,
-        stride_qo_h,
-        half,
-        cos_lo,
-        cos_hi,
-        sin_lo,
-        sin_hi,
-        BLOCK_HQ,
-        BLOCK_HALF,
-    )
-    _rotate_token_heads(
-        k_ptr + b * stride_k_b + s * stride_k_s,
-        k_out_ptr + b * stride_ko_b + s * stride_ko_s,
-        n_heads_k,
-        stride_k_h,
-        stride_ko_h,
-        half,
-        cos_lo,
-        cos_hi,
-        sin_lo,
-        sin_hi,
-        BLOCK_HK,
-        BLOCK_HALF,
-    )
+    for i in tl.static_range(TOKENS_PER_PROGRAM):
+        token = tl.program_id(0) * TOKENS_PER_PROGRAM + i
+        if token < n_tokens:
+            b = (token // seq_len).to(tl.int64)  # int64: b * stride_b can pass 2**31 elements
+            s = (token % seq_len).to(tl.int64)
+            cs_row = b * stride_cos_b + s * stride_cos_s + dims
+            cos_lo = tl.load(cos_ptr + cs_row, mask=dim_mask, other=0.0).to(tl.float32)
+            cos_hi = tl.load(cos_ptr + cs_row + half, mask=dim_mask, other=0.0).to(tl.float32)
+            sin_lo = tl.load(sin_ptr + cs_row, mask=dim_mask, other=0.0).to(tl.float32)
+            sin_hi = tl.load(sin_ptr + cs_row + half, mask=dim_mask, other=0.0).to(tl.float32)
+            if BACKWARD:
+                # Forward: y_lo = x_lo*c_lo - x_hi*s_lo, y_hi = x_hi*c_hi + x_lo*s_hi. Its transpose is the same
+                # map with s_lo' = -s_hi and s_hi' = -s_lo (for HF's cos/sin, whose halves are equal: -sin).
+                sin_lo, sin_hi = -sin_hi, -sin_lo
+            _rotate_token_heads(
+                q_ptr + b * stride_q_b + s * stride_q_s,
+                q_out_ptr + b * stride_qo_b + s * stride_qo_s,
+                n_heads_q,
+                stride_q_h,
+                stride_qo_h,
+                half,
+                cos_lo,
+                cos_hi,
+                sin_lo,
+                sin_hi,
+                BLOCK_HQ,
+                BLOCK_HALF,
+            )
+            _rotate_token_heads(
+                k_ptr + b * stride_k_b + s * stride_k_s,
+                k_out_ptr + b * stride_ko_b + s * stride_ko_s,
+                n_heads_k,
+                stride_k_h,
+                stride_ko_h,
+                half,
+                cos_lo,
+                cos_hi,
+                sin_lo,
+                sin_hi,
+                BLOCK_HK,
+                BLOCK_HALF,
+            )
+
+
+@dataclass(frozen=True)
+class RopeLaunch:
+    """How the kernel is launched: ``default_rope_launch`` picks one from the shape; scripts/tune_kernels.py
+    times others on a GPU (``launch_rope(..., launch=RopeLaunch(...))``)."""
+
+    max_heads_per_tile: int  # BLOCK_HQ / BLOCK_HK at most this: heads rotated per (heads x D/2) tile
+    num_warps: int
+    tokens_per_program: int = 1  # tokens one program rotates in turn (fewer, longer programs)
+
+
+def default_rope_launch(n_heads_q: int, n_heads_k: int, head_dim: int) -> RopeLaunch:
+    """One program per token. Its heads go through a (heads x D/2) tile per half, sized to ~TILE_ELEMENTS
+    over both halves: Llama-3-8B's 32 q heads x 64 in one pass of 8 warps (16 elements, two 16-byte loads
+    per thread), then its 8 k heads in one quarter-size pass (no masked-off head rows)."""
+    block_half = triton.next_power_of_2(head_dim // 2)
+    max_block_h = max(1, TILE_ELEMENTS // (2 * block_half))
+    widest = min(triton.next_power_of_2(max(n_heads_q, n_heads_k)), max_block_h)
+    return RopeLaunch(max_block_h, warps_for(2 * widest * block_half))
 
 
 def _unit_last_stride(t: Tensor) -> Tensor:
@@ -171,31 +207,35 @@ def _cos_sin_rows(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     return cos, sin
 
 
-def _launch_rope(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_out_dtype: torch.dtype, k_out_dtype: torch.dtype, backward: bool
+def launch_rope(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    q_out: Tensor,
+    k_out: Tensor,
+    backward: bool = False,
+    launch: RopeLaunch | None = None,
 ) -> tuple[Tensor, Tensor]:
-    q, k = _unit_last_stride(q), _unit_last_stride(k)
-    cos, sin = _cos_sin_rows(cos, sin)
-    q_out, k_out = _alloc_like(q, q_out_dtype), _alloc_like(k, k_out_dtype)
+    """The raw launch: rotate q, k (``backward``: by the transpose) into q_out, k_out, which may be q, k
+    themselves. Every tensor needs a unit last stride; cos/sin as ``_cos_sin_rows`` gives them."""
     batch, n_heads_q, seq_len, head_dim = q.shape
     n_tokens = batch * seq_len
     if n_tokens == 0:
         return q_out, k_out
-    # One program per token. Its heads go through a (heads x D/2) tile per half, sized to ~TILE_ELEMENTS
-    # over both halves: Llama-3-8B's 32 q heads x 64 in one pass of 8 warps (16 elements, two 16-byte
-    # loads per thread), then its 8 k heads in one quarter-size pass (no masked-off head rows).
+    launch = launch or default_rope_launch(n_heads_q, k.shape[1], head_dim)
     block_half = triton.next_power_of_2(head_dim // 2)
-    max_block_h = max(1, TILE_ELEMENTS // (2 * block_half))
-    block_hq = min(triton.next_power_of_2(n_heads_q), max_block_h)
-    block_hk = min(triton.next_power_of_2(k.shape[1]), max_block_h)
+    block_hq = min(triton.next_power_of_2(n_heads_q), launch.max_heads_per_tile)
+    block_hk = min(triton.next_power_of_2(k.shape[1]), launch.max_heads_per_tile)
     stride_cos_b = cos.stride(0) if cos.shape[0] > 1 else 0
-    _rope_kernel[(n_tokens,)](
+    _rope_kernel[(triton.cdiv(n_tokens, launch.tokens_per_program),)](
         q,
         k,
         cos,
         sin,
         q_out,
         k_out,
+        n_tokens,
         seq_len,
         n_heads_q,
         k.shape[1],
@@ -215,12 +255,22 @@ def _launch_rope(
         stride_cos_b,
         cos.stride(1),
         BACKWARD=backward,
+        TOKENS_PER_PROGRAM=launch.tokens_per_program,
         BLOCK_HQ=block_hq,
         BLOCK_HK=block_hk,
         BLOCK_HALF=block_half,
-        num_warps=warps_for(2 * max(block_hq, block_hk) * block_half),
+        num_warps=launch.num_warps,
     )
     return q_out, k_out
+
+
+def _launch_rope(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_out_dtype: torch.dtype, k_out_dtype: torch.dtype, backward: bool
+) -> tuple[Tensor, Tensor]:
+    q, k = _unit_last_stride(q), _unit_last_stride(k)
+    cos, sin = _cos_sin_rows(cos, sin)
+    q_out, k_out = _alloc_like(q, q_out_dtype), _alloc_like(k, k_out_dtype)
+    return launch_rope(q, k, cos, sin, q_out, k_out, backward)
 
 
 def _rope_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -290,7 +340,55 @@ def _check_rope_inputs(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
         raise ValueError("apply_rotary: q, k, cos and sin must be on one device")
 
 
-def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """``(q*cos + rotate_half(q)*sin, k*cos + rotate_half(k)*sin)``, equal to HF's ``apply_rotary_pos_emb``."""
+def _writable_in_place(t: Tensor, out_dtype: torch.dtype) -> bool:
+    """The kernel can write its result over ``t``: same dtype, unit last stride, no broadcast (stride-0) dim."""
+    no_broadcast = all(stride != 0 or size == 1 for stride, size in zip(t.stride(), t.shape))
+    return t.dtype == out_dtype and t.stride(-1) == 1 and no_broadcast
+
+
+class _RopeInPlaceFunction(torch.autograd.Function):
+    """Rotates q and k where they are, and the incoming gradients where they are in backward.
+
+    Not ``mark_dirty``: that refuses leaves (the kernels suite's inputs) and views of them. Instead the
+    version counters of q and k are bumped, so a graph that saved the unrotated q or k for its own
+    backward fails there with autograd's "modified by an inplace operation" instead of using rotated
+    values. The outputs alias q and k (autograd returns an unmodified-looking input as a view with
+    this Function's gradient), so a leaf's gradient is the true one."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor):
+        cos_rows, sin_rows = _cos_sin_rows(cos, sin)
+        launch_rope(q, k, cos_rows, sin_rows, q, k)
+        increment_version((q, k))
+        ctx.save_for_backward(cos, sin)
+        return q, k
+
+    @staticmethod
+    def backward(ctx, dq_rot: Tensor, dk_rot: Tensor):
+        cos, sin = ctx.saved_tensors
+        if _writable_in_place(dq_rot, dq_rot.dtype) and _writable_in_place(dk_rot, dk_rot.dtype):
+            launch_rope(dq_rot, dk_rot, *_cos_sin_rows(cos, sin), dq_rot, dk_rot, backward=True)
+            return dq_rot, dk_rot, None, None
+        dq, dk = _rope_bwd(dq_rot, dk_rot, cos, sin, dq_rot.dtype, dk_rot.dtype)
+        return dq, dk, None, None
+
+
+def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, inplace: bool = False) -> tuple[Tensor, Tensor]:
+    """``(q*cos + rotate_half(q)*sin, k*cos + rotate_half(k)*sin)``, equal to HF's ``apply_rotary_pos_emb``.
+
+    ``inplace=True`` writes the result over q and k, and in backward the gradients over the incoming ones:
+    no output allocation. For callers that never read the unrotated q / k again, as HF's attention modules
+    do; one that saved them for its backward gets autograd's in-place error, never wrong gradients. The
+    incoming gradients are overwritten, so none may be read elsewhere (hooks, retain_grad). It falls back
+    to the out-of-place op where writing over the inputs cannot give the result: under torch.compile (the
+    custom op is functional), a q / k whose last stride is not 1, or cos/sin of a wider dtype (the result
+    would have that dtype)."""
     _check_rope_inputs(q, k, cos, sin)
-    return _rope_op(q, k, cos, sin)
+    if not inplace or torch.compiler.is_compiling():
+        return _rope_op(q, k, cos, sin)
+    if q.numel() and q.data_ptr() == k.data_ptr():
+        raise ValueError("apply_rotary(inplace=True): q and k share memory; rotating one would rotate the other twice")
+    out_q, out_k = torch.promote_types(q.dtype, cos.dtype), torch.promote_types(k.dtype, cos.dtype)
+    if not (_writable_in_place(q, out_q) and _writable_in_place(k, out_k)):
+        return _rope_op(q, k, cos, sin)
+    return _RopeInPlaceFunction.apply(q, k, cos, sin)

@@ -4,7 +4,8 @@ HF's attention modules call the module-level ``apply_rotary_pos_emb`` of their m
 replacing that global (which would change every model of the family), each attention module gets, as its
 instance ``forward``, a copy of its class's forward whose globals see optkit's rotary function
 (``edits.rebind_attention_globals``). The copy runs HF's own code, so it follows whatever that forward
-does in the installed transformers.
+does in the installed transformers. RoPE runs in place there (optkit/kernels/rope.py: no q_rot / k_rot
+allocation), since nothing in that forward reads q or k again before they are rotated.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ def _rotary_adapter(apply_rotary: Callable) -> Callable:
     def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
         if unsqueeze_dim != 1:
             raise ValueError(f"optkit rope expects HF's (B, H, S, D) layout (unsqueeze_dim=1), got {unsqueeze_dim}")
-        return apply_rotary(q, k, cos, sin)
+        # In place: HF's attention forward never reads the unrotated q / k again (autograd's version check
+        # would fail loudly if a module before it had saved them).
+        return apply_rotary(q, k, cos, sin, True)
 
     return apply_rotary_pos_emb
 

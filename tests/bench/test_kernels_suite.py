@@ -428,7 +428,9 @@ def test_run_without_cuda_gives_skipped_rows_for_the_whole_sweep(tmp_path, monke
     rows = kernel_run.run(cfg, tmp_path / "run7")
     cases = kernel_cases.sweep_cases()
     nf4_cases = sum(c.op == kernel_cases.NF4 for c in cases)  # + bitsandbytes; the chunk sweep: one FLCE shape
-    assert len(rows) == len(cases) * len(kernel_impls.IMPLS) + nf4_cases + len(kernel_impls.CHUNK_IMPLS)
+    rope_cases = sum(c.op == "rope" for c in cases)  # + optkit-inplace
+    expected = len(cases) * len(kernel_impls.IMPLS) + nf4_cases + len(kernel_impls.CHUNK_IMPLS) + rope_cases
+    assert len(rows) == expected
     assert {r["status"] for r in rows} == {"skipped"} and rows[0]["error"] == kernel_rows.NO_CUDA_REASON
     assert {r["run_id"] for r in rows} == {"run7"}
     assert "gradient computed in forward" not in kernel_table.format_table(rows)  # the note is about ok rows
@@ -490,6 +492,24 @@ def test_chunk_rows_say_what_they_are():
     assert row["params"]["chunk_rows"] == 512 and row["loss_in_forward"] is True
     assert row["impl_version"] == "abc" and row["point_key"].startswith(f"{kernel_cases.FLCE}/optkit-c512/")
     assert "chunk_rows" not in kernel_rows.base_row(_case(kernel_cases.FLCE), "optkit", "bfloat16", context)["params"]
+
+
+def test_rope_inplace_impl_times_the_in_place_kernel_on_fresh_inputs(tmp_path):
+    """rope's optkit-inplace row: the suite's leaves are written over each repeat (fresh copies keep that from
+    the next repeat) and its gradients are the out-of-place op's."""
+    assert kernel_impls.impls_for("rope", kernel_impls.ALL_IMPLS) == [*kernel_impls.IMPLS, kernel_impls.ROPE_INPLACE]
+    assert kernel_impls.ROPE_INPLACE not in kernel_impls.impls_for("swiglu", kernel_impls.ALL_IMPLS)
+    case = _case("rope")
+    master = kernel_ops.SPECS["rope"].make_inputs(case, torch.float32, CPU)
+    inputs = device_timing.fresh_inputs(master)
+    out = _resolve(kernel_impls.ROPE_INPLACE, case, torch.float32)(**inputs)
+    assert out[0].data_ptr() == inputs["q"].data_ptr(), "the in-place impl must write over q"
+    expected = _resolve("optkit", case, torch.float32)(**device_timing.fresh_inputs(master))
+    assert all(torch.allclose(a, b) for a, b in zip(out, expected))
+    rows = kernel_run.run_suite(
+        tmp_path, cpu_smoke=True, ops=("rope",), impls=("optkit-inplace",), env=FAKE_ENV, log=lambda m: None
+    )
+    assert [r["status"] for r in rows] == ["ok"] and rows[0]["impl"] == "optkit-inplace", rows[0]["error"]
 
 
 # --------------------------------------------------------------------------- device time: trace parsing

@@ -9,7 +9,7 @@ Defaults only (e.g. not cross_entropy's overwrite_logits): correctness lives in 
 one op only (``OP_IMPLS``): nf4_dequantize's ``bitsandbytes`` (``functional.dequantize_4bit``, what
 QLoRA runs); and a sweep: fused_linear_cross_entropy also runs as ``optkit-c256``, ``optkit-c512`` and
 ``optkit-c2048`` (``chunk_rows`` fixed; plain ``optkit`` picks 1024 at the suite's shape), to show chunk
-size against speed and peak memory.
+size against speed and peak memory; rope's ``optkit-inplace`` (``apply_rotary(..., inplace=True)``).
 
 Fused cross-entropy implementations (optkit and its chunk sweep, Liger) compute the gradient inside
 forward: their fwd_ms holds backward work and their bwd_ms is a mere scale, so the row says
@@ -37,8 +37,15 @@ BITSANDBYTES = "bitsandbytes"
 # FLCE's chunk-size sweep: optkit with fixed rows per chunk (its default is 1024 at the suite's shape;
 # Liger budgets 256 rows here). Fewer rows: a smaller logits buffer, more grad_weight traffic.
 CHUNK_IMPLS: Dict[str, int] = {f"optkit-c{rows}": rows for rows in (256, 512, 2048)}
-OP_IMPLS: Dict[str, Tuple[str, ...]] = {NF4: (BITSANDBYTES,), FLCE: tuple(CHUNK_IMPLS)}  # impls of one op
-ALL_IMPLS = IMPLS + (BITSANDBYTES,) + tuple(CHUNK_IMPLS)
+# RoPE written over q and k (and the gradients over the incoming ones), as optkit's HF patch runs it and
+# as Liger's RoPE always does; plain ``optkit`` is the out-of-place op.
+ROPE_INPLACE = "optkit-inplace"
+OP_IMPLS: Dict[str, Tuple[str, ...]] = {
+    NF4: (BITSANDBYTES,),
+    FLCE: tuple(CHUNK_IMPLS),
+    "rope": (ROPE_INPLACE,),
+}  # impls of one op
+ALL_IMPLS = IMPLS + (BITSANDBYTES,) + tuple(CHUNK_IMPLS) + (ROPE_INPLACE,)
 
 
 class ImplUnavailable(Exception):
@@ -65,7 +72,9 @@ def _nf4_call(fn: Callable, case: Case, dtype: torch.dtype) -> Callable:
     return call
 
 
-def _optkit_call(spec: OpSpec, case: Case, dtype: torch.dtype, chunk_rows: Optional[int] = None) -> Callable:
+def _optkit_call(
+    spec: OpSpec, case: Case, dtype: torch.dtype, chunk_rows: Optional[int] = None, inplace: bool = False
+) -> Callable:
     module_name = f"optkit.kernels.{spec.name}"
     try:
         fn = getattr(importlib.import_module(module_name), spec.optkit_fn)
@@ -81,6 +90,8 @@ def _optkit_call(spec: OpSpec, case: Case, dtype: torch.dtype, chunk_rows: Optio
     if spec.name in ("cross_entropy", FLCE):
         extra = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
         return lambda **t: fn(**t, ignore_index=IGNORE_INDEX, reduction="mean", softcap=params["softcap"], **extra)
+    if inplace:
+        return lambda **t: fn(**t, **params, inplace=True)
     return lambda **t: fn(**t, **params)
 
 
@@ -190,6 +201,8 @@ def resolve_impl(
         return _liger_call(spec, case, device)
     if impl == BITSANDBYTES:
         return _bitsandbytes_call(case, dtype)
+    if impl == ROPE_INPLACE:
+        return _optkit_call(spec, case, dtype, inplace=True)
     return _optkit_call(spec, case, dtype, chunk_rows=CHUNK_IMPLS[impl])
 
 

@@ -43,7 +43,8 @@ KERNEL_ROW_FIELDS: Dict[str, str] = {
     "status": "ok | oom | error | skipped",
     "error": "why, when status != ok",
     "op": "one of OPS",
-    "impl": "optkit | eager | compile | liger | bitsandbytes (nf4_dequantize) | optkit-c<rows> (FLCE chunk sweep)",
+    "impl": "optkit | eager | compile | liger | bitsandbytes (nf4_dequantize) | optkit-c<rows> (FLCE chunk sweep) "
+    "| optkit-inplace (rope written over q and k)",
     "impl_version": "version of the impl's code",
     "dtype": "input dtype",
     "model": "zoo model the shape comes from",
