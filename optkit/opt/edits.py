@@ -9,6 +9,7 @@ with its own undo registers it as ``unapply`` in the registry).
 
 from __future__ import annotations
 
+import logging
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -18,6 +19,7 @@ from torch import nn
 from optkit.families import UnknownModelError, family_of, get_family
 
 STATE_ATTR = "_optkit_patch"
+logger = logging.getLogger("optkit")
 CALL_UNAPPLY = "<unapply>"  # a change record whose "original" is an optimization's unapply function
 
 
@@ -47,6 +49,16 @@ class PatchState:
 
 def state_of(root: nn.Module) -> Optional[PatchState]:
     return root.__dict__.get(STATE_ATTR)  # not getattr: PeftModel forwards unknown names to the base model
+
+
+def patch_root(model: nn.Module) -> nn.Module:
+    """The module whose patch state covers ``model``: itself, or the HF model inside it when that was
+    patched before get_peft_model wrapped it (a later patch or unpatch of the wrapper goes there)."""
+    if state_of(model) is None:
+        hf = hf_model_of(model)
+        if hf is not model and state_of(hf) is not None:
+            return hf
+    return model
 
 
 def hf_model_of(model: nn.Module) -> nn.Module:
@@ -95,6 +107,30 @@ def override_attr(root: nn.Module, owner: nn.Module, attr: str, value: Any, by: 
     setattr(owner, attr, value)
 
 
+def add_forward_pre_hook(root: nn.Module, module: nn.Module, hook: Callable) -> None:
+    """Register ``hook(module, args, kwargs)`` to run before every call of ``module``; undone by ``unpatch``.
+    A hook sees every call, also when someone else installs their own ``forward`` over a patched one."""
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    state_of(root).changes.append(("", CALL_UNAPPLY, False, lambda _root: handle.remove()))
+
+
+def note_once(root: nn.Module, name: str) -> Callable[[str], None]:
+    """A ``note(message)`` for optimization ``name`` that, the first time it sees a message, logs it as a
+    one-line warning and adds it to the model's ``optkit.patch_log`` (for what only a call can reveal)."""
+    state, seen = state_of(root), set()
+
+    def note(message: str) -> None:
+        if message in seen:
+            return
+        seen.add(message)
+        line = f"{name}: {message}"
+        logger.warning("optkit: %s", line)
+        if state is not None:
+            state.logs.setdefault(name, []).append(line)
+
+    return note
+
+
 def undo(root: nn.Module, changes: List[Tuple[str, str, bool, Any]]) -> None:
     for path, attr, existed, original in reversed(changes):
         if attr == CALL_UNAPPLY:
@@ -102,11 +138,22 @@ def undo(root: nn.Module, changes: List[Tuple[str, str, bool, Any]]) -> None:
             continue
         owner = root.get_submodule(path)
         if isinstance(original, nn.Module):
-            original.train(owner._modules[attr].training if attr in owner._modules else owner.training)
+            current = owner._modules.get(attr)
+            original.train(current.training if current is not None else owner.training)
+            if current is not None:
+                _keep_children_replaced_since(original, current)
         if existed:
             setattr(owner, attr, original)
         elif attr in owner.__dict__ or attr in owner._modules:
             delattr(owner, attr)
+
+
+def _keep_children_replaced_since(original: nn.Module, current: nn.Module) -> None:
+    """A replacement keeps the original's children (SwiGLUMLP its gate/up/down_proj); one that differs was
+    replaced after patching (get_peft_model's LoRA wrappers) and stays when the original comes back."""
+    for name, child in current.named_children():
+        if name in original._modules and original._modules[name] is not child:
+            original._modules[name] = child
 
 
 def family_of_patched(model: nn.Module) -> str:

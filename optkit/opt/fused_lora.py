@@ -42,6 +42,8 @@ from optkit.opt.edits import override_attr, state_of
 from optkit.opt.lora_projection import (
     LoRAOperandCache,
     LoRAProjection,
+    autocast_dtype,
+    autocast_off,
     lora_parameters,
     project,
     project_backward,
@@ -65,8 +67,11 @@ class ProjectionGroup:
 class _FusedProjectionsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: ProjectionGroup, cache: bool, *lora_params: Tensor):
-        x2d = x.reshape(-1, x.shape[-1])
-        outputs, xa = project(x2d, group.projections, group.operands.get(x.dtype, cache))
+        ctx.x_dtype = x.dtype
+        with autocast_off(x.device.type):
+            x = x.to(autocast_dtype(x))
+            x2d = x.reshape(-1, x.shape[-1])
+            outputs, xa = project(x2d, group.projections, group.operands.get(x.dtype, cache))
         ctx.group = group
         ctx.save_for_backward(x, xa)
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
@@ -75,13 +80,14 @@ class _FusedProjectionsFunction(torch.autograd.Function):
     def backward(ctx, *grads: Tensor):
         x, xa = ctx.saved_tensors
         x2d = x.reshape(-1, x.shape[-1])
-        dys = [g.reshape(-1, g.shape[-1]) for g in grads]
         group = ctx.group
-        dx, d_lora = project_backward(
-            x2d, xa, dys, group.projections, group.operands.get(dys[0].dtype), ctx.needs_input_grad[0]
-        )
+        with autocast_off(x.device.type):
+            dys = [g.reshape(-1, g.shape[-1]).to(x.dtype) for g in grads]
+            dx, d_lora = project_backward(
+                x2d, xa, dys, group.projections, group.operands.get(x.dtype), ctx.needs_input_grad[0]
+            )
         group.operands.drop()
-        return (dx.view_as(x) if dx is not None else None, None, None, *d_lora)
+        return (dx.view_as(x).to(ctx.x_dtype) if dx is not None else None, None, None, *d_lora)
 
 
 # ----------------------------------------------------------------------------- gated MLP
@@ -151,10 +157,13 @@ class MLPGroup:
 class _FusedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: MLPGroup, cache: bool, *lora_params: Tensor):
-        x2d = x.reshape(-1, x.shape[-1])
-        (gate, up), xa_gate_up = project(x2d, group.gate_up, group.gate_up_operands.get(x.dtype, cache))
-        h = group.act.forward(gate, up)  # (N, I), not saved: recomputed in backward from gate and up
-        (y,), xa_down = project(h, group.down, group.down_operands.get(h.dtype, cache))
+        ctx.x_dtype = x.dtype
+        with autocast_off(x.device.type):
+            x = x.to(autocast_dtype(x))
+            x2d = x.reshape(-1, x.shape[-1])
+            (gate, up), xa_gate_up = project(x2d, group.gate_up, group.gate_up_operands.get(x.dtype, cache))
+            h = group.act.forward(gate, up)  # (N, I), not saved: recomputed in backward from gate and up
+            (y,), xa_down = project(h, group.down, group.down_operands.get(h.dtype, cache))
         ctx.group = group
         ctx.save_for_backward(x, gate, up, xa_gate_up, xa_down)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -163,25 +172,25 @@ class _FusedMLPFunction(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, gate, up, xa_gate_up, xa_down = ctx.saved_tensors
         group = ctx.group
-        h = group.act.forward(gate, up)
-        dh, d_down = project_backward(
-            h, xa_down, [dy.reshape(-1, dy.shape[-1])], group.down, group.down_operands.get(h.dtype), True
-        )
-        del h
-        d_gate, d_up = group.act.backward(dh, gate, up)
-        del dh
-        x2d = x.reshape(-1, x.shape[-1])
-        dx, d_gate_up = project_backward(
-            x2d,
-            xa_gate_up,
-            [d_gate, d_up],
-            group.gate_up,
-            group.gate_up_operands.get(d_gate.dtype),
-            ctx.needs_input_grad[0],
-        )
+        with autocast_off(x.device.type):
+            h = group.act.forward(gate, up)
+            dy = dy.reshape(-1, dy.shape[-1]).to(h.dtype)
+            dh, d_down = project_backward(h, xa_down, [dy], group.down, group.down_operands.get(h.dtype), True)
+            del h
+            d_gate, d_up = group.act.backward(dh, gate, up)
+            del dh
+            x2d = x.reshape(-1, x.shape[-1])
+            dx, d_gate_up = project_backward(
+                x2d,
+                xa_gate_up,
+                [d_gate, d_up],
+                group.gate_up,
+                group.gate_up_operands.get(d_gate.dtype),
+                ctx.needs_input_grad[0],
+            )
         group.down_operands.drop()
         group.gate_up_operands.drop()
-        return (dx.view_as(x) if dx is not None else None, None, None, *d_gate_up, *d_down)
+        return (dx.view_as(x).to(ctx.x_dtype) if dx is not None else None, None, None, *d_gate_up, *d_down)
 
 
 # ----------------------------------------------------------------------------- installing

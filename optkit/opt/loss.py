@@ -4,7 +4,9 @@ whole CausalLM forward with the loss fused into the LM head (logits never materi
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import sys
 import types
 from typing import Callable, List
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 
 from optkit.config.schema import OptConfig
-from optkit.opt.edits import hf_model_of, is_moe, override_attr
+from optkit.opt.edits import add_forward_pre_hook, hf_model_of, is_moe, note_once, override_attr
 
 
 def shifted_targets(labels: torch.Tensor, ignore_index: int = -100, shift_labels=None) -> torch.Tensor:
@@ -56,21 +58,53 @@ def apply_cross_entropy(model: nn.Module, opt_cfg: OptConfig) -> List[str]:
     return ["cross_entropy: loss_function -> optkit cross_entropy on materialized logits"]
 
 
-def _fused_loss_forward(self, *args, labels=None, return_logits=None, **kwargs):
-    """The CausalLM forward with the training loss fused into the LM head (instance method).
+def _positional_names(forward: Callable) -> List[str]:
+    params = list(inspect.signature(forward).parameters.values())[1:]  # without self
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _fused_loss_forward(hf: nn.Module, note: Callable[[str], None]) -> Callable:
+    """``hf``'s CausalLM forward with the training loss fused into the LM head, as a bound method.
 
     With labels (and ``return_logits`` not True; None means "only in eval mode"), the loss comes from
-    ``fused_linear_cross_entropy`` on the final hidden states and logits is None; otherwise it is
-    HF's own forward, unchanged.
+    ``fused_linear_cross_entropy`` on the final hidden states and logits is None; otherwise the forward
+    that was there before (HF's own, unchanged) runs. It carries the original's signature
+    (``functools.wraps``): HF's Trainer keeps only the dataset columns that signature names
+    (``remove_unused_columns``) and passes ``num_items_in_batch`` because it takes ``**kwargs``.
     """
-    if len(args) == 1:  # model(input_ids, labels=...)
-        kwargs["input_ids"], args = args[0], ()
-    wants_logits = (not self.training) if return_logits is None else return_logits
-    if labels is None or wants_logits or args or kwargs.get("logits_to_keep", 0) not in (0, None):
-        before = self.__dict__.get("_optkit_forward_before_fused_loss")
-        if before is not None:
-            return before(*args, labels=labels, **kwargs)
-        return type(self).forward(self, *args, labels=labels, **kwargs)
+    cls_forward = type(hf).forward
+    positional = _positional_names(cls_forward)
+    before = hf.__dict__.get("forward")  # someone (accelerate hooks, TRL) replaced it on the instance first
+    fallback = before if before is not None else types.MethodType(cls_forward, hf)
+
+    @functools.wraps(cls_forward)
+    def forward(self, *args, **kwargs):
+        if len(args) > len(positional):
+            raise TypeError(f"{type(self).__name__}.forward takes at most {len(positional)} positional arguments")
+        for name, value in zip(positional, args):  # model(input_ids, attention_mask, ...) as HF allows
+            if name in kwargs:
+                raise TypeError(f"{type(self).__name__}.forward got multiple values for argument {name!r}")
+            kwargs[name] = value
+        labels, return_logits = kwargs.pop("labels", None), kwargs.pop("return_logits", None)
+        if kwargs.get("fused_lm_head"):  # the caller's own fused head (TRL) computes the loss
+            note(_TRL_HEAD_NOTE)
+            return fallback(labels=labels, **kwargs)
+        wants_logits = (not self.training) if return_logits is None else return_logits
+        if labels is None or wants_logits or kwargs.get("logits_to_keep", 0) not in (0, None):
+            return fallback(labels=labels, **kwargs)
+        return _fused_loss(self, labels, kwargs)
+
+    return types.MethodType(forward, hf)
+
+
+_TRL_HEAD_NOTE = (
+    "not used for calls with fused_lm_head=True (TRL's SFTTrainer): TRL's own fused LM head computes that "
+    "loss (it does not materialize the logits either, and also returns the per-token log-probs, entropy and "
+    "accuracy TRL logs); optkit's other optimizations run"
+)
+
+
+def _fused_loss(self, labels, kwargs):
     from optkit.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
     output_router_logits = kwargs.pop("output_router_logits", None)
@@ -124,10 +158,20 @@ def apply_fused_linear_cross_entropy(model: nn.Module, opt_cfg: OptConfig) -> Li
     if type(lm_head) is not nn.Linear:  # peft-wrapped or quantized heads have no plain weight to fuse
         kind = type(lm_head).__name__ if lm_head is not None else "no lm_head"
         return [f"fused_linear_cross_entropy: skipped (lm_head is {kind}, not a plain nn.Linear)"]
+    note = note_once(model, "fused_linear_cross_entropy")
+    forward = _fused_loss_forward(hf, note)
     previous = hf.__dict__.get("forward")
-    if previous is not None:  # someone (accelerate hooks, another tool) replaced it on the instance first
+    if previous is not None:
         override_attr(model, hf, "_optkit_forward_before_fused_loss", previous, by="fused_linear_cross_entropy")
-    override_attr(model, hf, "forward", types.MethodType(_fused_loss_forward, hf), by="fused_linear_cross_entropy")
+    override_attr(model, hf, "forward", forward, by="fused_linear_cross_entropy")
+
+    # A trainer that installs its own forward later (TRL's SFTTrainer wraps this one and calls it with
+    # fused_lm_head=True) bypasses the fused loss without calling it: say so at its first such call.
+    def notice_foreign_head(module, args, kwargs):
+        if kwargs.get("fused_lm_head"):
+            note(_TRL_HEAD_NOTE)
+
+    add_forward_pre_hook(model, hf, notice_foreign_head)
     softcap = getattr(hf.config, "final_logit_softcapping", None)
     return [
         f"fused_linear_cross_entropy: {type(hf).__name__}.forward fuses lm_head + loss when labels are given"

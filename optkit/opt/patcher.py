@@ -26,6 +26,7 @@ from optkit.opt.edits import (
     family_of_patched,
     hf_model_of,
     is_moe,
+    patch_root,
     state_of,
     undo,
 )
@@ -44,17 +45,36 @@ def _skip_reason(opt: Optimization, model: nn.Module, family: Optional[str]) -> 
         return f"applies to {', '.join(opt.families)}, not {family}"
     if "moe" in opt.requires and not is_moe(hf_model_of(model)):
         return "the model has no MoE layers"
-    if "lora" in opt.requires and not any(hasattr(m, "lora_A") for m in model.modules()):
-        return "the model has no LoRA adapters"
+    if "lora" in opt.requires and not _has_lora(model):
+        return _NO_LORA
     return None
+
+
+# The one skip that a later call can lift: adapters added after patching (optkit.patch, then get_peft_model).
+_NO_LORA = "the model has no LoRA adapters; call optkit.patch again after get_peft_model to fuse them"
+
+
+def _has_lora(model: nn.Module) -> bool:
+    return any(hasattr(m, "lora_A") for m in model.modules())
+
+
+def _pending(name: str, state: Optional[PatchState], model: nn.Module) -> bool:
+    """Whether ``patch`` has ``name`` still to do: never done, or skipped for want of adapters it now has."""
+    if state is None or name not in state.logs:
+        return True
+    return state.logs[name] == [f"{name}: skipped ({_NO_LORA})"] and _has_lora(model)
 
 
 def patch(model: nn.Module, opt_cfg: Any = "full") -> nn.Module:
     """Apply every optimization enabled in ``opt_cfg`` to ``model`` (in place) and return it."""
     cfg = load_opt_config(opt_cfg)
     names = enabled_names(cfg)
+    root = patch_root(model)
+    if root is not model:  # patched before get_peft_model: the rest goes where the first patch went
+        patch(root, cfg)
+        return model
     state = state_of(model)
-    todo = [n for n in names if state is None or n not in state.logs]
+    todo = [n for n in names if _pending(n, state, model)]
     if not todo:
         return model
     missing = missing_requirements(cfg, model=model)
@@ -96,22 +116,23 @@ def patch(model: nn.Module, opt_cfg: Any = "full") -> nn.Module:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Put back every module and attribute ``patch`` changed (the very objects it replaced)."""
-    state = state_of(model)
+    root = patch_root(model)
+    state = state_of(root)
     if state is not None:
-        undo(model, state.changes)
-        del model.__dict__[STATE_ATTR]
+        undo(root, state.changes)
+        del root.__dict__[STATE_ATTR]
     return model
 
 
 def patch_log(model: nn.Module) -> List[str]:
     """What ``patch`` did to ``model``, one line per change or skip, in application order."""
-    state = state_of(model)
+    state = state_of(patch_root(model))
     return [line for lines in state.logs.values() for line in lines] if state else []
 
 
 def applied_names(model: nn.Module) -> List[str]:
     """The optimizations ``patch`` applied to ``model`` (not the skipped ones), in application order."""
-    state = state_of(model)
+    state = state_of(patch_root(model))
     if state is None:
         return []
     return [
