@@ -46,3 +46,48 @@ def test_every_launch_config_matches_the_reference(launch, dtype, cast_mode):
 def test_default_launch_follows_the_shape():
     assert default_rms_norm_launch(4096, 4096) == RmsNormLaunch(rows_per_program=1, num_warps=8)
     assert default_rms_norm_launch(4096, 128).rows_per_program == 32  # short rows stacked to ~4096 elements
+
+
+def _tune_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "tune_kernels.py"
+    spec = importlib.util.spec_from_file_location("tune_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tuning_script_times_every_config_and_the_default(tmp_path, capsys):
+    """scripts/tune_kernels.py --cpu-smoke: the plumbing on tiny shapes (its numbers mean nothing on the CPU)."""
+    import json
+
+    tune = _tune_script()
+    assert tune.main(["--cpu-smoke", "--json", str(tmp_path / "tune.json")]) == 0
+    lines = json.loads((tmp_path / "tune.json").read_text())["lines"]
+    assert all(line["error"] is None and line["ms"] > 0 for line in lines), [x["error"] for x in lines]
+    passes = {(line["op"], line["kernel_pass"]) for line in lines}
+    assert passes == {
+        ("rms_norm", "fwd"),
+        ("rms_norm", "bwd"),
+        ("rope", "fwd"),
+        ("rope", "bwd"),
+        ("rope", "fwd in place"),
+    }
+    for key in passes:  # every (op, pass) has its default as the reference
+        assert sum(line["default"] for line in lines if (line["op"], line["kernel_pass"]) == key) == 1, key
+    assert "copy bandwidth" in capsys.readouterr().out
+
+
+def test_tuning_table_names_the_configs_that_beat_the_default():
+    tune = _tune_script()
+    line = {"op": "rope", "shape": "T4096", "kernel_pass": "fwd", "error": None}
+    lines = [
+        dict(line, config={"num_warps": 8}, default=True, ms=0.20, pct_copy=78.0),
+        dict(line, config={"num_warps": 4}, default=False, ms=0.17, pct_copy=92.0),
+        dict(line, kernel_pass="bwd", config={"num_warps": 8}, default=True, ms=0.2, pct_copy=78.0),
+    ]
+    table = tune.format_lines(lines, 3000.0)
+    assert "rope T4096 fwd: 78% -> 92% of copy (1.18x) with num_warps=4" in table
+    assert "bwd:" not in table.split("where a config beats the default:")[1], "the default is the fastest there"
