@@ -200,7 +200,7 @@ def config_hash(config: Dict[str, Any]) -> str:
     """Hash of the resolved config minus bench bookkeeping (run id, resume, paths, progress)."""
     clean = {k: v for k, v in config.items() if k != "bench"}
     bench = dict(config.get("bench", {}))
-    for volatile in ("run_id", "resume", "results_dir", "progress", "timeout_s"):
+    for volatile in ("run_id", "resume", "retry", "results_dir", "progress", "timeout_s"):
         bench.pop(volatile, None)
     clean["bench"] = bench
     blob = json.dumps(clean, sort_keys=True, default=str).encode()
