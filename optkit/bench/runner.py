@@ -204,8 +204,11 @@ def run_sweep(overrides: Sequence[str]) -> Path:
     rows = read_rows(results)
     print_summary(rows, baseline_opt=cfg.suite.baseline_opt)
     _log(f"results: {results}")
-    for line in failure_lines(rows):
+    failures = failure_lines(rows)
+    for line in failures:
         _log(line)
+    if failures:
+        _log(f"  (bench.resume={run_id} bench.retry=failed measures them again)")
     return run_dir
 
 
@@ -341,7 +344,8 @@ def _run_kernels_suite(cfg, run_dir: Path) -> None:
 
 
 def _label(point: List[str]) -> str:
-    return " ".join(p for p in point if not p.startswith(("suite=", "train.warmup_steps", "train.steps")))
+    hidden = ("suite=", "train.warmup_steps", "train.steps", "bench.results_dir", "bench.resume", "bench.retry")
+    return " ".join(p for p in point if not p.startswith(hidden))
 
 
 def _log(message: str) -> None:
