@@ -40,7 +40,7 @@ bench: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q --durations=10 $(PYTEST_ARGS)
 
 test-gpu: $(STAMP)
 	$(PYTHON) -m pytest -q -m gpu $(PYTEST_ARGS)
