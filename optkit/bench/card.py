@@ -35,8 +35,6 @@ import ctypes
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from optkit.config.schema import CARD_MODES as MODES
-
 MIB, GIB = 1024**2, 1024**3
 
 
@@ -44,6 +42,7 @@ MIB, GIB = 1024**2, 1024**3
 class Card:
     name: str  # bench.card value
     label: str  # as a user names it
+    gb: int  # the size it is sold as (what published fit tables are keyed by)
     total_mib: int  # memory total as nvidia-smi reports it (MiB), what the card's driver can hand out
 
     @property
@@ -56,18 +55,18 @@ class Card:
 CARDS: Dict[str, Card] = {
     c.name: c
     for c in (
-        Card("gpu_8gb", "8 GB card", 8192),
-        Card("rtx3060", "RTX 3060 12 GB", 12288),
-        Card("rtx4060ti_16gb", "RTX 4060 Ti 16 GB", 16380),
-        Card("rtx4080", "RTX 4080 16 GB", 16376),
-        Card("t4", "T4 16 GB", 15360),
-        Card("rtx4090", "RTX 4090 24 GB", 24564),
-        Card("l4", "L4 24 GB", 23034),
-        Card("a10g", "A10G 24 GB", 23028),
-        Card("rtx6000_ada", "RTX 6000 Ada 48 GB", 49140),
-        Card("a100_40gb", "A100 40 GB", 40960),
-        Card("a100_80gb", "A100 80 GB", 81920),
-        Card("h100_80gb", "H100 80 GB", 81559),
+        Card("gpu_8gb", "8 GB card", 8, 8192),
+        Card("rtx3060", "RTX 3060 12 GB", 12, 12288),
+        Card("rtx4060ti_16gb", "RTX 4060 Ti 16 GB", 16, 16380),
+        Card("rtx4080", "RTX 4080 16 GB", 16, 16376),
+        Card("t4", "T4 16 GB", 16, 15360),
+        Card("rtx4090", "RTX 4090 24 GB", 24, 24564),
+        Card("l4", "L4 24 GB", 24, 23034),
+        Card("a10g", "A10G 24 GB", 24, 23028),
+        Card("rtx6000_ada", "RTX 6000 Ada 48 GB", 48, 49140),
+        Card("a100_40gb", "A100 40 GB", 40, 40960),
+        Card("a100_80gb", "A100 80 GB", 80, 81920),
+        Card("h100_80gb", "H100 80 GB", 80, 81559),
     )
 }
 
@@ -77,7 +76,7 @@ def card_of(name: Optional[str], gib: Optional[float]) -> Optional[Card]:
     if gib:
         if gib <= 0:
             raise ValueError(f"bench.card_gib must be > 0, got {gib}")
-        return Card(f"{gib:g}gib", f"{gib:g} GiB card", int(round(gib * 1024)))
+        return Card(f"{gib:g}gib", f"{gib:g} GiB card", round(gib), int(round(gib * 1024)))
     if not name:
         return None
     if name not in CARDS:
@@ -112,8 +111,10 @@ def plan(
     The ballast is the difference of the totals, so the driver's own reservation (NVML total minus
     CUDA total) is counted as a real card counts it. The cap is what the card leaves free once the
     context is in: card - reservation - in-use, minus the reserve."""
-    if mode not in MODES:
-        raise ValueError(f"bench.card_mode={mode!r} is not valid; choose one of: {', '.join(MODES)}")
+    from optkit.config.schema import CARD_MODES  # not at import: reports read the card table without torch
+
+    if mode not in CARD_MODES:
+        raise ValueError(f"bench.card_mode={mode!r} is not valid; choose one of: {', '.join(CARD_MODES)}")
     if card_bytes > nvml_total_bytes:
         raise ValueError(
             f"a {card_bytes / GIB:.1f} GiB card cannot be emulated on this {nvml_total_bytes / GIB:.1f} GiB GPU: "

@@ -190,6 +190,9 @@ def run_sweep(overrides: Sequence[str]) -> Path:
     if cfg.suite.kind == "kernels":
         _run_kernels_suite(point_cfgs[0], run_dir)
         return run_dir
+    if cfg.suite.kind == "fit":
+        _run_fit_suite(cfg, rest, run_dir, env, resuming)
+        return run_dir
     results = run_dir / "results.jsonl"
     done = done_windows(read_rows(results), cfg.bench.retry) if resuming else set()
     _log(f"optkit: {len(points)} point(s) x {cfg.bench.repeats} repeat(s) -> {run_dir}")
@@ -341,6 +344,29 @@ def _run_kernels_suite(cfg, run_dir: Path) -> None:
         )
     if proc.returncode != 0:
         _log(f"kernels suite exited with code {proc.returncode}; rows written so far are in {run_dir}")
+
+
+def _run_fit_suite(cfg, user_overrides: Sequence[str], run_dir: Path, env, resuming: bool) -> None:
+    """A suite of kind "fit" bisects, per stack and card, for the largest point that fits (bench/fit.py); each
+    probe is a point run as any other (run_isolated: its own process) and its row. Resuming replays the
+    recorded probes and measures only the rest."""
+    from optkit.bench.fit import fit_cells, recorded_measure, run_fit_suite
+    from optkit.config.checks import check_point
+    from optkit.config.compose import compose
+
+    results = run_dir / "results.jsonl"
+    cells = fit_cells(cfg.suite, user_overrides, expand_points)
+    for cell in cells:
+        check_point(compose(cell))
+
+    def run_probe(point: List[str], point_cfg) -> List[Dict[str, Any]]:
+        return run_isolated(point, run_dir.name, [0], cfg.bench.timeout_s, point_cfg, run_dir=run_dir, env=env)
+
+    earlier = read_rows(results) if resuming else []
+    measure = recorded_measure(run_probe, _hash_of, lambda row: append_row(results, row), earlier)
+    _log(f"optkit: fit search over {len(cells)} cell(s) -> {run_dir}")
+    run_fit_suite(cells, compose, measure, _log)
+    _log(f"results: {results} (optkit report {run_dir} tabulates the answers)")
 
 
 def _label(point: List[str]) -> str:

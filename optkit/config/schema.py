@@ -166,6 +166,15 @@ class FitConfig:
     growth: float = setting(2.0, "factor between probes while no failure (or no fit) bounds the search yet")
     confirm: bool = setting(True, "probe the answer again; a second try that fails moves the search down")
     start_from_smaller_card: bool = setting(True, "a bigger card's search starts at a smaller card's answer")
+    seq_len_start: Dict[str, int] = setting(
+        meaning="bench.card -> first seq_len probed on it (rounded up to the step), e.g. a published figure to beat",
+        factory=dict,
+    )
+    use_seq_len_start: bool = setting(True, "start at seq_len_start (a stack far below the figures sets false)")
+    check_ballast_on: List[str] = setting(
+        meaning="bench.card values whose answer is probed again with bench.card_mode=ballast (the honesty check)",
+        factory=list,
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "suite.fit")
