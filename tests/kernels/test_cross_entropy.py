@@ -1,7 +1,7 @@
 """optkit.kernels.cross_entropy against its float64 reference, and the reference against torch.
 
-Tolerances: tests/kernels/_tolerances.py (fused error <= 2x plain PyTorch's in the same dtype + 1 ulp
-at the reference's scale), for the loss and the logits' gradient alike.
+Tolerances: tests/kernels/_tolerances.py (relative norm error per dtype, and fused max error <= 2x plain
+PyTorch's in the same dtype + 1 ulp at the tensor's own scale), for the loss and the logits' gradient alike.
 """
 
 import importlib
@@ -75,6 +75,41 @@ def test_large_vocab_row_at_the_default_block():
     vocab = 40000  # > 32768: two chunks of the production block size, the second ragged
     logits, target = _logits((2, vocab), torch.bfloat16, seed=3), _targets((2,), vocab, seed=3, ignore_fraction=0.0)
     _check(logits, target, torch.bfloat16, softcap=30.0, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_label_smoothing_gradient_term_at_bf16(reduction):
+    """Confident predictions (the target's logit 12 above the rest, as a trained head gives): away from the
+    target the gradient is then -smoothing / V per class, all of it the smoothing term. With V = 40 the term
+    is 16% of the gradient's norm, so the bf16 bar sees a kernel that drops it (checked below on the
+    reference gradient without the term)."""
+    rows, vocab, smoothing = 64, 40, 0.1
+    target = _targets((rows,), vocab, seed=19, ignore_fraction=0.1)
+    valid = target != IGNORE
+    logits = _logits((rows, vocab), torch.float32, seed=19, spread=1.0).detach()
+    logits[valid.nonzero().squeeze(1), target[valid]] += 12.0
+    logits = logits.bfloat16().requires_grad_()
+    options = {"reduction": reduction, "label_smoothing": smoothing}
+    _check(logits, target, torch.bfloat16, **options)
+
+    ref64, same = logits.detach().double().requires_grad_(), logits.detach().clone().requires_grad_()
+    reference_cross_entropy(ref64, target, **options).backward()
+    reference_cross_entropy(same, target, **options).backward()
+    count = valid.sum() if reduction == "mean" else 1
+    without_term = ref64.grad + smoothing / vocab * valid[:, None] / count
+    with pytest.raises(AssertionError, match="relative norm error"):
+        assert_close_to_reference(without_term.bfloat16(), ref64.grad, same.grad, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [0.0, 1e-20], ids=["zero_rows", "tiny_rows"])
+def test_flat_logit_rows(dtype, scale):
+    """All-zero and 1e-20 logits (a uniform softmax; fp16 holds 1e-20 as 0): the loss is log V and the
+    gradient 1/V - target on every valid row, with smoothing and softcap on."""
+    logits = (_logits((2, 5, 70), torch.float32, seed=20).detach().double() * scale).to(dtype).requires_grad_()
+    target = _targets((2, 5), 70, seed=20)
+    _check(logits, target, dtype, softcap=15.0, label_smoothing=0.1)
+    _check(logits, target, dtype, reduction="none")
 
 
 @pytest.mark.parametrize(

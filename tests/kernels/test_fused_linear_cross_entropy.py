@@ -1,7 +1,8 @@
 """optkit.kernels.fused_linear_cross_entropy against its float64 reference, and its memory bound.
 
-Tolerances: tests/kernels/_tolerances.py (fused error <= 2x plain PyTorch's in the same dtype + 1 ulp
-at the reference's scale) for the loss and the gradients of hidden, weight and bias.
+Tolerances: tests/kernels/_tolerances.py (relative norm error per dtype, and fused max error <= 2x plain
+PyTorch's in the same dtype + 1 ulp at the tensor's own scale) for the loss and the gradients of hidden, weight
+and bias.
 """
 
 import pytest
@@ -73,6 +74,17 @@ def test_random_shapes_match_reference(
 def test_label_smoothing_across_chunks(dtype):
     hidden, weight, bias, target = _inputs((13,), 24, 150, dtype, seed=1)
     _check(hidden, weight, bias, target, dtype, chunk_rows=4, label_smoothing=0.1, softcap=5.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [0.0, 1e-20], ids=["zero_rows", "tiny_rows"])
+def test_flat_hidden_rows(dtype, scale):
+    """Every other token's hidden state all zero or at 1e-20 (fp16 holds it as 0): those tokens' logits are
+    the bias alone, their share of the weight gradient is ~0 beside the other tokens'."""
+    hidden, weight, bias, target = _inputs((14,), 24, 90, dtype, seed=11)
+    hidden = hidden.detach()
+    hidden[::2] = (hidden[::2].double() * scale).to(dtype)
+    _check(hidden.requires_grad_(), weight, bias, target, dtype, chunk_rows=4, label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

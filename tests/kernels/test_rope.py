@@ -1,6 +1,7 @@
 """optkit.kernels.rope against its float64 reference and HF's apply_rotary_pos_emb.
 
-Tolerances: tests/kernels/_tolerances.py (fused error <= 2x plain PyTorch's in the same dtype + 1 ulp).
+Tolerances: tests/kernels/_tolerances.py (relative norm error per dtype, and fused max error <= 2x plain
+PyTorch's in the same dtype + 1 ulp of the tensor's own scale).
 """
 
 import pytest
@@ -62,6 +63,19 @@ def _check(batch, n_kv, group, seq_len, head_dim, dtype, layout, cos_batch, seed
 def test_random_shapes_match_reference(batch, n_kv, group, seq_len, head_dim, dtype, layout, cos_batch, seed):
     cos_batch = batch if cos_batch == "batch" else cos_batch
     _check(batch, n_kv, group, seq_len, head_dim, dtype, layout, cos_batch, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [0.0, 1e-20], ids=["zero_rows", "tiny_rows"])
+def test_flat_token_rows(dtype, scale):
+    """Every other token's q and k all zero or at 1e-20 (fp16 holds it as 0), beside ordinary tokens."""
+    gen = torch.Generator().manual_seed(5)
+    q = _heads(2, 4, 6, 16, dtype, gen, "hf").detach()
+    k = _heads(2, 2, 6, 16, dtype, gen, "contiguous").detach()
+    for t in (q, k):
+        t[:, :, ::2] = (t[:, :, ::2].double() * scale).to(dtype)
+    cos, sin = _cos_sin(2, 6, 16, dtype, gen)
+    check_forward_backward(apply_rotary, reference_rope, [q.requires_grad_(), k.requires_grad_(), cos, sin], dtype)
 
 
 def test_general_cos_sin_whose_halves_differ():

@@ -1,6 +1,7 @@
 """optkit.kernels.swiglu against its float64 reference and HF's LlamaMLP.
 
-Tolerances: tests/kernels/_tolerances.py (fused error <= 2x plain PyTorch's in the same dtype + 1 ulp).
+Tolerances: tests/kernels/_tolerances.py (relative norm error per dtype, and fused max error <= 2x plain
+PyTorch's in the same dtype + 1 ulp of the tensor's own scale).
 """
 
 import pytest
@@ -47,6 +48,16 @@ def test_random_shapes_match_reference(shape, dtype, seed):
 def test_model_sizes_and_partial_last_block(shape):
     gate, up = _inputs(shape, torch.bfloat16, seed=sum(shape))
     check_forward_backward(swiglu, reference_swiglu, [gate, up], torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [0.0, 1e-20], ids=["zero_rows", "tiny_rows"])
+def test_flat_rows(dtype, scale):
+    """Rows of gate all zero or at 1e-20 (fp16 holds it as 0) beside ordinary rows: silu is ~gate / 2 there."""
+    gate, up = _inputs((6, 40), dtype, seed=3)
+    gate = gate.detach()
+    gate[::2] = (gate[::2].double() * scale).to(dtype)
+    check_forward_backward(swiglu, reference_swiglu, [gate.requires_grad_(), up], dtype)
 
 
 def test_non_contiguous_inputs_are_copied():

@@ -1,9 +1,9 @@
 """A patched model computes what the unpatched one does: loss, logits and every trainable gradient.
 
-The bar is tests/kernels/_tolerances.py's rule, applied to a whole model: the same model run
-unpatched in float64 is the reference, and the patched model's error against it may be at most
-ERROR_RATIO x the error of the unpatched model in the same dtype, plus one ulp of slack at the
-reference's scale. Each optimization is checked alone (where it applies to the family) and all of
+The bar is tests/kernels/_tolerances.py's, applied to a whole model, tensor by tensor: the same model run
+unpatched in float64 is the reference; each gradient's relative norm error is bounded per dtype, and its
+max error may be at most ERROR_RATIO x the error of the unpatched model in the same dtype, plus one ulp of
+slack at that gradient's own scale. Each optimization is checked alone (where it applies to the family) and all of
 optkit's kernels together, on every family's tiny config, in float32, one bf16 case, and with peft
 LoRA applied first. Real widths in bf16 (Llama-3-8B cut to 2 layers) are the gpu-marked tests.
 """
@@ -76,7 +76,8 @@ def _logits(model, ids):
 
 
 def assert_patched_matches(model, opt_cfg, seed: int = 0, **forward_kwargs):
-    """Patch ``model`` and compare it to its unpatched self (same dtype) and a float64 copy."""
+    """Patch ``model`` and compare it to its unpatched self (same dtype) and a float64 copy; returns the
+    patched model's, the float64 copy's and the same-dtype copy's gradients by parameter name."""
     dtype = next(model.parameters()).dtype
     same_dtype = copy.deepcopy(model)
     ref64 = _float64_copy(model)
@@ -94,7 +95,7 @@ def assert_patched_matches(model, opt_cfg, seed: int = 0, **forward_kwargs):
     if logits is None:  # the fused loss returned none: ask for them (HF's own head on our hidden states)
         logits, ref_logits, torch_logits = _logits(model, ids), _logits(ref64, ids), _logits(same_dtype, ids)
     assert_close_to_reference(logits, ref_logits, torch_logits, dtype, name="logits")
-    return model
+    return grads, ref_grads, torch_grads
 
 
 def _applicable(family: str):
@@ -106,7 +107,8 @@ CASES = [(family, kernel) for family in FAMILIES for kernel in _applicable(famil
 
 @pytest.mark.parametrize("family,kernel", CASES, ids=[f"{f}-{k}" for f, k in CASES])
 def test_each_kernel_alone_float32(family, kernel):
-    model = assert_patched_matches(_build(f"tiny_{family}"), {"kernels": {kernel: True}})
+    model = _build(f"tiny_{family}")
+    assert_patched_matches(model, {"kernels": {kernel: True}})
     assert not any("skipped" in line for line in patch_log(model)), patch_log(model)
 
 
@@ -121,7 +123,19 @@ def test_all_kernels_float32(family):
 
 
 def test_all_kernels_bfloat16():
-    assert_patched_matches(_build("tiny_llama", dtype="bfloat16"), ALL_KERNELS, seed=2)
+    """Every parameter's gradient is held to the bf16 bar, q_proj's and k_proj's (reached through RoPE's
+    backward) included, and the bar is sharp for each: the patched gradient zeroed, halved or sign-flipped
+    fails it (a floor of 1 on the slack once let 6 of these 21 gradients pass as zeros)."""
+    model = _build("tiny_llama", dtype="bfloat16")
+    grads, ref_grads, torch_grads = assert_patched_matches(model, ALL_KERNELS, seed=2)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert (
+        sorted(grads) == sorted(trainable) and any("q_proj" in n for n in grads) and any("k_proj" in n for n in grads)
+    )
+    for name, grad in grads.items():
+        for wrong in (torch.zeros_like(grad), grad * 0.5, -grad):
+            with pytest.raises(AssertionError):
+                assert_close_to_reference(wrong, ref_grads[name], torch_grads[name], torch.bfloat16, name=name)
 
 
 def _with_lora(model):

@@ -1,5 +1,6 @@
 """Checkpointing modes give the gradients of no checkpointing (CPU: exact recomputation; gpu-marked at 8B shapes),
-and on a GPU the double-buffered mode hides most of its reload copies behind compute.
+keep fewer activations for backward than no checkpointing (CPU: bytes autograd saves, counted), and on a GPU
+the double-buffered mode hides most of its reload copies behind compute.
 
 On CPU the recomputation runs the same float32 kernels on the same inputs, so gradients agree to
 rounding of the accumulation order (bound: 1e-6 of each tensor's largest entry). Every check takes
@@ -14,6 +15,7 @@ from omegaconf import OmegaConf
 
 from optkit.opt.fused_lora import apply_fused_lora
 from optkit.train.checkpointing import OffloadedLayerForward, disable_checkpointing, enable_checkpointing
+from optkit.train.method import decoder_layers
 from tests.train._reload_check import reload_mismatches
 from tests.train._tiny import BATCH, SEQ_LEN, loss_and_grads, max_relative_error, one_thread, tiny_model, token_batch  # noqa: F401
 
@@ -43,6 +45,60 @@ def test_gradients_equal_no_checkpointing(model, method):
         loss, grads, _ = _second_step_grads(net, mode)
         torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6, msg=f"{mode}: loss")
         assert max_relative_error(grads, ref_grads) < RTOL, mode
+
+
+def _saved_activation_bytes(net, ids, mode: str):
+    """(bytes of every activation autograd saves for backward during one forward, those saved outside the
+    decoder layers). Counted with saved_tensors_hooks, once per storage; parameters are not activations."""
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    saved, outside, inside = {}, {}, [0]
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+            if not inside[0]:
+                outside[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def enter(*_):
+        inside[0] += 1
+
+    def leave(*_):
+        inside[0] -= 1
+
+    hooks = [
+        h
+        for layer in decoder_layers(net)
+        for h in (layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave))
+    ]
+    enable_checkpointing(net, mode)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = net(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+    finally:
+        disable_checkpointing(net)
+        for hook in hooks:
+            hook.remove()
+    return sum(saved.values()), sum(outside.values())
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_checkpointing_keeps_only_layer_inputs(method):
+    """No checkpointing saves every layer's activations; standard keeps at most one input per layer beside
+    what is saved outside the layers (embedding, head, loss), the offload modes not even that (it goes to
+    host memory outside autograd)."""
+    layers = 4
+    net, cfg = tiny_model("tiny_llama", method, f"model.num_layers={layers}")
+    ids = token_batch(0)
+    layer_input_bytes = BATCH * SEQ_LEN * cfg.model.hf_config.hidden_size * 4  # float32
+    without, outside = _saved_activation_bytes(net, ids, "none")
+    assert without - outside >= layers * 4 * layer_input_bytes, "the count misses the layers' activations"
+    bounds = {"standard": outside + layers * layer_input_bytes, "offload": outside, "offload_double_buffer": outside}
+    for mode in MODES:
+        saved, _ = _saved_activation_bytes(net, ids, mode)
+        assert saved <= bounds[mode], f"{mode}: {saved} bytes saved, no checkpointing {without}, bound {bounds[mode]}"
 
 
 def test_double_buffer_reports_its_buffers_and_prefetches():
