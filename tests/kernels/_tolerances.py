@@ -5,9 +5,11 @@ reference computed on the same (upcast) inputs, by two rules that both scale wit
 own* reference, never with a floor of 1 (a mean-reduced gradient over 4k tokens is ~1e-4 per
 element; an absolute floor would let a zero gradient pass):
 
-1. Relative norm error: ``||out - ref|| / ||ref|| <= norm_rtol[dtype]``. A zero gradient scores 1,
-   a halved one 0.5, a sign-flipped one 2: every ``norm_rtol`` below is far under 0.5, so each of
-   them fails at every size and dtype.
+1. Relative norm error: ``||out - ref|| / ||ref|| <= norm_rtol[dtype]`` (or ``ERROR_RATIO`` x plain
+   PyTorch's own, where that is larger: a tensor that is a cancellation residue, which no implementation
+   in the dtype gets to ``norm_rtol``). A zero gradient scores 1, a halved one 0.5, a sign-flipped one 2:
+   every ``norm_rtol`` below is far under 0.5, so each of them fails at every size and dtype wherever
+   plain PyTorch computes the tensor to better than 25%.
 2. Elementwise, flash-attention's rule: compare the fused result and plain PyTorch *in the same dtype*
    against the reference; the fused max error may be at most ``ERROR_RATIO`` times PyTorch's own plus
    ``ulp[dtype] * max|ref|`` (one unit in the last place at the reference's largest magnitude). Without
@@ -22,11 +24,12 @@ Per-dtype tolerances (the ``TOLERANCES`` table; eps = 2^-mantissa: fp32 1.2e-7, 
     dtype     norm_rtol   ulp      rtol (no same-dtype result)
     float32   1e-5        2e-6     1e-5
     float16   5e-3        1e-3     8e-3
-    bfloat16  4e-2        8e-3     6e-2
+    bfloat16  5e-2        8e-3     6e-2
 
 ``ulp`` is about one eps (fp32: ~16 eps, because summation order alone moves a long fp32 sum that
-much). ``norm_rtol`` is a few eps for one rounding per element; bf16 gets ~5 eps for the whole-model
-gradients of tests/opt (several bf16 matmuls deep), still 12x under a halved gradient.
+much). ``norm_rtol`` is a few eps for one rounding per element; bf16 gets ~6 eps for the whole-model
+gradients of tests/opt (several bf16 matmuls deep: up to 2% seen on the tiny models), still 10x under a
+halved gradient.
 
 Why one ulp of slack: the CPU interpreter (Triton 3.x) converts fp32 -> bf16 by truncation, not
 round-to-nearest as the GPU does, so under the interpreter a bf16 store can be off by up to one ulp
@@ -67,7 +70,7 @@ class DtypeTolerance:
 TOLERANCES = {
     torch.float32: DtypeTolerance(norm_rtol=1e-5, ulp=2e-6, rtol=1e-5),
     torch.float16: DtypeTolerance(norm_rtol=5e-3, ulp=1e-3, rtol=8e-3),
-    torch.bfloat16: DtypeTolerance(norm_rtol=4e-2, ulp=8e-3, rtol=6e-2),
+    torch.bfloat16: DtypeTolerance(norm_rtol=5e-2, ulp=8e-3, rtol=6e-2),
 }
 
 
