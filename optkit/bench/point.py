@@ -31,12 +31,14 @@ import torch
 
 from optkit.bench.card import card_identity, start_card
 from optkit.bench.point_fields import env_fields, nvml_fields, start_nvml, window_nvml_fields
+from optkit.bench.ranks import finish_ranks, rank_suffix
 from optkit.bench.setup import SkipPoint, build_training
 from optkit.config.compose import typed_config
 from optkit.config.schema import OptkitConfig
 from optkit.opt import patcher
 from optkit.opt.registry import enabled_names
 from optkit.results.rows import empty_row, finite, identity_fields, json_default
+from optkit.train.distributed import close_world, current_world, init_world, unwrap
 from optkit.train.method import ADAPTER_METHODS
 
 
@@ -105,7 +107,7 @@ def run_point(
 
 def _trace_file(run_dir: Optional[Path], row: Dict[str, Any], repeat: int) -> Tuple[Path, str]:
     """(absolute path, path relative to the run dir) of the point's trace."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{row['model']}-{row['opt']}-{row['config_hash'][:8]}")
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{row['model']}-{row['opt']}-{row['config_hash'][:8]}{rank_suffix()}")
     relative = f"traces/{stem}-r{repeat}.json.gz"
     return Path(run_dir or ".") / relative, relative
 
@@ -131,10 +133,13 @@ def _is_oom(exc: BaseException) -> bool:
 
 def _inject_fault(cfg) -> None:
     """Test hook: OPTKIT_INJECT_FAULT="oom@MODEL" | "crash@MODEL" | "hang@MODEL" makes that model's
-    point fail the way a real one can (tests of the runner's isolation use it; unset in real runs)."""
+    point fail the way a real one can (tests of the runner's isolation use it; unset in real runs);
+    OPTKIT_INJECT_FAULT_RANK=R limits it to rank R of a point of several processes."""
     spec = os.environ.get("OPTKIT_INJECT_FAULT", "")
     kind, _, model = spec.partition("@")
     if not kind or model != cfg.model.name:
+        return
+    if os.environ.get("OPTKIT_INJECT_FAULT_RANK", str(current_world().rank)) != str(current_world().rank):
         return
     if kind == "oom":
         raise torch.OutOfMemoryError("CUDA out of memory. (injected by OPTKIT_INJECT_FAULT)")
@@ -160,9 +165,9 @@ def _train_and_measure(
     warm = _warmup(model, optimizer, batches, cfg.train.warmup_steps, device, losses)
     shared: Dict[str, Any] = dict(warm)
     shared["compile_s"] = warm["first_step_s"] if cfg.opt.compile else None
-    shared["patch_log"] = patcher.patch_log(model)
+    shared["patch_log"] = patcher.patch_log(unwrap(model))
     shared["requested_optimizations"] = enabled_names(cfg.opt)
-    shared["applied_optimizations"] = patcher.applied_names(model)
+    shared["applied_optimizations"] = patcher.applied_names(unwrap(model))
     shared["loss_in_forward"] = bool(cfg.opt.kernels.fused_linear_cross_entropy or cfg.opt.liger)
     shared.update(count_parameters(model))
     shared["checkpointing_info"] = ckpt_info
@@ -365,8 +370,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = typed_config(point["config"])
     repeats = [int(r) for r in args.repeats.split(",") if r.strip()]
     run_dir = Path(args.run_dir) if args.run_dir else Path(args.out).resolve().parent
+    world = init_world(cfg.bench.device)  # a torchrun launch (train.distributed): join its process group
     rows = run_point(cfg, point["overrides"], run_id=args.run_id, repeats=repeats, run_dir=run_dir)
-    Path(args.out).write_text(json.dumps(finite(rows), default=json_default))
+    rows = finish_ranks(rows, world, Path(args.out), run_dir)  # rank 0 writes the ranks' merged rows
+    if rows is not None:
+        Path(args.out).write_text(json.dumps(finite(rows), default=json_default))
+    close_world()
     return 0
 
 

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from optkit.bench.launch import failure_cause, point_command, rank_failure_rows, skip_reason, visible_gpus
 from optkit.bench.process import exit_cause, run_process
 from optkit.bench.resume import (
     choose_run_dir,
@@ -269,32 +270,26 @@ def run_isolated(
     with tempfile.TemporaryDirectory(prefix=scratch_prefix("point")) as tmp:
         out, config = Path(tmp) / "rows.json", Path(tmp) / "point.json"
         config.write_text(json.dumps({"config": _container(point_cfg), "overrides": list(point)}))
-        cmd = [
-            sys.executable,
-            "-m",
-            "optkit.bench.point",
-            "--config",
-            str(config),
-            "--out",
-            str(out),
-            "--run-id",
-            run_id,
-            "--repeats",
-            ",".join(map(str, repeats)),
-            *(["--run-dir", str(Path(run_dir).resolve())] if run_dir else []),
-        ]
+        unlaunchable = skip_reason(_container(point_cfg), visible_gpus())
+        if unlaunchable:
+            return [_failed_row(point, run_id, r, "skipped", unlaunchable, "", point_cfg, env) for r in repeats]
+        point_args = ["--config", str(config), "--out", str(out), "--run-id", run_id, "--repeats"]
+        point_args += [",".join(map(str, repeats)), *(["--run-dir", str(Path(run_dir).resolve())] if run_dir else [])]
+        cmd = point_command(_container(point_cfg), point_args)  # one process, or torchrun's bench.gpus
         process_env = dict(os.environ, PYTHONUNBUFFERED="1")
         if not _cuda_available():  # no GPU: optkit's Triton kernels run under Triton's interpreter
             process_env.setdefault("TRITON_INTERPRET", "1")
         finished = run_process(cmd, process_env, timeout_s)
-        rows = _rows_written(out) if finished.returncode is not None else None
+        rows = None
+        if finished.returncode is not None:  # a point of several processes: a failed rank wrote its rows
+            rows = _rows_written(out) or rank_failure_rows(out, finished.stderr)  # (optkit/bench/launch.py)
     if rows is not None:
         return rows
     if finished.returncode is None:
         status, cause = "timeout", f"point exceeded bench.timeout_s={timeout_s} and was killed"
     else:
         status = "oom" if "out of memory" in finished.stderr.lower() else "error"
-        cause = exit_cause(finished.returncode, finished.stderr)
+        cause = failure_cause(finished.stderr) or exit_cause(finished.returncode, finished.stderr)
         cause += f"\npoint process exited with code {finished.returncode}"
     return [_failed_row(point, run_id, r, status, cause, finished.stderr, point_cfg, env) for r in repeats]
 

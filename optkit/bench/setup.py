@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 
 from optkit.config.schema import OptkitConfig
-from optkit.data import make_batches
 from optkit.models import build_model, build_model_layerwise, torch_dtype
 from optkit.opt import patcher
 from optkit.opt.registry import missing_requirements
 from optkit.train.checkpointing import enable_checkpointing
+from optkit.train.distributed import distribute, local_batches, unsupported_reason
 from optkit.train.method import add_lora, apply_training_method, decoder_layers
 from optkit.train.optimizers import build_optimizer
 from optkit.train.packing import install_packed_attention
@@ -29,8 +29,9 @@ def build_training(cfg: OptkitConfig, device: torch.device):
     """Model -> training method -> optkit.patch -> checkpointing -> optimizer -> batches, exactly as a
     measured point builds them (diagnosis scripts reuse it). Returns (model, optimizer, batches, ckpt_info)."""
     missing = missing_requirements(cfg.opt, device=device)
-    if missing:
-        raise SkipPoint("; ".join(missing))
+    unsupported = unsupported_reason(cfg.train)  # a distributed mode this launch or torch cannot run
+    if missing or unsupported:
+        raise SkipPoint("; ".join(missing + ([unsupported] if unsupported else [])))
     torch.manual_seed(cfg.train.seed)
     model = build_base_model(cfg, device)
     vocab_size = model.config.vocab_size
@@ -40,10 +41,12 @@ def build_training(cfg: OptkitConfig, device: torch.device):
         install_packed_attention(model)
     model = patcher.patch(model, cfg.opt)
     ckpt_info = enable_checkpointing(model, cfg.train.checkpointing) or {}
+    # DDP / FSDP2 wrap the patched, checkpointed model; the optimizer then gets FSDP2's sharded parameters
+    model = distribute(model, cfg.train.distributed, device)
     optimizer = build_optimizer(model.parameters(), cfg.train)
-    batches = [
+    batches = [  # this rank's rows of each global batch (all of them on one process)
         b.to(device)
-        for b in make_batches(cfg.data, cfg.train.batch_size, vocab_size, N_DISTINCT_BATCHES, cfg.train.seed)
+        for b in local_batches(cfg.data, cfg.train.batch_size, vocab_size, N_DISTINCT_BATCHES, cfg.train.seed)
     ]
     model.train()
     return model, optimizer, batches, ckpt_info

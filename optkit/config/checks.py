@@ -27,6 +27,8 @@ def check_point(cfg) -> None:
     hf_config = checkpoint_config(cfg.model.path) if cfg.model.path else _plain(cfg.model.hf_config)
     family = hf_config.get("model_type", cfg.model.family) if cfg.model.path else cfg.model.family
     _check_num_layers(cfg.model, hf_config)
+    if cfg.bench.gpus > 1 and cfg.train.distributed == "none":
+        raise ConfigError(f"bench.gpus={cfg.bench.gpus} needs train.distributed=ddp or train.distributed=fsdp2")
     if cfg.train.method in ADAPTER_METHODS:
         _check_lora_targets(list(cfg.train.lora_targets), family, hf_config, cfg.model)
 

@@ -19,6 +19,7 @@ from optkit.data import SOURCES as DATA_SOURCES
 from optkit.families import FAMILIES
 from optkit.models import DTYPES
 from optkit.train.checkpointing import MODES as CHECKPOINTING
+from optkit.train.distributed import MODES as DISTRIBUTED
 from optkit.train.method import METHODS as TRAIN_METHODS
 from optkit.train.optimizers import OPTIMIZERS
 
@@ -119,7 +120,10 @@ class TrainConfig:
     lr: float = setting(1e-4, "learning rate")
     weight_decay: float = setting(0.0, "weight decay")
     checkpointing: str = setting("none", "gradient checkpointing", choices=CHECKPOINTING)
-    batch_size: int = setting(2, "rows per step", minimum=1)
+    distributed: str = setting(
+        "none", "none | ddp | fsdp2 over bench.gpus processes (optkit/train/distributed.py)", choices=DISTRIBUTED
+    )
+    batch_size: int = setting(2, "rows per step per process (global batch: batch_size x bench.gpus)", minimum=1)
     warmup_steps: int = setting(3, "untimed steps first (compilation, autotuning); in no statistic", minimum=0)
     steps: int = setting(10, "timed steps per measurement window", minimum=1)
     seed: int = setting(0, "seed of the weights and the data")
@@ -231,6 +235,7 @@ class BenchConfig:
     card_gib: Optional[float] = setting(None, "emulate a card of this many GiB (instead of bench.card)")
     card_mode: str = setting("cap_and_ballast", "how a card is emulated (see optkit/bench/card.py)", choices=CARD_MODES)
     card_reserve_mib: int = setting(256, "cap_and_ballast / cap: card memory left outside the allocator cap", minimum=0)
+    gpus: int = setting(1, "processes of a point, one GPU each (CPU: gloo); > 1 needs train.distributed", minimum=1)
 
     def __post_init__(self) -> None:
         check_fields(self, "bench")

@@ -38,6 +38,7 @@ from optkit.opt.registry import (
     load_opt_config,
     missing_requirements,
 )
+from optkit.train.distributed import refuse_sharded
 
 
 def _skip_reason(opt: Optimization, model: nn.Module, family: Optional[str]) -> Optional[str]:
@@ -69,6 +70,7 @@ def patch(model: nn.Module, opt_cfg: Any = "full") -> nn.Module:
     """Apply every optimization enabled in ``opt_cfg`` to ``model`` (in place) and return it."""
     cfg = load_opt_config(opt_cfg)
     names = enabled_names(cfg)
+    refuse_sharded(model)  # patch goes before fully_shard (optkit/train/distributed.py says why)
     root = patch_root(model)
     if root is not model:  # patched before get_peft_model: the rest goes where the first patch went
         patch(root, cfg)

@@ -19,6 +19,7 @@ from optkit.report.entries import (
     suite_baseline_opt,
     train_table,
 )
+from optkit.report.scaling import scaling_section
 from optkit.report.tables import DASH, KERNEL_COLUMNS, TRAIN_COLUMNS, sig, table_notes, write_tables
 from optkit.results.runs import Point, Run, group_points, setting_of
 
@@ -256,6 +257,7 @@ def write_report(
         if model_base != base_opt.split(",")[0]:
             md += [f"({model}: speedups vs `{model_base}`.)", ""]
         md += train_section(model, model_points, model_base, figure)
+    md += scaling_section(points, out_dir)  # points of several GPUs (train.distributed): efficiency vs 1 GPU
     kernels = [p for p in points if p.kind == "kernel"]
     if kernels:
         md += kernel_section(kernels, figure)

@@ -21,6 +21,11 @@ this is the one place that says what each version changed:
        point's ``setting_key`` gains ``card-<name>`` when one is emulated (keys without a card are unchanged).
      - ``fit_search``, ``fit_probe``: a fit suite's probe (which search, its index in the search).
      - opt switches added in v4 (``tiled_mlp``...) leave ``point_key`` unchanged while at their defaults.
+     - ``distributed``, ``world_size``, ``dist_backend``, ``tokens_per_s_per_gpu``, the ``*_per_rank`` lists,
+       ``comm_share``, ``comm_exposed_share``: points on several processes (train.distributed, bench.gpus).
+       In such a row the throughput fields are global (every rank's tokens), memory fields are the max over
+       ranks (each rank in the lists), energy fields the sum over ranks, timing fields rank 0's; mfu / hfu use
+       tokens_per_s_per_gpu. ``setting_key`` gains ``<mode>-x<gpus>`` when train.distributed is not none.
 """
 from __future__ import annotations
 
@@ -159,6 +164,22 @@ ROW_FIELDS: Dict[str, str] = {
     "card_peak_bytes": "the card's peak use: NVML device peak (+ driver reservation) minus the ballast",
     "card_exceeded": "the process used more than card_bytes (NVML): the point does not fit the card",
     "card_note": "where this point's emulation is not a real card (context, allocator cap, managed memory, speed)",
+    # several processes (train.distributed, bench.gpus; optkit/bench/ranks.py merges the ranks' rows)
+    "distributed": "train.distributed: none | ddp | fsdp2",
+    "world_size": "processes the point ran on (bench.gpus: one GPU each; on the CPU gloo processes)",
+    "dist_backend": "nccl | gloo (None for a point of one process without torch.distributed)",
+    "tokens_per_s_per_gpu": "tokens_per_s / world_size: global real tokens / step time / GPUs (torchtitan's "
+                            "convention; equals tokens_per_s on one GPU)",
+    "step_ms_per_rank": "each rank's median step time, by rank (step_ms is rank 0's)",
+    "peak_allocated_bytes_per_rank": "each rank's peak_allocated_bytes, by rank (peak_allocated_bytes is their max)",
+    "peak_reserved_bytes_per_rank": "each rank's peak_reserved_bytes, by rank",
+    "peak_nvml_device_bytes_per_rank": "each rank's GPU's NVML device peak over the point, by rank",
+    "peak_nvml_timed_device_bytes_per_rank": "each rank's GPU's NVML device peak over the timed steps, by rank",
+    "peak_rss_bytes_per_rank": "each rank's host peak RSS, by rank",
+    "comm_share": "share of rank 0's profiled step (profile_step_wall_ms) with a communication kernel (NCCL) "
+                  "running; None when the profiler cannot tell (no bench.profile, no CUDA, one process)",
+    "comm_exposed_share": "share of that step with communication running and no compute kernel beside it "
+                          "(the part of comm_share the step waits on)",
     # fit search (suite.kind=fit; optkit/bench/fit.py)
     "fit_search": "seq_len | batch_size: the fit search this probe belongs to (None outside a fit suite)",
     "fit_probe": "index of the probe within its search (0 = first)",
@@ -220,6 +241,8 @@ def setting_key(config: Dict[str, Any]) -> str:
     if d.get("source", "synthetic") != "synthetic":
         parts.append(d["source"])
     bench = config.get("bench") or {}
+    if t.get("distributed", "none") != "none":
+        parts.append(f"{t['distributed']}-x{bench.get('gpus', 1)}")
     if bench.get("card") or bench.get("card_gib"):
         parts.append(f"card-{bench.get('card') or format(bench['card_gib'], 'g') + 'gib'}-{bench.get('card_mode')}")
     return "/".join(str(p) for p in parts)
@@ -258,6 +281,7 @@ def identity_fields(config: Dict[str, Any], overrides: List[str], run_id: str, r
         "batch_size": t["batch_size"], "seq_len": d["seq_len"], "dtype": m["dtype"],
         "checkpointing": t["checkpointing"], "optimizer": t["optimizer"], "packing": d["packing"],
         "warmup_steps": t["warmup_steps"], "timed_steps": t["steps"], "config": config,
+        "distributed": t.get("distributed", "none"), "world_size": (config.get("bench") or {}).get("gpus", 1),
     }
 
 
