@@ -55,7 +55,7 @@ class Card:
 CARDS: Dict[str, Card] = {
     c.name: c
     for c in (
-        Card("gpu_8gb", "8 GB card", 8, 8192),
+        Card("gpu_8gb", "generic 8 GB", 8, 8192),
         Card("rtx3060", "RTX 3060 12 GB", 12, 12288),
         Card("rtx4060ti_16gb", "RTX 4060 Ti 16 GB", 16, 16380),
         Card("rtx4080", "RTX 4080 16 GB", 16, 16376),

@@ -102,6 +102,13 @@ def search_largest(
     return found
 
 
+def summarize(probes: Sequence[Tuple[int, Optional[bool]]]) -> Search:
+    """A search's answer read back from its probes (value, fits), in the order they were measured."""
+    found = Search(probes=list(probes))
+    _update_bounds(found)
+    return found
+
+
 def _update_bounds(found: Search) -> None:
     """Bounds from every probe so far: a value fits only if it fitted every time; the largest such value
     below the smallest failure is the answer (a fit above a failure is a contradiction, not an answer)."""

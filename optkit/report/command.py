@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from optkit.report.cross_gpu import write_cross_gpu
+from optkit.report.fit import is_fit_run, write_fit_report
 from optkit.report.sections import write_report
 from optkit.results.runs import ReportInputError, Run, load_run, newest_of
 
@@ -67,7 +68,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.merge:
         groups = {key: [newest_run(group)] for key, group in groups.items()}
     for group_runs in groups.values():
-        print(write_report(group_runs, Path(args.out), args.baseline_opt, formats))
+        writer = write_fit_report if is_fit_run(group_runs) else write_report  # fit suites: what fits on each card
+        print(writer(group_runs, Path(args.out), args.baseline_opt, formats))
     by_suite: Dict[str, Dict[str, List[Run]]] = defaultdict(dict)
     for (slug, suite), group_runs in groups.items():
         by_suite[suite][slug] = group_runs

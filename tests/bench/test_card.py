@@ -9,7 +9,7 @@ import torch
 
 from optkit.bench import card as card_mod
 from optkit.config.compose import compose
-from optkit.results.rows import ROW_FIELDS, opt_key, setting_key
+from optkit.results.rows import LATER_SWITCH_DEFAULTS, ROW_FIELDS, opt_key, setting_key
 
 MIB, GIB = 1024**2, 1024**3
 # An H100 80GB HBM3 as NVML and cudaMemGetInfo see it, with a 520 MiB context made.
@@ -147,7 +147,9 @@ def test_the_card_is_part_of_the_setting_key_only_when_set():
 
 def test_opt_keys_of_older_opt_sets_do_not_move_with_later_switches():
     config = _config(["opt=full"])
-    older = {k: v for k, v in config["opt"].items() if k not in ("name", "tiled_mlp", "tiled_mlp_chunk_tokens")}
+    assert {"tiled_mlp", "tiled_mlp_chunk_tokens"} <= set(LATER_SWITCH_DEFAULTS)
+    assert all(config["opt"][k] == v for k, v in LATER_SWITCH_DEFAULTS.items() if k in config["opt"])
+    older = {k: v for k, v in config["opt"].items() if k != "name" and k not in LATER_SWITCH_DEFAULTS}
     digest = hashlib.sha256(json.dumps(older, sort_keys=True).encode()).hexdigest()[:6]
     assert opt_key(config) == f"full~{digest}"
     assert opt_key(_config(["opt=full", "opt.tiled_mlp=true"])) != opt_key(config)
