@@ -534,7 +534,11 @@ def test_a_sweep_killed_with_sigkill_takes_its_point_along_and_resumes(sweep, ca
     parent.kill()
     _, stderr = parent.communicate(timeout=30)
     assert "Traceback" not in stderr
-    _wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, timeout_s=10)
+    try:
+        _wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, timeout_s=10)
+    finally:  # never leave a hanging point behind, even when the check fails
+        if child.is_running():
+            child.kill()
     sweep.assert_finished_rows_kept()
     scratch = Path(resume_mod.tempfile.gettempdir())
     assert list(scratch.glob(f"optkit-point-{parent.pid}-*")), "a sweep killed with -9 cannot clean up itself"
