@@ -47,7 +47,11 @@ def cmd_bench(args: List[str]) -> int:
     from optkit.results.rows import read_rows
 
     run_dir = run_sweep(args)
-    return sweep_exit_code(read_rows(run_dir / "results.jsonl", warn=lambda message: None))
+    rows = read_rows(run_dir / "results.jsonl", warn=lambda message: None)
+    if not rows:  # e.g. a kernels suite whose process died before its first row
+        print(f"optkit bench: {run_dir} holds no row: the messages above say why", file=sys.stderr)
+        return EXIT_FAILED
+    return sweep_exit_code(rows)
 
 
 def _not_an_override(args: List[str]) -> Optional[str]:
@@ -148,7 +152,7 @@ def _classify(exc: Exception):
     if isinstance(exc, ResultsFileError):
         return EXIT_RESULTS, str(exc)
     if isinstance(exc, OSError) and exc.filename:
-        return EXIT_RESULTS, f"{exc.filename}: {exc.strerror}"
+        return EXIT_RESULTS, f"{exc.filename}: {exc.strerror}; check its permissions, or pass another bench.results_dir"
     first = (str(exc).strip().splitlines() or [""])[0]
     return EXIT_FAILED, f"{type(exc).__name__}: {first} (optkit failed: --debug shows where)"
 
