@@ -12,9 +12,17 @@ lower is better. A change is a *regression* only when both hold:
 With fewer than ``min_samples`` per side a change beyond the threshold is "insufficient data",
 never a guess. A point that was ok and now fails (oom, error...) is a regression.
 
-Exit codes: 1 a regression, 0 none, 2 unusable input (missing files, different GPU kinds, no
-common points). A different software stack (driver, torch, ...) is a warning, or an error with
-``--strict-env``: the gate then measures the stack change too.
+The gate also fails (one line per cause) on what would let a regression slip through unseen:
+- a baseline point missing from the candidate (``--allow-missing [N]`` lets N, or any, through);
+- a line of the candidate's results.jsonl that holds no row, e.g. torn by a kill mid-write: the point
+  written there is lost (``--allow-bad-lines [N]``);
+- a candidate row whose stored tokens/s disagrees with tokens_per_step / its median step time by more
+  than TOKENS_PER_S_RTOL: an edited row or a broken writer (no allowance: remeasure).
+The same findings in the baseline are warnings.
+
+Exit codes: 1 a regression or a gate failure, 0 neither, 2 unusable input (missing files, corrupt
+env.json, no valid row, different GPU kinds, no common points). A different software stack (driver,
+torch, ...) is a warning, or an error with ``--strict-env``: the gate then measures the stack change too.
 """
 
 from __future__ import annotations
@@ -26,19 +34,21 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from optkit.measure.stats import mann_whitney_p, pooled_median, ratio_ci
+from optkit.report.run_checks import (
+    TOKENS_PER_S_RTOL,
+    bad_lines,
+    check_inputs,
+    describe,
+    listed,
+    load_checked,
+    tokens_per_s_mismatches,
+)
 from optkit.report.tables import DASH, GIB, sig
-from optkit.results.runs import Point, ReportInputError, Run, group_points, load_run
+from optkit.results.runs import Point, ReportInputError, Run, group_points
 
 MIN_SAMPLES = 6  # smallest n per side at which Mann-Whitney can reach p < 0.01 (normal approximation)
 ALPHA = 0.01
-STACK_FIELDS = (
-    ("GPU", ("gpu_name",)),
-    ("driver", ("driver_version", "driver")),
-    ("CUDA", ("cuda_version", "cuda")),
-    ("torch", ("torch_version", "torch")),
-    ("triton", ("triton_version", "triton")),
-    ("transformers", ("transformers_version", "transformers")),
-)
+PROG = "optkit regress"
 
 
 @dataclass(frozen=True)
@@ -209,32 +219,54 @@ def compare_points(base: Point, cand: Point, limits: Thresholds) -> List[Compari
     return out
 
 
-def stack_differences(baseline: Run, candidate: Run) -> List[str]:
-    diffs = []
-    for label, keys in STACK_FIELDS:
-        a, b = baseline.value(*keys), candidate.value(*keys)
-        if a != b:
-            diffs.append(f"{label} {a} -> {b}")
-    return diffs
+@dataclass
+class Allowances:
+    """How many missing points / rowless candidate lines the user lets through (None: any)."""
+
+    missing: Optional[int] = 0
+    bad_lines: Optional[int] = 0
 
 
-def check_inputs(baseline: Run, candidate: Run, strict_env: bool) -> List[str]:
-    """Warnings; raises ReportInputError when the runs cannot be compared."""
-    if baseline.gpu_slug != candidate.gpu_slug:
-        raise ReportInputError(
-            f"baseline ran on '{baseline.gpu_slug}', candidate on '{candidate.gpu_slug}': compare runs of one GPU "
-            f"kind (results/{candidate.gpu_slug}/<suite>/...), or use `optkit report` for a cross-GPU table"
+def _exceeds(count: int, allowed: Optional[int]) -> bool:
+    return allowed is not None and count > allowed
+
+
+def gate_failures(candidate: Run, missing: List[str], allow: Allowances, warnings: List[str]) -> List[str]:
+    """One line per cause that fails the gate besides a regression; what an allowance lets through is
+    added to ``warnings``."""
+    failures = []
+    rowless = bad_lines(candidate.path / "results.jsonl")
+    if rowless and not _exceeds(len(rowless), allow.bad_lines):
+        warnings.append(f"candidate (allowed by --allow-bad-lines): {describe(rowless)}")
+    elif rowless:
+        failures.append(
+            f"candidate: {describe(rowless)}; a point written there is lost: measure it again, or pass "
+            f"--allow-bad-lines {len(rowless)}"
         )
-    diffs = stack_differences(baseline, candidate)
-    schemas = ({r.get("schema_version") for r in baseline.rows}, {r.get("schema_version") for r in candidate.rows})
-    if schemas[0] != schemas[1]:
-        diffs.append(
-            f"row schema {sorted(schemas[0], key=str)} -> {sorted(schemas[1], key=str)} (what changed: "
-            "the history in optkit/results/rows.py)"
+    if _exceeds(len(missing), allow.missing):
+        failures.append(
+            f"{len(missing)} baseline point(s) missing in the candidate: {listed([f'`{k}`' for k in missing])}; "
+            f"measure them (bench.resume=<run>), or pass --allow-missing {len(missing)}"
         )
-    if diffs and strict_env:
-        raise ReportInputError("software stack differs (--strict-env): " + "; ".join(diffs))
-    return [f"software stack differs, the verdict includes its effect: {'; '.join(diffs)}"] if diffs else []
+    mismatches = tokens_per_s_mismatches(candidate)
+    if mismatches:
+        failures.append(
+            f"{len(mismatches)} candidate row(s) whose tokens_per_s disagrees with tokens_per_step / median step "
+            f"time by more than {TOKENS_PER_S_RTOL:.1%}: {listed(mismatches, 3)}; an edited row or a broken "
+            "writer: measure it again"
+        )
+    return failures
+
+
+def baseline_warnings(baseline: Run) -> List[str]:
+    out = []
+    rowless = bad_lines(baseline.path / "results.jsonl")
+    if rowless:
+        out.append(f"baseline: {describe(rowless)}")
+    mismatches = tokens_per_s_mismatches(baseline)
+    if mismatches:
+        out.append(f"baseline rows whose tokens_per_s disagrees with their step times: {listed(mismatches, 3)}")
+    return out
 
 
 SECTIONS = (
@@ -263,9 +295,10 @@ def render(
     new: List[str],
     warnings: List[str],
     limits: Thresholds,
+    failures: Sequence[str] = (),
 ) -> str:
     regressions = [c for c in comparisons if c.verdict == "regression"]
-    head = "REGRESSION" if regressions else "OK"
+    head = "REGRESSION" if regressions else "FAIL" if failures else "OK"
     lines = [
         f"# optkit regress: {head}",
         "",
@@ -276,6 +309,8 @@ def render(
         f"p < {limits.alpha} and 95% CI of the ratio excluding 1; at least {limits.min_samples} samples per side",
     ]
     lines += [f"- warning: {w}" for w in warnings] + [""]
+    if failures:
+        lines += [f"## Gate failures ({len(failures)})", ""] + [f"- {f}" for f in failures] + [""]
     header = [
         "| point | metric | baseline | candidate | change | 95% CI cand/base | p | evidence |",
         "|:---|:---|---:|---:|---:|---:|---:|:---|",
@@ -296,15 +331,17 @@ def render(
     lines.append(
         "Summary: "
         + ", ".join(f"{n} {v}" for v, n in counts.items())
-        + f", {len(missing)} missing in candidate, {len(new)} only in candidate."
+        + f", {len(missing)} missing in candidate, {len(new)} only in candidate, {len(failures)} gate failure(s)."
     )
     return "\n".join(lines) + "\n"
 
 
-def regress(baseline_dir, candidate_dir, limits: Thresholds, strict_env: bool = False) -> tuple:
-    """(exit code, markdown). Raises ReportInputError on unusable input."""
-    baseline, candidate = load_run(baseline_dir), load_run(candidate_dir)
-    warnings = check_inputs(baseline, candidate, strict_env)
+def regress(
+    baseline_dir, candidate_dir, limits: Thresholds, strict_env: bool = False, allow: Allowances = Allowances()
+) -> tuple:
+    """(exit code, markdown, gate failures). Raises ReportInputError on unusable input."""
+    baseline, candidate = load_checked(baseline_dir, PROG), load_checked(candidate_dir, PROG)
+    warnings = check_inputs(baseline, candidate, strict_env) + baseline_warnings(baseline)
     base_points = {p.key: p for p in group_points(baseline.rows)}
     cand_points = {p.key: p for p in group_points(candidate.rows)}
     common = [k for k in base_points if k in cand_points]
@@ -316,12 +353,21 @@ def regress(baseline_dir, candidate_dir, limits: Thresholds, strict_env: bool = 
     comparisons = [c for k in common for c in compare_points(base_points[k], cand_points[k], limits)]
     missing = [k for k in base_points if k not in cand_points]
     new = [k for k in cand_points if k not in base_points]
-    markdown = render(baseline, candidate, comparisons, missing, new, warnings, limits)
-    return (1 if any(c.verdict == "regression" for c in comparisons) else 0), markdown
+    failures = gate_failures(candidate, missing, allow, warnings)
+    markdown = render(baseline, candidate, comparisons, missing, new, warnings, limits, failures)
+    failed = failures or any(c.verdict == "regression" for c in comparisons)
+    return (1 if failed else 0), markdown, failures
+
+
+def _allowance(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: give a count >= 0, or the flag alone for any number")
+    return value
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="optkit regress", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", required=True, help="run directory results/<gpu>/<suite>/<run_id>")
     parser.add_argument("--candidate", required=True, help="run directory to judge")
     parser.add_argument("--threshold", type=float, default=0.05, help="time/throughput: worse by more than this")
@@ -330,14 +376,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--min-samples", type=int, default=MIN_SAMPLES, help="fewer per side: insufficient data")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the report here (CI summary)")
     parser.add_argument("--strict-env", action="store_true", help="a different software stack is an error (exit 2)")
+    for flag, what in (
+        ("missing", "baseline points missing in the candidate"),
+        ("bad-lines", "candidate lines that hold no row (torn, not an object)"),
+    ):
+        parser.add_argument(
+            f"--allow-{flag}",
+            type=_allowance,
+            nargs="?",
+            const=None,
+            default=0,
+            metavar="N",
+            help=f"pass with up to N {what} (the flag alone: any number; default 0)",
+        )
     args = parser.parse_args(argv)
     limits = Thresholds(args.threshold, args.mem_threshold, args.alpha, args.min_samples)
     try:
-        code, markdown = regress(args.baseline, args.candidate, limits, args.strict_env)
+        code, markdown, failures = regress(
+            args.baseline, args.candidate, limits, args.strict_env, Allowances(args.allow_missing, args.allow_bad_lines)
+        )
     except ReportInputError as exc:
-        print(f"optkit regress: {exc}", file=sys.stderr)
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     print(markdown)
+    for failure in failures:
+        print(f"{PROG}: FAIL: {failure}", file=sys.stderr)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(markdown)

@@ -20,6 +20,10 @@ E2E_KEYS = {json.loads(line)["opt"]: json.loads(line)["point_key"] for line in (
 FULL, LIGER = E2E_KEYS["full"], E2E_KEYS["liger"]
 
 
+def rows_of(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines() if line.strip()]
+
+
 def load_make_golden():
     spec = importlib.util.spec_from_file_location("make_golden", GOLDEN / "make_golden.py")
     module = importlib.util.module_from_spec(spec)
@@ -64,7 +68,7 @@ def run(tmp_path, baseline, cand, *extra):
 
 
 def verdicts(baseline, cand, **limits):
-    _, text = regress.regress(baseline, cand, regress.Thresholds(**limits))
+    _, text, _ = regress.regress(baseline, cand, regress.Thresholds(**limits))
     out = {}
     section = None
     for line in text.splitlines():
@@ -177,13 +181,112 @@ def test_kernel_rows_match_by_op_and_impl(tmp_path):
     assert [k for k, v in found.items() if v.startswith("## Regressions")] == [(key, "full_ms")]
 
 
-def test_missing_points_are_listed_not_failed(tmp_path):
-    source = tmp_path / "src"
-    partial = candidate(source, E2E_H100, lambda r: None)
+def _without_lines(tmp_path, source, drop) -> Path:
+    """A copy of ``source`` without the rows for which ``drop(row)`` holds."""
+    partial = candidate(tmp_path / "src", source, lambda r: None)
     lines = (partial / "results.jsonl").read_text().splitlines()
-    (partial / "results.jsonl").write_text("\n".join(line for line in lines if FULL not in line) + "\n")
+    (partial / "results.jsonl").write_text("".join(line + "\n" for line in lines if not drop(json.loads(line))))
+    return partial
+
+
+def test_missing_points_fail_the_gate_unless_allowed(tmp_path, capsys):
+    partial = _without_lines(tmp_path, E2E_H100, lambda r: r["point_key"] in (FULL, LIGER))
     code, md = run(tmp_path, E2E_H100, partial)
-    assert code == 0 and f"- missing in candidate: `{FULL}`" in md
+    assert code == 1 and md.startswith("# optkit regress: FAIL") and f"- missing in candidate: `{FULL}`" in md
+    err = capsys.readouterr().err
+    fails = [line for line in err.splitlines() if line.startswith("optkit regress: FAIL:")]
+    assert len(fails) == 1 and "2 baseline point(s) missing" in fails[0] and "--allow-missing 2" in fails[0]
+    assert "Traceback" not in err
+    assert run(tmp_path, E2E_H100, partial, "--allow-missing", "1")[0] == 1  # the allowance is a count
+    capsys.readouterr()
+    assert run(tmp_path, E2E_H100, partial, "--allow-missing", "2")[0] == 0
+    assert run(tmp_path, E2E_H100, partial, "--allow-missing")[0] == 0  # the flag alone: any number
+    assert "FAIL" not in capsys.readouterr().err
+
+
+def _append_raw(run_dir: Path, text: str) -> None:
+    with open(run_dir / "results.jsonl", "a") as fh:
+        fh.write(text)
+
+
+def test_a_torn_candidate_line_fails_the_gate_and_is_named(tmp_path, capsys):
+    """A kill mid-write leaves the last point's row torn: the point is lost, and the gate says both."""
+    cand = _without_lines(tmp_path, E2E_H100, lambda r: r["point_key"] == FULL)
+    torn = json.dumps(next(r for r in rows_of(E2E_H100) if r["point_key"] == FULL))[:300]
+    _append_raw(cand, torn)  # no newline: the write was cut short
+    n_lines = len((cand / "results.jsonl").read_text().splitlines())
+    code, md = run(tmp_path, E2E_H100, cand)
+    assert code == 1 and f"results.jsonl:{n_lines} (torn" in md
+    fails = [line for line in capsys.readouterr().err.splitlines() if "FAIL:" in line]
+    assert len(fails) == 2 and "--allow-bad-lines 1" in fails[0] and "missing" in fails[1]
+    assert run(tmp_path, E2E_H100, cand, "--allow-bad-lines")[0] == 1  # the point is still missing
+    assert run(tmp_path, E2E_H100, cand, "--allow-bad-lines", "--allow-missing")[0] == 0
+
+
+def test_rowless_lines_are_counted_and_named_and_not_rows(tmp_path, capsys):
+    cand = candidate(tmp_path, E2E_H100, lambda r: None)
+    _append_raw(cand, "[1, 2, 3]\n{}\n\n")
+    code, md = run(tmp_path, E2E_H100, cand)
+    assert code == 1
+    assert "2 line(s) hold no result row" in md and ":6 (JSON list" in md and ":7 (an object without status" in md
+    assert "None" not in md.split("## Gate failures")[0]  # no "None" point from the {} row
+    code, md = run(tmp_path, E2E_H100, cand, "--allow-bad-lines", "2")
+    assert code == 0 and "- warning: candidate (allowed by --allow-bad-lines): 2 line(s)" in md
+    # in the baseline the same lines are a warning
+    code, md = run(tmp_path, cand, E2E_H100)
+    assert code == 0 and "- warning: baseline: 2 line(s) hold no result row" in md
+
+
+def test_stored_tokens_per_s_must_agree_with_the_step_times(tmp_path, capsys):
+    """An edited row (tokens/s raised 10%, step times left alone) fails; no allowance lets it through."""
+
+    def inflate(row):
+        if row["point_key"] == FULL and row["status"] == "ok":
+            row["tokens_per_s"] *= 1.1
+
+    cand = candidate(tmp_path, E2E_H100, inflate)
+    code, md = run(tmp_path, E2E_H100, cand, "--allow-missing", "--allow-bad-lines")
+    assert code == 1 and f"`{FULL}` window 0: stored" in md
+    fails = [line for line in capsys.readouterr().err.splitlines() if "FAIL:" in line]
+    assert len(fails) == 1 and "tokens_per_s disagrees" in fails[0]
+    # step times and tokens/s moved together (a real slowdown) is no mismatch
+    code, md = run(tmp_path, E2E_H100, candidate(tmp_path, E2E_H100, slower(1.2, FULL), "slow"))
+    assert "tokens_per_s disagrees" not in md
+    assert run(tmp_path, cand, E2E_H100)[0] == 0  # in the baseline: a warning
+
+
+def test_golden_rows_agree_with_their_step_times():
+    from optkit.report.run_checks import tokens_per_s_mismatches
+    from optkit.results.runs import load_run
+
+    for run_dir in (E2E_H100, SMOKE, GOLDEN / "h100/ablation/golden-ablation", GOLDEN / "h100/scaling/golden-scaling"):
+        assert tokens_per_s_mismatches(load_run(run_dir)) == [], run_dir
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("{not json", "is not valid JSON at line 1"), ("[1, 2]", "holds a JSON list"), (b"\xff\xfe", "not valid JSON")],
+)
+def test_corrupt_env_json_is_one_line_exit_2(tmp_path, capsys, content, message):
+    cand = candidate(tmp_path, E2E_H100, lambda r: None)
+    (cand / "env.json").write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert run(tmp_path, E2E_H100, cand)[0] == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "delete it" in err and "Traceback" not in err
+
+
+def test_a_run_without_a_valid_row_is_one_line_exit_2(tmp_path, capsys):
+    cand = candidate(tmp_path, E2E_H100, lambda r: None)
+    (cand / "results.jsonl").write_text('{"status": "ok"\n[1]\n{}\n')
+    assert run(tmp_path, E2E_H100, cand)[0] == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no valid result row (3 line(s)" in err
+
+
+def test_a_negative_allowance_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, E2E_H100, E2E_H100, "--allow-missing", "-1")
+    assert exit_info.value.code == 2 and "negative" in capsys.readouterr().err
 
 
 def test_different_gpus_exit_2(tmp_path, capsys):

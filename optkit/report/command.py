@@ -22,8 +22,9 @@ from typing import Dict, List, Optional, Sequence
 
 from optkit.report.cross_gpu import write_cross_gpu
 from optkit.report.fit import is_fit_run, write_fit_report
+from optkit.report.run_checks import load_checked
 from optkit.report.sections import write_report
-from optkit.results.runs import ReportInputError, Run, load_run, newest_of
+from optkit.results.runs import ReportInputError, Run, newest_of
 
 
 def newest_run(runs: Sequence[Run]) -> Run:
@@ -57,7 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        runs = [load_run(d) for d in args.run_dirs]
+        runs = [load_checked(d, "optkit report") for d in args.run_dirs]
     except ReportInputError as exc:
         print(f"optkit report: {exc}", file=sys.stderr)
         return 2

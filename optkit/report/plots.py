@@ -22,6 +22,9 @@ from optkit.report.figure_style import (
     save,
     status_note,
 )
+from optkit.report.tables import ratio
+
+LOG_SPREAD = 10.0  # speedups spanning more than this factor get a log axis, where 0.003x and 1.2x both read
 
 
 def _bar_chart(
@@ -33,12 +36,15 @@ def _bar_chart(
     formats: Sequence[str],
     row_inches: float = 0.42,
     note_x: float = 0.0,
+    log_x: bool = False,
 ) -> List[Path]:
     """Horizontal bars, one row per point, first point on top; ``draw(ax, y, entry)`` draws an ok
     point's bars and returns False when it has nothing to draw (its note is shown instead)."""
     with matplotlib.rc_context(RC):
         fig, axes = new_figure(6.4, row_inches * len(items) + 1.3)
         ax = axes[0][0]
+        if log_x:
+            ax.set_xscale("log")
         for y, e in enumerate(reversed(items)):
             if e.get("status") != "ok" or draw(ax, y, e) is False:
                 status_note(ax, y, e, x=note_x)
@@ -59,12 +65,15 @@ def speedup_bars(entries: Sequence[dict], title: str, stem: Path, formats: Seque
         if e.get("speedup_note") != "reference"
         and (e.get("speedup") is not None or e.get("status") != "ok" or e.get("speedup_note"))
     ]
-    if not any(e.get("speedup") is not None for e in items):
+    values = [v for e in items for v in (e.get("speedup"), e.get("speedup_ci95_low"), e.get("speedup_ci95_high"))]
+    values = [v for v in values if v is not None and v > 0] + [1.0]
+    if len(values) == 1:
         return []
+    log_axis = max(values) / min(values) > LOG_SPREAD
 
     def draw(ax, y, e):
         value = e.get("speedup")
-        if value is None:
+        if value is None or value <= 0:
             return False
         err = None
         if e.get("speedup_ci95_low") is not None:
@@ -81,19 +90,20 @@ def speedup_bars(entries: Sequence[dict], title: str, stem: Path, formats: Seque
             **bar_style(0 if value >= 1 else 1),
         )
         if value >= 1:  # the value label goes beyond the bar and its CI, on the bar's side of 1.0
-            ax.text(max(value, e.get("speedup_ci95_high") or value), y, f"  {value:.2f}×", va="center", fontsize=8)
+            ax.text(max(value, e.get("speedup_ci95_high") or value), y, f"  {ratio(value)}×", va="center", fontsize=8)
         else:
             ax.text(
                 min(value, e.get("speedup_ci95_low") or value),
                 y,
-                f"{value:.2f}×  ",
+                f"{ratio(value)}×  ",
                 va="center",
                 ha="right",
                 fontsize=8,
             )
         ax.axvline(1.0, color="black", linewidth=0.8)
 
-    return _bar_chart(items, draw, "speedup (tokens/s vs baseline, 95% CI)", title, stem, formats, note_x=1.0)
+    xlabel = "speedup (tokens/s vs baseline, 95% CI" + (", log scale)" if log_axis else ")")
+    return _bar_chart(items, draw, xlabel, title, stem, formats, note_x=1.0, log_x=log_axis)
 
 
 def phase_bars(entries: Sequence[dict], title: str, stem: Path, formats: Sequence[str] = FORMATS) -> List[Path]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from optkit.report.caveats import caveat_lines
 from optkit.report.entries import (
     KERNEL_BASELINE_IMPL,
     kernel_table,
@@ -245,6 +246,7 @@ def write_report(
         "",
         environment_block(runs),
         "",
+        *caveat_lines(runs),
         f"Speedup: tokens/s vs opt-set `{base_opt.split(',')[0]}` at the same point "
         f"(kernels: vs the {KERNEL_BASELINE_IMPL} impl), with a 95% bootstrap CI over step times and measurement "
         "windows. "

@@ -26,6 +26,11 @@ def sig(value: float, digits: int = 3) -> str:
     return f"{value:,.{decimals}f}"
 
 
+def ratio(value: float) -> str:
+    """A ratio as 1.23, or to two significant digits below 0.1 (a point 300x slower is 0.0033, never 0.00)."""
+    return f"{value:.2f}" if abs(value) >= 0.095 else sig(value, 2)
+
+
 def _num(key: str, fmt: Callable[[float], str]) -> Callable[[Dict[str, Any]], str]:
     return lambda e: DASH if e.get(key) is None else fmt(e[key])
 
@@ -36,8 +41,8 @@ def _ratio_cell(e: Dict[str, Any]) -> str:
     if e.get("speedup") is None:
         return f"{DASH} ({e['speedup_note']})" if e.get("speedup_note") else DASH
     if e.get("speedup_ci95_low") is None:
-        return f"{e['speedup']:.2f}×"
-    return f"{e['speedup']:.2f}× [{e['speedup_ci95_low']:.2f}, {e['speedup_ci95_high']:.2f}]"
+        return f"{ratio(e['speedup'])}×"
+    return f"{ratio(e['speedup'])}× [{ratio(e['speedup_ci95_low'])}, {ratio(e['speedup_ci95_high'])}]"
 
 
 def _marked(key: str, flag: str, mark: str, fmt=sig) -> Callable[[Dict[str, Any]], str]:
