@@ -9,8 +9,9 @@ before a failure keep their ok rows.
 
 Order of work: build model -> training method (LoRA / QLoRA / full) -> optkit.patch -> gradient
 checkpointing -> optimizer -> warm-up steps (untimed; compile happens here) -> timed windows ->
-(bench.count_syncs) one untimed step counting syncs -> (bench.profile) one untimed step under
-torch.profiler, last because a profiler session slows every later launch in the process.
+(bench.count_syncs) one untimed step counting syncs -> one untimed step naming the attention kernels
+(bench/point_facts.py) -> (bench.profile) one untimed step under torch.profiler, last because a profiler
+session slows every later launch in the process.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from optkit.bench.card import card_identity, start_card
+from optkit.bench.point_facts import attention_backend, process_facts
 from optkit.bench.point_fields import env_fields, nvml_fields, start_nvml, window_nvml_fields
 from optkit.bench.ranks import finish_ranks, rank_suffix
 from optkit.bench.setup import SkipPoint, build_training
@@ -170,6 +172,7 @@ def _train_and_measure(
     shared["applied_optimizations"] = patcher.applied_names(unwrap(model))
     shared["loss_in_forward"] = bool(cfg.opt.kernels.fused_linear_cross_entropy or cfg.opt.liger)
     shared.update(count_parameters(model))
+    shared.update(process_facts(model))  # allocator config, LoRA adapters' dtype
     shared["checkpointing_info"] = ckpt_info
     steps_done = cfg.train.warmup_steps
     for _ in range(n_windows):
@@ -214,6 +217,7 @@ def _untimed_extras(cfg, model, optimizer, batch, device, sampler, trace) -> Dic
     fields: Dict[str, Any] = {}
     if cfg.bench.count_syncs and device.type == "cuda":
         fields["device_syncs_per_step"] = _count_syncs(model, optimizer, batch)
+    fields.update(attention_backend(lambda: _one_step(model, optimizer, batch)))  # which kernels ran
     if trace is not None:
         fields.update(_profiled_step(model, optimizer, batch, device, sampler, trace))
     return fields

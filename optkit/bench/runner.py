@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from optkit.bench.launch import failure_cause, point_command, rank_failure_rows, skip_reason, visible_gpus
+from optkit.bench.point_process import point_env, with_entry_module
 from optkit.bench.process import exit_cause, run_process
 from optkit.bench.resume import (
     choose_run_dir,
@@ -36,6 +37,7 @@ from optkit.bench.resume import (
     prepare_run_dir,
     scratch_prefix,
 )
+from optkit.bench.schedule import suite_bench_overrides, window_jobs
 from optkit.config.compose import ConfigError
 from optkit.results.rows import append_row, empty_row, env_stamp, read_rows
 
@@ -172,8 +174,10 @@ def run_sweep(overrides: Sequence[str]) -> Path:
     if suite_name is None:  # point overrides alone mean one point; otherwise the default suite
         defines_point = any(o.split("=", 1)[0].split(".")[0].lstrip("+~") in POINT_GROUPS for o in rest)
         suite_name = "none" if defines_point else default_suite()
-    # The sweep-level config: the suite and bench settings (axis values may be comma lists here).
-    cfg = compose([f"suite={suite_name}", *(o for o in rest if o.startswith("bench."))])
+    # The sweep-level config: the suite and bench settings (axis values may be comma lists here); a suite's
+    # fixed bench.* entries are its defaults, the user's bench.* overrides win.
+    user_bench = [o for o in rest if o.startswith("bench.")]
+    cfg = compose([f"suite={suite_name}", *suite_bench_overrides(suite_name), *user_bench])
     _check_device(cfg)
     points = expand_points(cfg.suite, rest, model_family) if suite_name != "none" else [["suite=none", *rest]]
     point_cfgs = [compose(p) for p in points]  # fail fast, before any work, on a bad name or value
@@ -231,20 +235,22 @@ def _check_device(cfg) -> None:
 
 def _measure(points, point_cfgs, cfg, done, run_dir: Path, env, progress: "Progress") -> None:
     results, run_id = run_dir / "results.jsonl", run_dir.name
+    todo_by_point = []
     for point, point_cfg in zip(points, point_cfgs):
         point_hash = _hash_of(point_cfg)
-        todo = [r for r in range(cfg.bench.repeats) if (point_hash, r) not in done]
-        for _ in range(cfg.bench.repeats - len(todo)):
+        todo_by_point.append([r for r in range(cfg.bench.repeats) if (point_hash, r) not in done])
+        for _ in range(cfg.bench.repeats - len(todo_by_point[-1])):
             progress.skip(f"{_label(point)} (done)")
-        # One process measures every pending window back to back, or one process per window.
-        for repeats in [[r] for r in todo] if cfg.bench.isolate_repeats else [todo] if todo else []:
-            progress.start(_label(point))
-            rows = run_isolated(
-                point, run_id, repeats, timeout_s=cfg.bench.timeout_s, point_cfg=point_cfg, run_dir=run_dir, env=env
-            )
-            for row in rows:
-                append_row(results, row)
-            progress.finish(rows)
+    # One process per point (its windows back to back), one per window, or one per window in rounds.
+    for index, repeats in window_jobs(todo_by_point, cfg.bench.isolate_repeats, cfg.bench.interleave):
+        point, point_cfg = points[index], point_cfgs[index]
+        progress.start(_label(point))
+        rows = run_isolated(
+            point, run_id, repeats, timeout_s=cfg.bench.timeout_s, point_cfg=point_cfg, run_dir=run_dir, env=env
+        )
+        for row in rows:
+            append_row(results, row)
+        progress.finish(rows)
 
 
 def _hash_of(cfg) -> str:
@@ -276,7 +282,9 @@ def run_isolated(
         point_args = ["--config", str(config), "--out", str(out), "--run-id", run_id, "--repeats"]
         point_args += [",".join(map(str, repeats)), *(["--run-dir", str(Path(run_dir).resolve())] if run_dir else [])]
         cmd = point_command(_container(point_cfg), point_args)  # one process, or torchrun's bench.gpus
-        process_env = dict(os.environ, PYTHONUNBUFFERED="1")
+        cmd = with_entry_module(cmd, _container(point_cfg))  # opt.unsloth: a process that imports unsloth first
+        # every point: the sweep's allocator config (bench.alloc_conf); unsloth: its offline variables
+        process_env = point_env(_container(point_cfg), dict(os.environ, PYTHONUNBUFFERED="1"))
         if not _cuda_available():  # no GPU: optkit's Triton kernels run under Triton's interpreter
             process_env.setdefault("TRITON_INTERPRET", "1")
         finished = run_process(cmd, process_env, timeout_s)
@@ -366,6 +374,7 @@ def _run_fit_suite(cfg, user_overrides: Sequence[str], run_dir: Path, env, resum
 
 def _label(point: List[str]) -> str:
     hidden = ("suite=", "train.warmup_steps", "train.steps", "bench.results_dir", "bench.resume", "bench.retry")
+    hidden += ("bench.repeats", "bench.isolate_repeats", "bench.interleave")  # a suite's sweep settings
     return " ".join(p for p in point if not p.startswith(hidden))
 
 

@@ -33,14 +33,8 @@ def build_training(cfg: OptkitConfig, device: torch.device):
     if missing or unsupported:
         raise SkipPoint("; ".join(missing + ([unsupported] if unsupported else [])))
     torch.manual_seed(cfg.train.seed)
-    model = build_base_model(cfg, device)
+    model, ckpt_info = build_unsloth(cfg, device) if cfg.opt.unsloth else build_patched_model(cfg, device)
     vocab_size = model.config.vocab_size
-    # A QLoRA base is quantized as it is built: what is left of its training method is LoRA.
-    model = add_lora(model, cfg.train) if cfg.train.method == "qlora" else apply_training_method(model, cfg.train)
-    if cfg.data.packing:  # padding-free rows need boundary-aware attention (metadata per layer, as HF)
-        install_packed_attention(model)
-    model = patcher.patch(model, cfg.opt)
-    ckpt_info = enable_checkpointing(model, cfg.train.checkpointing) or {}
     # DDP / FSDP2 wrap the patched, checkpointed model; the optimizer then gets FSDP2's sharded parameters
     model = distribute(model, cfg.train.distributed, device)
     optimizer = build_optimizer(model.parameters(), cfg.train)
@@ -50,6 +44,34 @@ def build_training(cfg: OptkitConfig, device: torch.device):
     ]
     model.train()
     return model, optimizer, batches, ckpt_info
+
+
+def build_patched_model(cfg: OptkitConfig, device: torch.device):
+    """(model, checkpointing info): the base model, its training method, optkit.patch, then checkpointing."""
+    model = build_base_model(cfg, device)
+    # A QLoRA base is quantized as it is built: what is left of its training method is LoRA.
+    if cfg.train.method == "qlora":
+        model = add_lora(model, cfg.train, cfg.opt.adapter_dtype)
+    else:
+        model = apply_training_method(model, cfg.train, cfg.opt.adapter_dtype)
+    if cfg.data.packing:  # padding-free rows need boundary-aware attention (metadata per layer, as HF)
+        install_packed_attention(model)
+    model = patcher.patch(model, cfg.opt)
+    return model, enable_checkpointing(model, cfg.train.checkpointing) or {}
+
+
+def build_unsloth(cfg: OptkitConfig, device: torch.device):
+    """(model, checkpointing info) from Unsloth's own calls on the point's checkpoint directory (written from
+    optkit's random weights when missing): its process imported unsloth first (bench/unsloth_point.py)."""
+    from optkit.bench.checkpoint_cache import ensure_checkpoint
+    from optkit.opt.unsloth_peer import build_unsloth_model
+    from optkit.opt.unsloth_peer import unsupported_reason as unsloth_unsupported
+
+    reason = unsloth_unsupported(cfg)
+    if reason:
+        raise SkipPoint(f"unsloth: {reason}")
+    model, info = build_unsloth_model(cfg, ensure_checkpoint(cfg.model, cfg.train.seed, device))
+    return patcher.patch(model, cfg.opt), info
 
 
 def build_base_model(cfg: OptkitConfig, device: torch.device):

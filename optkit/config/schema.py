@@ -20,6 +20,7 @@ from optkit.families import FAMILIES
 from optkit.models import DTYPES
 from optkit.train.checkpointing import MODES as CHECKPOINTING
 from optkit.train.distributed import MODES as DISTRIBUTED
+from optkit.train.method import ADAPTER_DTYPES
 from optkit.train.method import METHODS as TRAIN_METHODS
 from optkit.train.optimizers import OPTIMIZERS
 
@@ -28,6 +29,7 @@ SUITE_KINDS = ("training", "kernels", "fit")  # what a suite's points measure; t
 FIT_SEARCHES = ("seq_len", "batch_size")  # suite.fit.searches: the variable each fit search bisects
 CARD_MODES = ("cap_and_ballast", "ballast", "cap")  # bench.card_mode (optkit/bench/card.py says what each misses)
 RETRY = ("none", "failed")  # bench.retry
+COMPILE_SCOPES = ("model", "layers")  # opt.compile_scope (optkit/opt/peers.py compiles either)
 
 
 def _check_choice(field_name: str, value: Any, choices) -> None:
@@ -100,6 +102,39 @@ class OptConfig:
     liger: bool = setting(False, "Liger-Kernel's own patching (peer; a skipped row when not installed)")
     tiled_mlp: bool = setting(False, "long sequences: the MLP runs over token chunks, recomputed in backward")
     tiled_mlp_chunk_tokens: int = setting(4096, "tiled_mlp: tokens per chunk (fewer tokens: one chunk)", minimum=1)
+    compile_scope: str = setting(
+        "model",
+        "what opt.compile wraps: model (the whole model, as HF Trainer's torch_compile) | layers (each decoder "
+        "layer, as torchtitan: checkpointed layers compiled too, attention causal without a mask)",
+        choices=COMPILE_SCOPES,
+    )
+    adapter_dtype: str = setting(
+        "float32",
+        "LoRA adapter weights: float32 (peft's default upcast: LoRA math in fp32) | model (the model's dtype: "
+        "peft's autocast_adapter_dtype=False)",
+        choices=ADAPTER_DTYPES,
+    )
+    unsloth: bool = setting(False, "peer: Unsloth's own FastLanguageModel path in its own process (needs a GPU)")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "opt")
+        others = [name for name, on in _switches(self) if on and name != "unsloth"]
+        if self.unsloth and (others or self.adapter_dtype != "float32"):
+            extra = others + (["adapter_dtype"] if self.adapter_dtype != "float32" else [])
+            raise ValueError(
+                f"opt.unsloth runs Unsloth's own path alone (it builds the model and its adapters): switch off "
+                f"{', '.join('opt.' + name for name in extra)}"
+            )
+
+
+def _switches(node: Any, prefix: str = ""):
+    """(dotted name, value) of every boolean switch of an OptConfig, nested groups (kernels) included."""
+    for spec in fields(node):
+        value = getattr(node, spec.name)
+        if isinstance(value, bool):
+            yield prefix + spec.name, value
+        elif hasattr(value, "__dataclass_fields__"):
+            yield from _switches(value, f"{prefix}{spec.name}.")
 
 
 @dataclass
@@ -236,6 +271,13 @@ class BenchConfig:
     card_mode: str = setting("cap_and_ballast", "how a card is emulated (see optkit/bench/card.py)", choices=CARD_MODES)
     card_reserve_mib: int = setting(256, "cap_and_ballast / cap: card memory left outside the allocator cap", minimum=0)
     gpus: int = setting(1, "processes of a point, one GPU each (CPU: gloo); > 1 needs train.distributed", minimum=1)
+    interleave: bool = setting(
+        False, "windows in rounds, one process each: window r of every point before any window r+1 (A B C A B C)"
+    )
+    alloc_conf: str = setting(
+        "expandable_segments:True",
+        "PYTORCH_ALLOC_CONF (and PYTORCH_CUDA_ALLOC_CONF) of every point's process: one allocator config for all",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "bench")

@@ -1,5 +1,20 @@
 """Peers, patched through optkit so they are measured (and undone) like optkit's own optimizations:
-torch.compile of the whole model, and Liger-Kernel's patching made truly per instance.
+torch.compile, and Liger-Kernel's patching made truly per instance. (Unsloth builds its own model:
+opt/unsloth_peer.py.)
+
+torch.compile comes in two scopes (opt.compile_scope):
+- ``layers`` (presets compile, full_compile): every decoder layer compiled on its own, as torchtitan does,
+  through the modules the layer calls (attention, MLP, norms: each ``.compile()``d, one compilation shared
+  by all layers). The model's forward stays eager, so HF builds no attention mask for an unpadded batch
+  and every layer calls SDPA with ``is_causal=True``, no mask and grouped K/V (flash-eligible on a GPU).
+  Why the layer's children and not the layer: a compiled layer would have to trace HF's checkpoint
+  wrapper, and dynamo gives up on the whole frame there (a side effect inside the checkpoint), leaving the
+  layer eager; the children are called inside the checkpoint (every train.checkpointing mode), so they
+  run compiled in forward and in the recompute alike.
+- ``model`` (preset compile_model; what HF Trainer's ``torch_compile=True`` does): the whole model. Under
+  tracing HF cannot prove the batch unpadded, so it materializes a boolean causal mask and repeats K/V:
+  SDPA gets ``attn_mask`` and ``is_causal=False`` (no flash backend), and dynamo breaks the graph at
+  ``torch.utils.checkpoint``, so checkpointed layers only get their inner frames compiled.
 """
 
 from __future__ import annotations
@@ -11,13 +26,31 @@ from torch import nn
 
 from optkit.config.schema import OptConfig
 from optkit.opt.edits import hf_model_of, rebind_attention_globals, record, state_of
+from optkit.train.method import decoder_layers
+
+
+def compile_kwargs(opt_cfg: OptConfig) -> Dict[str, Any]:
+    """The keyword arguments of every torch.compile call (tests swap in a graph-capturing backend here)."""
+    return {"mode": opt_cfg.compile_mode} if opt_cfg.compile_mode else {}
 
 
 def apply_compile(model: nn.Module, opt_cfg: OptConfig) -> List[str]:
-    kwargs = {"mode": opt_cfg.compile_mode} if opt_cfg.compile_mode else {}
-    record(model, model, "_compiled_call_impl", by=None)  # composes with every other patch: no claim
+    kwargs = compile_kwargs(opt_cfg)
+    mode = opt_cfg.compile_mode or "default"
+    if opt_cfg.compile_scope == "layers":
+        layers = decoder_layers(model)
+        names = sorted({name for layer in layers for name, _ in layer.named_children()})
+        for layer in layers:
+            for child in layer.children():  # composes with every other patch: no claim
+                record(model, child, "_compiled_call_impl", by=None)
+                child.compile(**kwargs)
+        return [
+            f"compile: compiled {len(layers)} decoder layers through their {', '.join(names)} (torch.compile per "
+            f"module, mode={mode}); the model's forward and HF's checkpointing stay eager"
+        ]
+    record(model, model, "_compiled_call_impl", by=None)
     model.compile(**kwargs)
-    return [f"compile: compiled (torch.compile of {type(model).__name__}, mode={opt_cfg.compile_mode or 'default'})"]
+    return [f"compile: compiled the whole model (torch.compile of {type(model).__name__}, mode={mode})"]
 
 
 def _module_snapshot(root: nn.Module) -> Dict[str, Tuple[nn.Module, Dict[str, Any], Dict[str, Any]]]:

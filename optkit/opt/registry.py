@@ -28,6 +28,7 @@ from optkit.opt import (
     rms_norm,
     rope,
     tiled_mlp,
+    unsloth_peer,
 )
 
 
@@ -36,7 +37,7 @@ class Optimization:
     name: str  # "rms_norm"
     config_key: str  # dotted path inside OptConfig: "kernels.rms_norm", "fused_lora", "compile", ...
     description: str  # one line, shown by `optkit list`
-    requires: tuple  # subset of ("triton", "liger", "moe", "packing", "lora")
+    requires: tuple  # subset of ("triton", "liger", "unsloth", "cuda", "moe", "packing", "lora")
     families: Optional[tuple]  # families it applies to (None = all)
     apply: Callable[[nn.Module, OptConfig], List[str]]  # changes the model, returns its log lines
     # Undoes ``apply`` for applies that change the model other than through edits.replace_module /
@@ -141,10 +142,19 @@ _ALL = (
     Optimization(
         "compile",
         "compile",
-        "peer: torch.compile of the whole model (opt.compile_mode)",
+        "peer: torch.compile per decoder layer or of the whole model (opt.compile_scope, opt.compile_mode)",
         (),
         None,
         peers.apply_compile,
+        peer=True,
+    ),
+    Optimization(  # builds the model itself (bench/setup.py asks it to); apply only names what it did
+        "unsloth",
+        "unsloth",
+        "peer: Unsloth's own path (FastLanguageModel.from_pretrained + get_peft_model), in its own process",
+        ("cuda", "unsloth"),
+        None,
+        unsloth_peer.apply_unsloth,
         peer=True,
     ),
 )
@@ -206,6 +216,8 @@ def _machine_problem(requirement: str, device: Optional[torch.device]) -> Option
         return "bitsandbytes is not installed (pip install bitsandbytes)"
     if requirement == "liger" and importlib.util.find_spec("liger_kernel") is None:
         return "liger-kernel is not installed (pip install liger-kernel)"
+    if requirement == "unsloth" and importlib.util.find_spec("unsloth") is None:
+        return f"unsloth is not installed ({unsloth_peer.INSTALL})"
     return None
 
 

@@ -1,16 +1,20 @@
 """Reports across GPU kinds: reports/cross-gpu/<suite>/, one line per point with the GPU kinds side by
 side (headline figure, speedup, ratio to the first GPU kind) and one figure with the GPU kind as an axis.
+
+Only runs of one commit are paired: a difference between GPUs must not be a difference between code versions.
+Of the commits every GPU kind has a run of, the newest is reported; with none in common the report says so
+and pairs nothing.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from optkit.report.entries import KERNEL_BASELINE_IMPL, kernel_table, suite_baseline_opt, train_table
 from optkit.report.sections import FigureWriter, environment_block, label_entries
 from optkit.report.tables import DASH, Column, _num, _ratio_cell, text_col, write_tables
-from optkit.results.runs import Run, group_points
+from optkit.results.runs import Run, finished_at, group_points
 
 
 def _per_gpu_col(slug: str, key: str, header: str, fmt, better: Optional[str]) -> Column:
@@ -70,6 +74,20 @@ def cross_gpu_table(per_gpu: Dict[str, List[Run]], baseline_opt: Optional[str]):
     return list(merged.values()), columns, head, head_header
 
 
+def same_commit(per_gpu: Dict[str, List[Run]]) -> Tuple[Dict[str, List[Run]], Optional[str]]:
+    """(the runs of the newest commit every GPU kind ran, its SHA); ({}, None) when they share none."""
+    commits = {slug: {run.value("git_sha") for run in runs} - {None} for slug, runs in per_gpu.items()}
+    shared = set.intersection(*commits.values()) if commits else set()
+    if not shared:
+        return {}, None
+
+    def newest_row(sha: str) -> str:
+        return max(finished_at(run) for runs in per_gpu.values() for run in runs if run.value("git_sha") == sha)
+
+    sha = max(shared, key=newest_row)
+    return {slug: [run for run in runs if run.value("git_sha") == sha] for slug, runs in per_gpu.items()}, sha
+
+
 def write_cross_gpu(
     per_gpu: Dict[str, List[Run]],
     out_root: Path,
@@ -82,9 +100,22 @@ def write_cross_gpu(
     suite = next(iter(per_gpu.values()))[0].suite
     out_dir = Path(out_root) / "cross-gpu" / suite
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    entries, columns, head, head_header = cross_gpu_table(per_gpu, baseline_opt)
     slugs = list(per_gpu)
     md = [f"# optkit report: suite `{suite}` across GPUs ({', '.join(slugs)})", ""]
+    paired, sha = same_commit(per_gpu)
+    if sha is None:
+        ran = "; ".join(
+            f"{slug}: {', '.join(sorted(str(r.value('git_sha')) for r in runs))}" for slug, runs in per_gpu.items()
+        )
+        md += [
+            f"No commit has a run on every GPU kind ({ran}): nothing is paired. Run the suite at one commit on each.",
+            "",
+        ]
+        (out_dir / "report.md").write_text("\n".join(md))
+        return out_dir / "report.md"
+    per_gpu = paired
+    md += [f"Runs of commit `{sha}` only (GPU kinds compared at one code version).", ""]
+    entries, columns, head, head_header = cross_gpu_table(per_gpu, baseline_opt)
     for slug, runs in per_gpu.items():
         md += [f"### {slug}", "", environment_block(runs), ""]
     md += ["## Side by side", "", write_tables(out_dir, "cross_gpu", columns, entries, "group"), ""]

@@ -18,6 +18,7 @@ from optkit.train.qlora import quantize_linears
 
 METHODS = ("full", "lora", "qlora")  # train.method
 ADAPTER_METHODS = ("lora", "qlora")  # methods that train LoRA adapters on frozen weights
+ADAPTER_DTYPES = ("float32", "model")  # opt.adapter_dtype: peft's float32 adapters, or the model's dtype
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -59,8 +60,15 @@ def quantize_for_qlora(model: nn.Module, train_cfg) -> List[str]:
     return replaced
 
 
-def add_lora(model: nn.Module, train_cfg) -> nn.Module:
+def add_lora(model: nn.Module, train_cfg, adapter_dtype: str = "float32") -> nn.Module:
+    """peft LoRA on ``train_cfg.lora_targets``; ``adapter_dtype="model"`` keeps the adapters in the model's
+    dtype (peft's ``autocast_adapter_dtype=False``: x is not upcast, the LoRA math runs in bf16)."""
     from peft import LoraConfig, get_peft_model
+
+    if adapter_dtype not in ADAPTER_DTYPES:
+        raise ValueError(
+            f"opt.adapter_dtype={adapter_dtype!r} is not valid; choose one of: {', '.join(ADAPTER_DTYPES)}"
+        )
 
     # "experts" names the 3D MoE expert weights: peft cannot wrap them, optkit's grouped path carries
     # their adapters (optkit.train.moe), added after peft has frozen the base weights.
@@ -74,15 +82,25 @@ def add_lora(model: nn.Module, train_cfg) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     try:
-        peft_model = get_peft_model(model, config)
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=adapter_dtype == "float32")
     except ValueError as exc:
         raise ValueError(
             f"peft could not add LoRA to {type(model).__name__} with train.lora_targets="
             f"{list(train_cfg.lora_targets)}: {exc}. Set train.lora_targets to module names of this model"
         ) from exc
+    if adapter_dtype == "model":
+        _cast_adapters(peft_model, model_dtype(peft_model))
     if "experts" in train_cfg.lora_targets:
         apply_expert_lora(peft_model.get_base_model(), train_cfg)
     return peft_model
+
+
+def _cast_adapters(model: nn.Module, dtype: torch.dtype) -> None:
+    # peft moves an adapter to its base layer's dtype only when that is a float dtype: next to a 4-bit
+    # (uint8) QLoRA weight it stays float32 even with autocast_adapter_dtype=False.
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def apply_expert_lora(model, train_cfg) -> List[str]:
@@ -92,7 +110,7 @@ def apply_expert_lora(model, train_cfg) -> List[str]:
     return add_expert_lora(model, train_cfg.lora_r, train_cfg.lora_alpha, quantize=train_cfg.method == "qlora")
 
 
-def apply_training_method(model: nn.Module, train_cfg) -> nn.Module:
+def apply_training_method(model: nn.Module, train_cfg, adapter_dtype: str = "float32") -> nn.Module:
     """Prepare ``model`` for ``train_cfg.method`` (full | lora | qlora) and return the model to train."""
     method = train_cfg.method
     if method == "full":
@@ -103,4 +121,4 @@ def apply_training_method(model: nn.Module, train_cfg) -> nn.Module:
         quantize_for_qlora(model, train_cfg)
     elif method != "lora":
         raise ValueError(f"train.method={method!r} is not valid; choose one of: {', '.join(METHODS)}")
-    return add_lora(model, train_cfg)
+    return add_lora(model, train_cfg, adapter_dtype)
