@@ -20,6 +20,7 @@ from optkit.report.entries import (
     suite_baseline_opt,
     train_table,
 )
+from optkit.report.headline import headline_lines
 from optkit.report.scaling import scaling_section
 from optkit.report.tables import DASH, KERNEL_COLUMNS, TRAIN_COLUMNS, sig, table_notes, write_tables
 from optkit.results.runs import Point, Run, group_points, setting_of
@@ -253,6 +254,7 @@ def write_report(
         "Bold: the best value of its column among the points of one setting.",
         "",
     ]
+    md += headline_lines(points, base_opt.split(",")[0])  # runs of several processes per point: CI over them
     figure = FigureWriter(out_dir, formats)
     for model, model_points in by_model.items():
         model_base = model_baseline_opt(base_opt, model_points)
