@@ -21,11 +21,6 @@ this is the one place that says what each version changed:
        point's ``setting_key`` gains ``card-<name>`` when one is emulated (keys without a card are unchanged).
      - ``fit_search``, ``fit_probe``: a fit suite's probe (which search, its index in the search).
      - opt switches added in v4 (``tiled_mlp``...) leave ``point_key`` unchanged while at their defaults.
-     - ``alloc_conf``, ``lora_adapter_dtype``, ``attention_backend``, ``unsloth_patched_layers``,
-       ``unsloth_load_s``: the allocator config every point runs under, the LoRA adapters' precision, the
-       attention kernels a step ran, and the Unsloth peer's own report (``opt.unsloth``). ``compile_s`` is also
-       set for opt.unsloth rows (its first step compiles); their forward_ms / backward_ms / optimizer_ms are
-       None (its loss computes the LM head's gradient in forward: whole steps only).
      - ``distributed``, ``world_size``, ``dist_backend``, ``tokens_per_s_per_gpu``, the ``*_per_rank`` lists,
        ``comm_share``, ``comm_exposed_share``: points on several processes (train.distributed, bench.gpus).
        In such a row the throughput fields are global (every rank's tokens), memory fields are the max over
@@ -34,14 +29,22 @@ this is the one place that says what each version changed:
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List
+
+from optkit.results.jsonl import (  # noqa: F401 - the row file's reading and writing, imported from here too
+    BadLine,
+    ResultsFileError,
+    append_row,
+    describe_bad_lines,
+    finite,
+    json_default,
+    read_rows,
+    scan_rows,
+    write_error,
+)
 
 SCHEMA_VERSION = 4
 
@@ -93,8 +96,7 @@ ROW_FIELDS: Dict[str, str] = {
     "step_times_ms": "every timed step's time (for CIs and regress)",
     "timer": "cuda_events | host_clock",
     "loss_in_forward": "True when a fused loss computes gradients in forward (backward work in forward_ms)",
-    "compile_s": "wall time of the first (compiling) step when torch.compile is on (opt.compile; opt.unsloth, "
-                 "which compiles its loss in its first steps), else None",
+    "compile_s": "wall time of the first (compiling) step when torch.compile is on, else None",
     "first_step_s": "wall time of the first warm-up step (compilation, autotuning, allocator growth)",
     "warmup_s": "wall time of all warm-up steps",
     # throughput and efficiency
@@ -186,18 +188,6 @@ ROW_FIELDS: Dict[str, str] = {
                   "running; None when the profiler cannot tell (no bench.profile, no CUDA, one process)",
     "comm_exposed_share": "share of that step with communication running and no compute kernel beside it "
                           "(the part of comm_share the step waits on)",
-    # peers and precision (optkit/opt/peers.py, optkit/opt/unsloth_peer.py, optkit/bench/point_facts.py)
-    "alloc_conf": "PYTORCH_ALLOC_CONF the point's process ran under (bench.alloc_conf, set for every point)",
-    "lora_adapter_dtype": "dtype of the trainable LoRA adapter weights (opt.adapter_dtype; unsloth: as it made "
-                          "them); None without adapters",
-    "attention_backend": "attention kernels one extra untimed step after the timed windows ran, from the op names "
-                         "torch's profiler saw: sdpa_flash | sdpa_efficient | sdpa_cudnn | sdpa_math | "
-                         "sdpa_flash_cpu | flash_attn | xformers | flex, '+'-joined when several, 'unfused' "
-                         "when none (eager matmul attention); on the process's last window's row",
-    "unsloth_patched_layers": "{qkv, o, mlp}: decoder layers Unsloth says it patched with its fused LoRA (parsed "
-                              "from its own message); None outside opt.unsloth or when it printed no count",
-    "unsloth_load_s": "wall time of FastLanguageModel.from_pretrained + get_peft_model (checkpoint load, 4-bit "
-                      "quantization, its patching at load)",
     # fit search (suite.kind=fit; optkit/bench/fit.py)
     "fit_search": "seq_len | batch_size: the fit search this probe belongs to (None outside a fit suite)",
     "fit_probe": "index of the probe within its search (0 = first)",
@@ -268,13 +258,7 @@ def setting_key(config: Dict[str, Any]) -> str:
 
 # Opt switches added after opt-sets had keys, with their defaults: at the default they stay out of the
 # digest, so every opt-set that existed before them keeps its point_key (regress matches old runs).
-LATER_SWITCH_DEFAULTS = {
-    "tiled_mlp": False,
-    "tiled_mlp_chunk_tokens": 4096,
-    "compile_scope": "model",  # what opt.compile did before the switch existed
-    "adapter_dtype": "float32",
-    "unsloth": False,
-}
+LATER_SWITCH_DEFAULTS = {"tiled_mlp": False, "tiled_mlp_chunk_tokens": 4096}
 
 
 def opt_key(config: Dict[str, Any]) -> str:
@@ -309,123 +293,11 @@ def identity_fields(config: Dict[str, Any], overrides: List[str], run_id: str, r
     }
 
 
-class ResultsFileError(Exception):
-    """A results file that cannot be written; the message is one line and names the fix."""
-
-
-_WRITE_FIXES = {
-    errno.ENOSPC: "free disk space, or pass bench.results_dir=<a directory on another disk>",
-    errno.EDQUOT: "free space under your quota, or pass bench.results_dir=<another directory>",
-    errno.EROFS: "the file system is read-only: pass bench.results_dir=<a writable directory>",
-    errno.EACCES: "make it writable, or pass bench.results_dir=<a writable directory>",
-    errno.EPERM: "make it writable, or pass bench.results_dir=<a writable directory>",
-}
-
-
-def write_error(path: Path, exc: OSError) -> ResultsFileError:
-    """The one-line error for an OSError while writing a results file."""
-    fix = _WRITE_FIXES.get(exc.errno, "check the path, or pass bench.results_dir=<another directory>")
-    return ResultsFileError(f"cannot write {path}: {exc.strerror or exc}; {fix}")
-
-
-def append_row(path: Path, row: Dict[str, Any]) -> None:
-    """Append one row as one line and fsync it, so a killed sweep loses at most the point in flight.
-
-    The row starts on a fresh line: when the file ends in a fragment (a writer killed mid-line, a
-    full disk), a newline goes first, so the fragment stays one unreadable line of its own and this row
-    stays readable."""
-    path = Path(path)
-    line = json.dumps(finite(row), default=json_default, allow_nan=False).encode() + b"\n"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+b") as fh:
-            if fh.seek(0, os.SEEK_END) > 0:
-                fh.seek(-1, os.SEEK_END)
-                if fh.read(1) != b"\n":
-                    line = b"\n" + line
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:
-        raise write_error(path, exc) from exc
-
-
-@dataclass(frozen=True)
-class BadLine:
-    """A line of a results file that holds no row."""
-
-    number: int  # 1-based
-    reason: str
-
-    def __str__(self) -> str:
-        return f"line {self.number} ({self.reason})"
-
-
-def scan_rows(path: Path) -> Tuple[List[Dict[str, Any]], List[BadLine]]:
-    """(rows, lines that hold no row) of a results.jsonl; blank lines are neither."""
-    rows: List[Dict[str, Any]] = []
-    bad: List[BadLine] = []
-    if not Path(path).exists():
-        return rows, bad
-    with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                bad.append(BadLine(number, "torn or not JSON: a write cut short?"))
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                bad.append(BadLine(number, f"JSON {type(row).__name__}, not a row object"))
-    return rows, bad
-
-
-def describe_bad_lines(path: Path, bad: List[BadLine]) -> str:
-    """One line naming every skipped line (the first five, then a count)."""
-    named = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-    return f"{path}: skipped {len(bad)} line(s) that hold no row: {named}"
-
-
-def read_rows(path: Path, warn: Optional[Callable[[str], None]] = None) -> List[Dict[str, Any]]:
-    """Rows of a results.jsonl; a line that holds no row (torn by a kill mid-write, not a JSON object) is
-    skipped and reported through ``warn`` (default: one line on stderr)."""
-    rows, bad = scan_rows(path)
-    if bad:
-        (warn or _warn_stderr)(describe_bad_lines(path, bad))
-    return rows
-
-
-def _warn_stderr(message: str) -> None:
-    print(f"optkit: warning: {message}", file=sys.stderr, flush=True)
-
-
 def read_run(run_dir: Path) -> tuple[Dict[str, Any], List[Dict[str, Any]]]:
     run_dir = Path(run_dir)
     env_path = run_dir / "env.json"
     env = json.loads(env_path.read_text()) if env_path.exists() else {}
     return env, read_rows(run_dir / "results.jsonl")
-
-
-def finite(obj):
-    """NaN / inf become None: JSON has no NaN, and a NaN loss must not lose the row."""
-    if isinstance(obj, float):
-        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
-
-
-def json_default(obj):
-    if hasattr(obj, "item"):
-        return obj.item()
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    return str(obj)
 
 
 def iter_ok(rows: Iterable[Dict[str, Any]]):

@@ -27,7 +27,7 @@ from optkit import cli
 from optkit.bench import resume as resume_mod
 from optkit.bench import runner
 from optkit.config.compose import compose
-from optkit.results import rows as rows_mod
+from optkit.results import jsonl as rows_file
 from optkit.results.rows import append_row, empty_row, identity_fields, read_rows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -287,7 +287,7 @@ def test_unreadable_results_file_on_resume_is_one_line(sweep, capsys, monkeypatc
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(rows_mod, "open", unreadable, raising=False)
+    monkeypatch.setattr(rows_file, "open", unreadable, raising=False)
     code, output = _optkit(sweep, capsys, *TINY, "opt=baseline,kernels", "bench.resume=r1")
     _check(code, output, EXIT_RESULTS, "Permission denied", "permissions")
     assert not sweep.started
@@ -322,7 +322,7 @@ def test_disk_full_while_appending_keeps_earlier_rows_and_the_next_row_whole(swe
         handle = real_open(path, mode, *args, **kwargs)
         return _FullDisk(handle) if "a" in mode else handle
 
-    monkeypatch.setattr(rows_mod, "open", full_disk_open, raising=False)
+    monkeypatch.setattr(rows_file, "open", full_disk_open, raising=False)
     code, output = _optkit(sweep, capsys, *TINY, "opt=baseline,kernels", "bench.resume=r1")
     _check(code, output, EXIT_RESULTS, "No space left on device", "free disk space")
     sweep.assert_finished_rows_kept()
