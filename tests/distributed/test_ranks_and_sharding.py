@@ -146,15 +146,15 @@ def one_process_group():
     dist.destroy_process_group()
 
 
-def _patched_model(method: str):
+def _patched_model(method: str, opt: str = "full"):
     from optkit.opt import patcher
     from tests.train._tiny import tiny_model
 
     net, _ = tiny_model("tiny_llama", method)
-    return patcher.patch(net, compose(["opt=full"]).opt)
+    return patcher.patch(net, compose([f"opt={opt}"]).opt)
 
 
-def _train(net, steps: int = 3):
+def _train(net, steps: int = 2):
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(7))
@@ -193,8 +193,8 @@ def test_patch_then_fully_shard_trains_as_the_unsharded_model(method, one_proces
 def test_ddp_qlora_trains_as_the_plain_model(one_process_group):
     from optkit.train.distributed import distribute
 
-    reference_losses = _train(_patched_model("qlora"))
-    wrapped = distribute(_patched_model("qlora"), "ddp", torch.device("cpu"))
+    reference_losses = _train(_patched_model("qlora", "baseline"))
+    wrapped = distribute(_patched_model("qlora", "baseline"), "ddp", torch.device("cpu"))
     assert wrapped.config.model_type == "llama"  # the wrapper reads through to the model
     assert _train(wrapped) == pytest.approx(reference_losses, rel=1e-5)
 
