@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -29,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from optkit.bench.launch import failure_cause, point_command, rank_failure_rows, skip_reason, visible_gpus
 from optkit.bench.point_process import point_env, with_entry_module
 from optkit.bench.process import exit_cause, run_process
+from optkit.bench.progress import Progress
 from optkit.bench.resume import (
     choose_run_dir,
     clean_stale_scratch,
@@ -233,7 +233,7 @@ def _check_device(cfg) -> None:
         raise ConfigError("bench.device=cuda but no CUDA GPU is visible: drop bench.device, or pass bench.device=cpu")
 
 
-def _measure(points, point_cfgs, cfg, done, run_dir: Path, env, progress: "Progress") -> None:
+def _measure(points, point_cfgs, cfg, done, run_dir: Path, env, progress: Progress) -> None:
     results, run_id = run_dir / "results.jsonl", run_dir.name
     todo_by_point = []
     for point, point_cfg in zip(points, point_cfgs):
@@ -380,37 +380,3 @@ def _label(point: List[str]) -> str:
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-class Progress:
-    """A one-line-per-point progress report with ETA (works in CI logs, unlike a redrawn bar)."""
-
-    def __init__(self, total: int, enabled: bool = True):
-        self.total, self.enabled = total, enabled
-        self.done, self.started_at, self.point_started = 0, time.time(), 0.0
-        self.durations: List[float] = []
-
-    def start(self, label: str) -> None:
-        self.point_started = time.time()
-        if self.enabled:
-            _log(f"[{self.done + 1}/{self.total}] {label} ...")
-
-    def skip(self, label: str) -> None:
-        self.done += 1
-        if self.enabled:
-            _log(f"[{self.done}/{self.total}] skip {label}")
-
-    def finish(self, rows: List[Dict[str, Any]]) -> None:
-        """The rows one point process returned (one per measurement window)."""
-        self.done += len(rows)
-        elapsed = time.time() - self.point_started
-        self.durations.extend([elapsed / max(1, len(rows))] * len(rows))
-        if not self.enabled:
-            return
-        remaining = (self.total - self.done) * (sum(self.durations) / len(self.durations))
-        for row in rows:
-            tps = row.get("tokens_per_s")
-            error = (row.get("error") or "").splitlines()[0][:120] if row.get("error") else ""
-            result = f"{tps:,.0f} tok/s" if tps else error
-            _log(f"    r{row.get('repeat')} {row.get('status')}  {result}")
-        _log(f"    ({elapsed:.1f}s, ETA {remaining / 60:.1f} min)")
