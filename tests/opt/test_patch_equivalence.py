@@ -16,7 +16,7 @@ import torch
 
 from optkit.config.compose import compose
 from optkit.models import build_model
-from optkit.opt.patcher import REGISTRY, patch, patch_log
+from optkit.opt.patcher import REGISTRY, patch, patch_log, unpatch
 from tests.kernels._tolerances import assert_close_to_reference
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2")
@@ -153,6 +153,34 @@ def test_all_kernels_with_lora(family):
     mlp = model.get_base_model().model.layers[0].mlp
     assert type(mlp).__name__ in ("SwiGLUMLP", "GeGLUMLP")
     assert hasattr(mlp.gate_proj, "lora_A"), "the MLP swap must keep peft's LoRA-wrapped projections"
+
+
+def test_liger_peer_patches_and_unpatches_on_cpu():
+    """The liger peer's wiring (optkit.opt.peers.apply_liger) without running liger's kernels, which do not run
+    under the Triton interpreter (liger-kernel 0.8.5's RMSNorm forward: InterpreterError "'float' object has
+    no attribute 'to'"): its numbers are test_liger_peer_runs_and_roughly_matches_gpu's."""
+    pytest.importorskip(
+        "liger_kernel", reason="liger-kernel is not installed (pip install liger-kernel): the liger peer needs it"
+    )
+    from transformers.models.llama import modeling_llama
+
+    model = _build("tiny_llama")
+    hf_rotary, keys = modeling_llama.apply_rotary_pos_emb, list(model.state_dict())
+
+    def instance_forwards():
+        return sorted(name for name, module in model.named_modules() if "forward" in module.__dict__)
+
+    assert instance_forwards() == []
+    patch(model, "liger")
+    log = patch_log(model)
+    layers = model.config.num_hidden_layers
+    # per layer: two norms, the MLP and the attention (liger's rotary); the final norm; the causal LM's loss
+    assert len(instance_forwards()) == 4 * layers + 2, instance_forwards()
+    assert f"liger: liger-kernel patched {3 * layers + 2} modules of this LlamaForCausalLM" in log, log
+    assert modeling_llama.apply_rotary_pos_emb is hf_rotary, "HF's module globals must stay HF's"
+    assert list(model.state_dict()) == keys
+    unpatch(model)
+    assert instance_forwards() == [] and patch_log(model) == []
 
 
 # ---- real widths, on the GPU ------------------------------------------------------------------------
