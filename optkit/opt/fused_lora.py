@@ -31,6 +31,7 @@ is named in the log.
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -51,6 +52,7 @@ from optkit.opt.lora_projection import (
 )
 from optkit.train.method import decoder_layers
 
+logger = logging.getLogger("optkit")
 QKV_NAMES = ("q_proj", "k_proj", "v_proj")
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 
@@ -322,6 +324,8 @@ def apply_fused_lora(model: nn.Module, opt_cfg) -> List[str]:
             n_mlp += 1
     log = [f"fused_lora: QKV+O fused in {n_attn}/{len(layers)} layers, MLP in {n_mlp}/{len(layers)} ({act_label})"]
     log += [f"fused_lora: {why} (layers {_ranges(indices)})" for why, indices in skipped.items()]
+    for line in log[1:]:  # asked for and not done: said where a user looks, not only in patch_log
+        logger.warning("optkit: %s", line)
     return log
 
 

@@ -58,6 +58,8 @@ class LoRAProjection:
         # the module's own quant_state, which bitsandbytes keeps for exactly that case, says it is 4-bit.
         if getattr(weight, "bnb_quantized", False) or getattr(self.base, "quant_state", None) is not None:
             quant_state = getattr(weight, "quant_state", None) or self.base.quant_state
+            if getattr(quant_state, "packing_format_for_cpu", False):
+                weight, quant_state = _undo_cpu_inference_packing(self.base)
             if quant_state.quant_type == "nf4":
                 from optkit.kernels.nf4_dequantize import NF4Dequantizer, nf4_dequantize
 
@@ -76,6 +78,20 @@ class LoRAProjection:
         return bias if bias is None or bias.dtype == dtype else bias.to(dtype)
 
 
+def _undo_cpu_inference_packing(base: nn.Module):
+    """bitsandbytes' CPU inference path (a Linear4bit forward in eval mode without grad: a sanity generation,
+    Trainer's evaluation) repacks the weight into its own layout in place; put NF4 back the way bitsandbytes
+    itself does before ``.cuda()`` or saving, so the next training step dequantizes real NF4 codes."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight = base.weight
+    weight.data, quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    weight.quant_state = quant_state
+    if getattr(base, "quant_state", None) is not None:
+        base.quant_state = quant_state
+    return weight, quant_state
+
+
 def projection_of(module: nn.Module):
     """A LoRAProjection for ``module``, or a string saying why the fused path cannot take it."""
     from peft.tuners.lora import LoraLayer
@@ -85,18 +101,19 @@ def projection_of(module: nn.Module):
     base = module
     if isinstance(module, LoraLayer):
         if module.merged:
-            return "LoRA weights are merged into the base weight"
+            return "LoRA weights are merged into the base weight (unmerge_adapter() before patching fuses them)"
         if module.disable_adapters:
             return "adapters are disabled"
         active = [name for name in module.active_adapters if name in module.lora_A]
         if len(active) != 1:
-            return f"{len(active)} active adapters (the fused path takes exactly one)"
+            return f"{len(active)} active adapters (the fused path takes exactly one: set_adapter(name))"
         name = active[0]
         if name in getattr(module, "lora_variant", {}) or module.use_dora.get(name, False):
-            return "a LoRA variant (DoRA, ...) is active"
+            return "a LoRA variant is active (DoRA, ...: LoraConfig(use_dora=False) fuses it)"
         dropout = module.lora_dropout[name]
         if not isinstance(dropout, nn.Identity):
-            return f"lora_dropout={getattr(dropout, 'p', '?')} > 0 (the fused path is dropout-free)"
+            p = getattr(dropout, "p", "?")
+            return f"lora_dropout={p} > 0 (the fused path is dropout-free: LoraConfig(lora_dropout=0.0) fuses it)"
         base = module.get_base_layer()
         lora_A, lora_B, scale = module.lora_A[name], module.lora_B[name], float(module.scaling[name])
     if not isinstance(getattr(base, "weight", None), Tensor) or getattr(base, "in_features", None) is None:

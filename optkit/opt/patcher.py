@@ -14,6 +14,8 @@ works on every family. The optimizations are applied in registry order (opt/regi
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any, List, Optional
 
 from torch import nn
@@ -66,6 +68,24 @@ def _pending(name: str, state: Optional[PatchState], model: nn.Module) -> bool:
     return state.logs[name] == [f"{name}: skipped ({_NO_LORA})"] and _has_lora(model)
 
 
+def _late_interpreter(todo: List[str]) -> List[str]:
+    """TRITON_INTERPRET=1 set after triton was imported leaves triton's own helpers (tl.sum, ...) compiled, and
+    every interpreted kernel then fails deep inside its first launch; say it here, in one line."""
+    standard = sys.modules.get("triton.language.standard")
+    if (
+        os.environ.get("TRITON_INTERPRET") != "1"
+        or standard is None
+        or not any("triton" in REGISTRY[n].requires for n in todo)
+    ):
+        return []
+    if type(getattr(standard, "sum", None)).__name__ != "JITFunction":
+        return []
+    return [
+        "TRITON_INTERPRET=1 was set after triton was imported (transformers imports it): set it before importing "
+        "transformers (or in the shell), or patch without optkit's kernels"
+    ]
+
+
 def patch(model: nn.Module, opt_cfg: Any = "full") -> nn.Module:
     """Apply every optimization enabled in ``opt_cfg`` to ``model`` (in place) and return it."""
     cfg = load_opt_config(opt_cfg)
@@ -79,7 +99,7 @@ def patch(model: nn.Module, opt_cfg: Any = "full") -> nn.Module:
     todo = [n for n in names if _pending(n, state, model)]
     if not todo:
         return model
-    missing = missing_requirements(cfg, model=model)
+    missing = missing_requirements(cfg, model=model) + _late_interpreter(todo)
     if missing:
         raise MissingRequirement("; ".join(missing))
     needs_family = any(not REGISTRY[n].peer for n in todo)  # peers work on any HF model
