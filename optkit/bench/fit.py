@@ -226,7 +226,7 @@ def run_fit_suite(
             if search == "seq_len" and fit.use_seq_len_start and card is not None and card.name in fit.seq_len_start:
                 start = fit.seq_len_start[card.name]
             log(f"fit: {' '.join(o for o in cell if not o.startswith('suite='))} [{search}]")
-            found = search_largest(probe, low, high, step, start, fit.growth, fit.rel_tol, fit.confirm)
+            found = search_largest(probe, low, high, step, start, fit.growth, fit.rel_tol, fit.confirm, fit.max_probes)
             if found.largest_fit is not None:
                 answers[(_stack_key(cell), search)] = found.largest_fit
             log(f"  -> largest {search} that fits: {found.largest_fit} (smallest failure: {found.smallest_failure})")
@@ -238,23 +238,32 @@ def run_fit_suite(
     return summaries
 
 
+def probe_identity(config: Dict[str, Any]) -> str:
+    """What a probe measured: its resolved config without the suite (a search's settings, max_probes included,
+    do not change a probe), so a resumed search with other settings still reads the probes it made."""
+    from optkit.results.rows import config_hash
+
+    return config_hash({k: v for k, v in config.items() if k != "suite"})
+
+
 def recorded_measure(
     run_point: Callable[[List[str], Any], List[Dict[str, Any]]],
-    hash_of: Callable[[Any], str],
+    as_dict: Callable[[Any], Dict[str, Any]],
     record: Callable[[Dict[str, Any]], None],
     earlier_rows: Sequence[Dict[str, Any]] = (),
 ) -> Measure:
     """``measure`` for run_fit_suite: runs a probe (``run_point``: the runner's isolated process), sets the
     fit fields on its rows and ``record``s them. Resuming, ``earlier_rows`` (a fit run's rows) answer the
     probes again in the order they were measured, so the search replays them and measures only what is
-    missing (a value probed twice, as ``confirm`` does, reads its two rows in turn)."""
-    queued: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
+    missing (a value probed twice, as ``confirm`` does, reads its two rows in turn). ``as_dict``: a composed
+    config as a plain dict (the runner's)."""
+    queued: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
     for row in earlier_rows:
-        if row.get("fit_search") is not None:
-            queued.setdefault((row.get("config_hash"), row.get("fit_search")), []).append(row)
+        if row.get("fit_search") is not None and row.get("config"):
+            queued.setdefault((probe_identity(row["config"]), row["fit_search"]), []).append(row)
 
     def measure(point: List[str], cfg, fields: Dict[str, Any]) -> List[Dict[str, Any]]:
-        waiting = queued.get((hash_of(cfg), fields["fit_search"]))
+        waiting = queued.get((probe_identity(as_dict(cfg)), fields["fit_search"]))
         if waiting:
             return [waiting.pop(0)]
         rows = run_point(point, cfg)

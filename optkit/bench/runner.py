@@ -366,7 +366,7 @@ def _run_fit_suite(cfg, user_overrides: Sequence[str], run_dir: Path, env, resum
         return run_isolated(point, run_dir.name, [0], cfg.bench.timeout_s, point_cfg, run_dir=run_dir, env=env)
 
     earlier = read_rows(results) if resuming else []
-    measure = recorded_measure(run_probe, _hash_of, lambda row: append_row(results, row), earlier)
+    measure = recorded_measure(run_probe, _container, lambda row: append_row(results, row), earlier)
     _log(f"optkit: fit search over {len(cells)} cell(s) -> {run_dir}")
     run_fit_suite(cells, compose, measure, _log)
     _log(f"results: {results} (optkit report {run_dir} tabulates the answers)")

@@ -210,6 +210,9 @@ class FitConfig:
         factory=dict,
     )
     use_seq_len_start: bool = setting(True, "start at seq_len_start (a stack far below the figures sets false)")
+    max_probes: int = setting(
+        64, "probes per search; fewer stop early (bench.resume with more goes on from the recorded ones)", minimum=1
+    )
     check_ballast_on: List[str] = setting(
         meaning="bench.card values whose answer is probed again with bench.card_mode=ballast (the honesty check)",
         factory=list,

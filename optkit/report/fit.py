@@ -120,7 +120,7 @@ def answer_cell(entry: Optional[Dict[str, Any]]) -> str:
     if entry["skipped"] and entry["largest_fit"] is None:
         return "skipped"
     text = "OOM" if entry["largest_fit"] is None else f"{entry['largest_fit']:,}"
-    if entry["smallest_failure"] is None and entry["largest_fit"] == entry["top"]:
+    if entry["smallest_failure"] is None and entry["largest_fit"] is not None:  # nothing above failed (yet)
         text = f"≥ {text}"
     if entry["flaky"] or entry["contradictions"]:
         text += "*"
@@ -202,7 +202,9 @@ def honesty(entries: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]]) -
             continue
         outcome = {_value(r): probe_fits(r) for r in ballast}
         at_fit, at_failure = outcome.get(e["largest_fit"]), outcome.get(e["smallest_failure"])
-        if at_fit and at_failure is not True:
+        if at_fit and e["smallest_failure"] is None:
+            verdict = "the ballast alone fits the emulated answer too (no failure above it measured yet)"
+        elif at_fit and at_failure is not True:
             verdict = "agree within one bisection step"
         elif at_fit is False:
             verdict = "disagree: the ballast alone does not fit the emulated answer (noise, or the cap changed packing)"
@@ -268,8 +270,9 @@ def write_fit_report(
         environment_block(runs),
         "",
         "Each cell: the largest value that fitted every time it was probed, on an emulated card (allocator capped, "
-        "the rest of the GPU held as ballast, NVML-checked); OOM: nothing in the range fitted; ≥: the range's top "
-        "fitted. * a flaky or contradicting probe (not monotone there); ! NVML saw a probe exceed its card. "
+        "the rest of the GPU held as ballast, NVML-checked); OOM: nothing in the range fitted; ≥: nothing larger "
+        "failed (the range's top fitted, or the search stopped early). * a flaky or contradicting probe (not "
+        "monotone there); ! NVML saw a probe exceed its card. "
         f"Every probe is a row of the run. Memory is the card's; speed is not: tokens/s are {gpu}'s.",
         "",
     ]

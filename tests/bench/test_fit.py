@@ -167,7 +167,7 @@ def _fake_run(limits, log):
             limit += 100  # a ballast alone leaves the allocator a little more than the cap did
         log.append((cfg.opt.name, cfg.bench.card, cfg.bench.card_mode, cfg.data.seq_len, cfg.train.batch_size))
         status = "ok" if tokens <= limit else "oom"
-        return [{"status": status, "config_hash": runner._hash_of(cfg), "card": cfg.bench.card}]
+        return [{"status": status, "config": runner._container(cfg), "card": cfg.bench.card}]
 
     return run_point
 
@@ -175,7 +175,7 @@ def _fake_run(limits, log):
 def test_run_fit_suite_records_every_probe_and_orders_cards(tmp_path):
     limits = {"gpu_8gb": 5000, "rtx3060": 30000, "rtx4080": 52000}
     log, recorded = [], []
-    measure = fit.recorded_measure(_fake_run(limits, log), runner._hash_of, recorded.append)
+    measure = fit.recorded_measure(_fake_run(limits, log), runner._container, recorded.append)
     summaries = fit.run_fit_suite(_cells(), _compose, measure)
     answers = {(_compose(s["cell"]).opt.name, _compose(s["cell"]).bench.card): s for s in summaries}
     assert len(answers) == 6
@@ -201,14 +201,37 @@ def test_resuming_replays_recorded_probes_and_measures_only_the_rest():
     limits = {"gpu_8gb": 5000, "rtx3060": 30000, "rtx4080": 52000}
     log, recorded = [], []
     fit.run_fit_suite(
-        _cells(), _compose, fit.recorded_measure(_fake_run(limits, log), runner._hash_of, recorded.append)
+        _cells(), _compose, fit.recorded_measure(_fake_run(limits, log), runner._container, recorded.append)
     )
     half = recorded[: len(recorded) // 2]
     again, more = [], []
-    measure = fit.recorded_measure(_fake_run(limits, again), runner._hash_of, more.append, earlier_rows=half)
+    measure = fit.recorded_measure(_fake_run(limits, again), runner._container, more.append, earlier_rows=half)
     fit.run_fit_suite(_cells(), _compose, measure)
     assert len(again) == len(log) - len(half), "the recorded half is not measured again"
     assert [r["fit_probe"] for r in half + more] == [r["fit_probe"] for r in recorded]
+
+
+def test_a_search_stopped_early_goes_on_when_resumed_with_more_probes():
+    """suite.fit.max_probes=1 first (one probe per card: a published figure beaten or not), then the same run
+    resumed without the limit: the recorded probes are read back, not run again, and the searches converge."""
+    limits = {"gpu_8gb": 5000, "rtx4080": 52000}
+    cards = "bench.card=gpu_8gb,rtx4080"
+    first_log, first_rows = [], []
+    first = fit.run_fit_suite(
+        _cells(cards, "suite.fit.max_probes=1"),
+        _compose,
+        fit.recorded_measure(_fake_run(limits, first_log), runner._container, first_rows.append),
+    )
+    assert all(len(s["probes"]) == 1 and s["stopped"] for s in first)
+    rest_log = []
+    measure = fit.recorded_measure(_fake_run(limits, rest_log), runner._container, [].append, earlier_rows=first_rows)
+    resumed = fit.run_fit_suite(_cells(cards), _compose, measure)
+    optkit_firsts = [e for e in first_log if e[0] == "full_tiled_mlp" and e[2] == "cap_and_ballast"]
+    assert len(optkit_firsts) == 2 and not set(optkit_firsts) & set(rest_log), "recorded probes are not run again"
+    for summary in resumed:
+        limit = limits[_compose(summary["cell"]).bench.card]
+        assert summary["largest_fit"] <= limit < summary["smallest_failure"]
+        assert summary["smallest_failure"] - summary["largest_fit"] <= max(256, 0.1 * summary["largest_fit"])
 
 
 def test_the_published_figures_are_cards_of_the_table():
