@@ -457,11 +457,16 @@ def test_a_child_killed_while_writing_its_rows_is_an_error_row(sweep, monkeypatc
 # --------------------------------------------------------------------------- real processes
 
 
-def _children(pid: int) -> List[psutil.Process]:
+def _point_processes(pid: int) -> List[psutil.Process]:
+    """The point processes below ``pid`` (not, say, the git calls that capture the environment)."""
+    found = []
     try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
+        for proc in psutil.Process(pid).children(recursive=True):
+            if "optkit.bench.point" in " ".join(proc.cmdline()):
+                found.append(proc)
+    except psutil.Error:
+        pass
+    return found
 
 
 def _wait_for(predicate, timeout_s: float = 60.0):
@@ -503,7 +508,7 @@ def test_a_point_killed_with_sigkill_is_an_error_row_and_the_sweep_goes_on(sweep
     monkeypatch.setenv("OPTKIT_INJECT_FAULT", "hang@tiny_llama")
 
     def kill_the_point():
-        child = _wait_for(lambda: _children(os.getpid()))[0]
+        child = _wait_for(lambda: _point_processes(os.getpid()))[0]
         time.sleep(0.5)
         child.kill()
 
@@ -530,7 +535,7 @@ def test_a_sweep_killed_with_sigkill_takes_its_point_along_and_resumes(sweep, ca
     parent = subprocess.Popen(
         [*cmd, f"bench.results_dir={sweep.root}"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
     )
-    child = _wait_for(lambda: _children(parent.pid), timeout_s=120)[0]
+    child = _wait_for(lambda: _point_processes(parent.pid), timeout_s=120)[0]
     parent.kill()
     _, stderr = parent.communicate(timeout=30)
     assert "Traceback" not in stderr
