@@ -12,7 +12,7 @@ from optkit.models import build_model, build_model_layerwise, torch_dtype
 from optkit.opt import patcher
 from optkit.opt.registry import missing_requirements
 from optkit.train.checkpointing import enable_checkpointing
-from optkit.train.distributed import distribute, local_batches, unsupported_reason
+from optkit.train.distributed import build_device, distribute, local_batches, unsupported_reason
 from optkit.train.method import add_lora, apply_training_method, decoder_layers
 from optkit.train.optimizers import build_optimizer
 from optkit.train.packing import install_packed_attention
@@ -33,10 +33,11 @@ def build_training(cfg: OptkitConfig, device: torch.device):
     if missing or unsupported:
         raise SkipPoint("; ".join(missing + ([unsupported] if unsupported else [])))
     torch.manual_seed(cfg.train.seed)
-    model, ckpt_info = build_unsloth(cfg, device) if cfg.opt.unsloth else build_patched_model(cfg, device)
+    built_on = build_device(cfg.train, device)  # the meta device under train.sharded_init
+    model, ckpt_info = build_unsloth(cfg, device) if cfg.opt.unsloth else build_patched_model(cfg, built_on)
     vocab_size = model.config.vocab_size
     # DDP / FSDP2 wrap the patched, checkpointed model; the optimizer then gets FSDP2's sharded parameters
-    model = distribute(model, cfg.train.distributed, device)
+    model = distribute(model, cfg.train, device)
     optimizer = build_optimizer(model.parameters(), cfg.train)
     batches = [  # this rank's rows of each global batch (all of them on one process)
         b.to(device)

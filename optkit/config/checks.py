@@ -29,6 +29,8 @@ def check_point(cfg) -> None:
     _check_num_layers(cfg.model, hf_config)
     if cfg.bench.gpus > 1 and cfg.train.distributed == "none":
         raise ConfigError(f"bench.gpus={cfg.bench.gpus} needs train.distributed=ddp or train.distributed=fsdp2")
+    if cfg.train.sharded_init and cfg.model.path:
+        raise ConfigError("train.sharded_init initializes random weights: drop it to load model.path")
     if cfg.train.method in ADAPTER_METHODS:
         _check_lora_targets(list(cfg.train.lora_targets), family, hf_config, cfg.model)
 

@@ -158,6 +158,9 @@ class TrainConfig:
     distributed: str = setting(
         "none", "none | ddp | fsdp2 over bench.gpus processes (optkit/train/distributed.py)", choices=DISTRIBUTED
     )
+    sharded_init: bool = setting(
+        False, "fsdp2: build on the meta device, shard, init each rank's shards (no GPU holds the whole model)"
+    )
     batch_size: int = setting(2, "rows per step per process (global batch: batch_size x bench.gpus)", minimum=1)
     warmup_steps: int = setting(3, "untimed steps first (compilation, autotuning); in no statistic", minimum=0)
     steps: int = setting(10, "timed steps per measurement window", minimum=1)
@@ -165,6 +168,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "train")
+        if self.sharded_init and (self.distributed != "fsdp2" or self.method == "qlora"):
+            raise ValueError(
+                "train.sharded_init builds a model for FSDP2 from random weights: it needs train.distributed=fsdp2 "
+                "and train.method lora or full (QLoRA quantizes each layer as it is built instead)"
+            )
 
 
 @dataclass

@@ -179,15 +179,20 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def distribute(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
-    """``model`` wrapped for ``mode`` (none | ddp | fsdp2); call after optkit.patch and checkpointing,
-    before the optimizer is built (FSDP2 replaces the parameters with sharded ones)."""
+def distribute(model: nn.Module, train_cfg, device: torch.device) -> nn.Module:
+    """``model`` wrapped for train.distributed (none | ddp | fsdp2); call after optkit.patch and checkpointing,
+    before the optimizer is built (FSDP2 replaces the parameters with sharded ones). A model built on the meta
+    device (train.sharded_init) gets its shards on ``device`` here."""
+    mode = train_cfg.distributed
     if mode == "none":
         return model
     if mode == "ddp":
         return DataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if mode == "fsdp2":
-        return shard(model, mixed_precision=device.type == "cuda")
+        shard(model, mixed_precision=device.type == "cuda")
+        if train_cfg.sharded_init:
+            materialize_shards(model, device)
+        return model
     raise ValueError(f"train.distributed={mode!r} is not valid; choose one of: {', '.join(MODES)}")
 
 
@@ -201,6 +206,30 @@ def shard(model: nn.Module, mixed_precision: bool) -> nn.Module:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def build_device(train_cfg, device: torch.device) -> torch.device:
+    """Where the model is built: the meta device under train.sharded_init (``materialize_shards`` puts each
+    rank's shards on ``device`` after fully_shard), else ``device``."""
+    return torch.device("meta") if train_cfg.sharded_init else device
+
+
+def materialize_shards(model: nn.Module, device: torch.device) -> None:
+    """A model built on the meta device and sharded: each rank's shards and the buffers made on ``device`` and
+    initialized as a plain build does (the family's ``_init_weights``, rotary frequencies included; LoRA A
+    random, B zero as peft starts them), so no rank ever holds more than its shards of the model (Llama-3-70B
+    in bf16 is 140 GB). Random values per shard: with the CPU's gloo each rank draws the same numbers for its
+    shard (DTensor's offset-based generator needs CUDA), which changes nothing a benchmark measures."""
+    model.to_empty(device=device)
+    get_base_model = getattr(model, "get_base_model", None)
+    hf = get_base_model() if get_base_model is not None else model
+    with torch.no_grad():
+        for module in hf.modules():
+            hf._init_weights(module)
+        for module in model.modules():
+            if hasattr(module, "lora_A") and hasattr(module, "reset_lora_parameters"):
+                for adapter in module.lora_A:
+                    module.reset_lora_parameters(adapter, True)
 
 
 def is_sharded(model: nn.Module) -> bool:

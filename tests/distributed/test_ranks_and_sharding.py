@@ -194,7 +194,9 @@ def test_ddp_qlora_trains_as_the_plain_model(one_process_group):
     from optkit.train.distributed import distribute
 
     reference_losses = _train(_patched_model("qlora", "baseline"))
-    wrapped = distribute(_patched_model("qlora", "baseline"), "ddp", torch.device("cpu"))
+    wrapped = distribute(
+        _patched_model("qlora", "baseline"), compose(["train.distributed=ddp"]).train, torch.device("cpu")
+    )
     assert wrapped.config.model_type == "llama"  # the wrapper reads through to the model
     assert _train(wrapped) == pytest.approx(reference_losses, rel=1e-5)
 
@@ -208,3 +210,29 @@ def test_fully_shard_then_patch_is_refused(one_process_group):
     shard(net, mixed_precision=False)
     with pytest.raises(RuntimeError, match="before fully_shard"):
         patcher.patch(net, compose(["opt=full"]).opt)
+
+
+def test_sharded_init_builds_on_meta_and_initializes_the_shards_as_a_plain_build(one_process_group):
+    """train.sharded_init: nothing left on the meta device, buffers (rotary frequencies) as a plain build's,
+    weights at the family's init scale, LoRA A random and B zero as peft starts them, and the model trains."""
+    from optkit.bench.setup import build_patched_model
+    from optkit.models import build_model
+    from optkit.train.distributed import build_device, distribute
+
+    cfg = compose(["model=tiny_llama", "train=lora", "train.distributed=fsdp2", "train.sharded_init=true"])
+    cpu = torch.device("cpu")
+    model, _ = build_patched_model(cfg, build_device(cfg.train, cpu))
+    assert all(p.device.type == "meta" for p in model.parameters())
+    model = distribute(model, cfg.train, cpu)
+    tensors = dict(model.named_parameters())
+    assert not [n for n, p in tensors.items() if p.device.type == "meta"]
+    plain = build_model(cfg.model, cpu)
+    for name, buffer in plain.named_buffers():
+        torch.testing.assert_close(model.get_buffer(f"base_model.model.{name}"), buffer)
+    base = tensors["base_model.model.model.layers.0.mlp.up_proj.base_layer.weight"].full_tensor()
+    assert abs(base.std().item() - cfg.model.hf_config.get("initializer_range", 0.02)) < 0.005
+    lora = {n: p.full_tensor() for n, p in tensors.items() if "lora_" in n}
+    assert all((p == 0).all() for n, p in lora.items() if "lora_B" in n)
+    assert all(p.std() > 0 for n, p in lora.items() if "lora_A" in n)
+    losses = _train(model, steps=3)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
