@@ -139,7 +139,7 @@ def test_fit_suites_cross_every_stack_with_every_card():
     cells = _cells()
     cfgs = [compose(c) for c in cells]
     assert {(c.opt.name, c.bench.card) for c in cfgs} == {
-        (opt, card) for opt in ("full_tiled_mlp", "baseline") for card in ("gpu_8gb", "rtx3060", "rtx4080")
+        (opt, card) for opt in ("full_tiled_mlp", "baseline") for card in ("gpu_8gb", "rtx3060", "rtx4080", "rtx4090")
     }
     assert all(c.suite.kind == "fit" and c.train.method == "qlora" and c.train.lora_r == 32 for c in cfgs)
     full = compose(["suite=fit"])
@@ -173,12 +173,12 @@ def _fake_run(limits, log):
 
 
 def test_run_fit_suite_records_every_probe_and_orders_cards(tmp_path):
-    limits = {"gpu_8gb": 5000, "rtx3060": 30000, "rtx4080": 52000}
+    limits = {"gpu_8gb": 5000, "rtx3060": 30000, "rtx4080": 52000, "rtx4090": 90000}
     log, recorded = [], []
     measure = fit.recorded_measure(_fake_run(limits, log), runner._container, recorded.append)
     summaries = fit.run_fit_suite(_cells(), _compose, measure)
     answers = {(_compose(s["cell"]).opt.name, _compose(s["cell"]).bench.card): s for s in summaries}
-    assert len(answers) == 6
+    assert len(answers) == 8
     for (opt, card), summary in answers.items():
         assert summary["largest_fit"] <= limits[card] < summary["smallest_failure"], (opt, card)
         assert summary["smallest_failure"] - summary["largest_fit"] <= max(256, 0.1 * summary["largest_fit"])
@@ -186,8 +186,8 @@ def test_run_fit_suite_records_every_probe_and_orders_cards(tmp_path):
     assert all(r["fit_search"] == "seq_len" and isinstance(r["fit_probe"], int) for r in recorded)
     assert {"fit_search", "fit_probe"} <= set(ROW_FIELDS)
     full = [entry for entry in log if entry[0] == "full_tiled_mlp" and entry[2] != "ballast"]
-    firsts = [next(e for e in full if e[1] == card) for card in ("gpu_8gb", "rtx3060", "rtx4080")]
-    assert [e[3] for e in firsts] == [3072, 22016, 40960], "optkit starts at the published figures, rounded up"
+    firsts = [next(e for e in full if e[1] == card) for card in ("gpu_8gb", "rtx3060", "rtx4080", "rtx4090")]
+    assert [e[3] for e in firsts] == [3072, 22016, 40960, 78592], "optkit starts at the published figures, rounded up"
     baseline = [e for e in log if e[0] == "baseline"]
     assert baseline[0][3] == 512 and [e[1] for e in baseline][0] == "gpu_8gb", "baseline from the bottom, 8 GB first"
     first_12gb = next(e for e in baseline if e[1] == "rtx3060")
@@ -198,7 +198,7 @@ def test_run_fit_suite_records_every_probe_and_orders_cards(tmp_path):
 
 
 def test_resuming_replays_recorded_probes_and_measures_only_the_rest():
-    limits = {"gpu_8gb": 5000, "rtx3060": 30000, "rtx4080": 52000}
+    limits = {"gpu_8gb": 5000, "rtx3060": 30000, "rtx4080": 52000, "rtx4090": 90000}
     log, recorded = [], []
     fit.run_fit_suite(
         _cells(), _compose, fit.recorded_measure(_fake_run(limits, log), runner._container, recorded.append)
