@@ -59,6 +59,28 @@ def test_merge_is_max_of_memory_sum_of_tokens_and_energy_and_mean_of_loss():
     assert merged["comm_share"] is None  # no profile: the profiler cannot tell
 
 
+def test_comm_share_is_the_step_share_with_nccl_kernels_running(tmp_path):
+    """A made-up profiled step of 10 ms: NCCL 0-4 ms, a GEMM 2-6 ms: comm 40% of the step, exposed 20%."""
+    import gzip
+
+    from optkit.bench.ranks import comm_fields
+    from optkit.measure.profile import PROFILED_STEP_REGION
+
+    def kernel(name, start_us, dur_us, correlation):
+        launch = {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 1.0, "dur": 1.0}
+        launch["args"] = {"correlation": correlation}
+        return [launch, {"cat": "kernel", "name": name, "ts": start_us, "dur": dur_us, "args": dict(launch["args"])}]
+
+    events = [{"cat": "user_annotation", "name": PROFILED_STEP_REGION, "ts": 0.0, "dur": 10_000.0}]
+    events += kernel("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", 0.0, 4000.0, 1)
+    events += kernel("sm90_xmma_gemm_bf16bf16_bf16f32", 2000.0, 4000.0, 2)
+    with gzip.open(tmp_path / "step.json.gz", "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
+    row = {"profile_step_wall_ms": 10.0, "trace_path": "step.json.gz"}
+    assert comm_fields(row, tmp_path) == {"comm_share": 0.4, "comm_exposed_share": 0.2}
+    assert comm_fields(dict(row, trace_path=None), tmp_path)["comm_share"] is None
+
+
 def test_rows_of_a_batch_split_the_real_tokens_by_trained_labels():
     from optkit.data import make_batches
 
