@@ -62,7 +62,8 @@ def quantize_for_qlora(model: nn.Module, train_cfg) -> List[str]:
 
 def add_lora(model: nn.Module, train_cfg, adapter_dtype: str = "float32") -> nn.Module:
     """peft LoRA on ``train_cfg.lora_targets``; ``adapter_dtype="model"`` keeps the adapters in the model's
-    dtype (peft's ``autocast_adapter_dtype=False``: x is not upcast, the LoRA math runs in bf16)."""
+    dtype (peft's ``autocast_adapter_dtype=False``: x is not upcast, the LoRA math runs in bf16; beside a 4-bit
+    QLoRA weight peft takes the layer's compute dtype)."""
     from peft import LoraConfig, get_peft_model
 
     if adapter_dtype not in ADAPTER_DTYPES:
@@ -88,19 +89,9 @@ def add_lora(model: nn.Module, train_cfg, adapter_dtype: str = "float32") -> nn.
             f"peft could not add LoRA to {type(model).__name__} with train.lora_targets="
             f"{list(train_cfg.lora_targets)}: {exc}. Set train.lora_targets to module names of this model"
         ) from exc
-    if adapter_dtype == "model":
-        _cast_adapters(peft_model, model_dtype(peft_model))
     if "experts" in train_cfg.lora_targets:
         apply_expert_lora(peft_model.get_base_model(), train_cfg)
     return peft_model
-
-
-def _cast_adapters(model: nn.Module, dtype: torch.dtype) -> None:
-    # peft moves an adapter to its base layer's dtype only when that is a float dtype: next to a 4-bit
-    # (uint8) QLoRA weight it stays float32 even with autocast_adapter_dtype=False.
-    for name, param in model.named_parameters():
-        if "lora_" in name and param.dtype != dtype:
-            param.data = param.data.to(dtype)
 
 
 def apply_expert_lora(model, train_cfg) -> List[str]:
