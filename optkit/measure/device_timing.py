@@ -303,9 +303,19 @@ def measure_graph(
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        for _ in range(2):
+        # The first warm-up runs with host syncs turned into errors: a capture that fails on a sync
+        # leaves CUDA's RNG in capture state, and every later randn in the process then fails.
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
             _refill(static, master, grad_outputs, static_grads)
             step()
+        except RuntimeError as exc:
+            raise GraphUnavailable(f"the call syncs with the host, so it cannot be captured: {exc}") from None
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        _refill(static, master, grad_outputs, static_grads)
+        step()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     _refill(static, master, grad_outputs, static_grads)
