@@ -396,6 +396,16 @@ def test_retry_failed_measures_error_rows_again_and_keeps_them(sweep, capsys):
     assert "[1]" not in output, "the summary shows the newest row"
 
 
+def test_a_sweep_killed_before_its_first_row_resumes_from_the_start(sweep, capsys):
+    killed = sweep.root / "cpu" / "smoke" / "r3"
+    killed.mkdir()
+    (killed / "env.json").write_text(json.dumps(FAKE_ENV))  # what a sweep writes before its first point
+    code, output = _optkit(sweep, capsys, *TINY, "opt=baseline,kernels", "bench.resume=r3")
+    _check(code, output, EXIT_OK)
+    assert len(sweep.started) == 2 and len(read_rows(killed / "results.jsonl")) == 2
+    sweep.assert_finished_rows_kept()
+
+
 def test_interrupt_exits_130_and_says_how_to_resume(sweep, capsys, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
