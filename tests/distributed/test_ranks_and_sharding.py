@@ -212,6 +212,25 @@ def test_patch_then_fully_shard_trains_as_the_unsharded_model(method, one_proces
         torch.testing.assert_close(param.full_tensor(), trained[name].detach(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "opt, modes", [("baseline", ("standard", "offload", "offload_double_buffer")), ("full", ("offload_double_buffer",))]
+)
+def test_checkpointing_modes_under_fsdp2_and_ddp_train_as_without_them(opt, modes, one_process_group):
+    """HF's checkpointing recomputes a layer inside FSDP2's gather; optkit's offload modes pass the layer's
+    parameters, read in forward (the gathered ones), to their Function; both must reach the same losses."""
+    from optkit.train.checkpointing import enable_checkpointing
+    from optkit.train.distributed import distribute
+
+    reference = _train(_patched_model("lora", opt))
+    for mode in modes:
+        for distributed in ("fsdp2", "ddp"):
+            net = _patched_model("lora", opt)
+            enable_checkpointing(net, mode)
+            net.train()
+            net = distribute(net, compose([f"train.distributed={distributed}"]).train, torch.device("cpu"))
+            assert _train(net) == pytest.approx(reference, rel=1e-5), (mode, distributed)
+
+
 def test_ddp_qlora_trains_as_the_plain_model(one_process_group):
     from optkit.train.distributed import distribute
 
