@@ -139,15 +139,6 @@ _ALL = (
         peers.apply_liger,
         peer=True,
     ),
-    Optimization(
-        "compile",
-        "compile",
-        "peer: torch.compile per decoder layer or of the whole model (opt.compile_scope, opt.compile_mode)",
-        (),
-        None,
-        peers.apply_compile,
-        peer=True,
-    ),
     Optimization(  # builds the model itself (bench/setup.py asks it to); apply only names what it did
         "unsloth",
         "unsloth",
@@ -155,6 +146,15 @@ _ALL = (
         ("cuda", "unsloth"),
         None,
         unsloth_peer.apply_unsloth,
+        peer=True,
+    ),
+    Optimization(
+        "compile",
+        "compile",
+        "peer: torch.compile per decoder layer or of the whole model (opt.compile_scope, opt.compile_mode)",
+        (),
+        None,
+        peers.apply_compile,
         peer=True,
     ),
 )

@@ -41,7 +41,7 @@ KERNELS_ON = {
         "fused_linear_cross_entropy": True,
     }
 }
-REQUIREMENTS = {"cuda", "triton", "bitsandbytes", "liger", "moe", "packing", "lora"}
+REQUIREMENTS = {"cuda", "triton", "bitsandbytes", "liger", "unsloth", "moe", "packing", "lora"}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton on CPU tensors only under the interpreter
 
 
@@ -251,7 +251,9 @@ def test_compile_is_in_place_and_unpatched(monkeypatch):
     model = _tiny()
     patch(model, {"compile": True, "compile_mode": "reduce-overhead"})  # lazy: nothing compiles until a call
     assert model._compiled_call_impl is not None
-    assert patch_log(model) == ["compile: compiled (torch.compile of LlamaForCausalLM, mode=reduce-overhead)"]
+    assert patch_log(model) == [
+        "compile: compiled the whole model (torch.compile of LlamaForCausalLM, mode=reduce-overhead)"
+    ]
     with pytest.raises(PatchConflict, match="already compiled"):
         patch(model, {"kernels": {"rms_norm": True}, "compile": True})
     unpatch(model)
