@@ -170,6 +170,10 @@ def _rope_kernel(
             )
 
 
+ROPE_HEADS_PER_TILE = 8
+ROPE_WARPS = 4
+
+
 @dataclass(frozen=True)
 class RopeLaunch:
     """How the kernel is launched: ``default_rope_launch`` picks one from the shape; scripts/tune_kernels.py
@@ -181,13 +185,15 @@ class RopeLaunch:
 
 
 def default_rope_launch(n_heads_q: int, n_heads_k: int, head_dim: int) -> RopeLaunch:
-    """One program per token. Its heads go through a (heads x D/2) tile per half, sized to ~TILE_ELEMENTS
-    over both halves: Llama-3-8B's 32 q heads x 64 in one pass of 8 warps (16 elements, two 16-byte loads
-    per thread), then its 8 k heads in one quarter-size pass (no masked-off head rows)."""
+    """One program per token. Its heads go through a (heads x D/2) tile per half of at most
+    ROPE_HEADS_PER_TILE heads at 4 warps: of scripts/tune_kernels.py's grid on an H200, 8 heads at 4 warps
+    was fastest at D=128 and D=256, 1k-16k tokens (1.13-1.29x the earlier one-tile-of-4096 choice at 4k-16k):
+    more, smaller passes keep more programs resident per SM."""
     block_half = triton.next_power_of_2(head_dim // 2)
-    max_block_h = max(1, TILE_ELEMENTS // (2 * block_half))
+    max_block_h = max(1, min(ROPE_HEADS_PER_TILE, TILE_ELEMENTS // (2 * block_half)))
     widest = min(triton.next_power_of_2(max(n_heads_q, n_heads_k)), max_block_h)
-    return RopeLaunch(max_block_h, warps_for(2 * widest * block_half))
+    small = widest < max_block_h  # fewer heads than a tile holds (tiny models): size the warps to the tile
+    return RopeLaunch(max_block_h, min(ROPE_WARPS, warps_for(2 * widest * block_half)) if small else ROPE_WARPS)
 
 
 def _unit_last_stride(t: Tensor) -> Tensor:

@@ -44,7 +44,7 @@ def test_every_launch_config_matches_the_reference(launch, dtype, cast_mode):
 
 
 def test_default_launch_follows_the_shape():
-    assert default_rms_norm_launch(4096, 4096) == RmsNormLaunch(rows_per_program=1, num_warps=8)
+    assert default_rms_norm_launch(4096, 4096) == RmsNormLaunch(rows_per_program=2, num_warps=8, programs_per_sm=2)
     assert default_rms_norm_launch(4096, 128).rows_per_program == 32  # short rows stacked to ~4096 elements
 
 
