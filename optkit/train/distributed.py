@@ -41,6 +41,7 @@ from optkit.train.method import decoder_layers
 
 MODES = ("none", "ddp", "fsdp2")  # train.distributed
 PACKED_SHARDS_TORCH = (2, 12)  # first torch whose FSDP2 takes uint8 parameters (QLoRA's packed NF4 weights)
+TORCH_OPTIMIZERS = ("adamw", "adamw_fused")  # train.optimizer values that step DTensors (FSDP2's parameters)
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # set by torch.distributed.run for every process
 _PR_SET_PDEATHSIG = 1
 
@@ -143,6 +144,11 @@ def unsupported_reason(train_cfg) -> Optional[str]:
             f"train.distributed={mode} needs the processes torch.distributed.run starts: run it through "
             "`optkit bench ... bench.gpus=N` (or torchrun)"
         )
+    if mode == "fsdp2" and train_cfg.optimizer not in TORCH_OPTIMIZERS:
+        return (
+            f"train.optimizer={train_cfg.optimizer} with train.distributed=fsdp2: bitsandbytes' 8-bit optimizers "
+            "step plain tensors, FSDP2's parameters are DTensors; use train.optimizer=adamw or adamw_fused"
+        )
     if mode == "fsdp2" and train_cfg.method == "qlora" and _torch_version() < PACKED_SHARDS_TORCH:
         return (
             f"train.method=qlora with train.distributed=fsdp2 needs torch>={'.'.join(map(str, PACKED_SHARDS_TORCH))} "
@@ -187,7 +193,12 @@ def distribute(model: nn.Module, train_cfg, device: torch.device) -> nn.Module:
     if mode == "none":
         return model
     if mode == "ddp":
-        return DataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if device.type != "cuda":
+            return DataParallel(model)
+        # "cuda" without an index is the current device, which init_world set to this rank's GPU
+        return DataParallel(
+            model, device_ids=[device.index if device.index is not None else torch.cuda.current_device()]
+        )
     if mode == "fsdp2":
         shard(model, mixed_precision=device.type == "cuda")
         if train_cfg.sharded_init:

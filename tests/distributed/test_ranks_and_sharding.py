@@ -156,6 +156,22 @@ def test_several_gpus_need_a_distributed_mode_and_the_mode_is_in_the_keys():
     assert setting_key(two).endswith("/fsdp2-x2") and "fsdp2" not in setting_key(one)
 
 
+def test_what_a_launch_cannot_run_is_a_skip_reason_naming_the_fix(monkeypatch):
+    from optkit.train import distributed
+
+    fsdp2_qlora = compose(["train=qlora", "train.distributed=fsdp2"]).train
+    assert "bench.gpus=N" in distributed.unsupported_reason(fsdp2_qlora)  # not started by torchrun
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    assert distributed.unsupported_reason(fsdp2_qlora) is None
+    monkeypatch.setattr(distributed, "_torch_version", lambda: (2, 11))
+    reason = distributed.unsupported_reason(fsdp2_qlora)
+    assert "torch>=2.12" in reason and "bnb_4bit_quant_storage" in reason and "NF4Tensor" in reason
+    eight_bit = compose(["train.distributed=fsdp2", "train.optimizer=adamw_8bit"]).train
+    assert "train.optimizer=adamw" in distributed.unsupported_reason(eight_bit)
+    assert distributed.unsupported_reason(compose([]).train) is None
+
+
 # ----------------------------------------------------------------------------- FSDP2 in one process
 
 
