@@ -9,9 +9,9 @@ before a failure keep their ok rows.
 
 Order of work: build model -> training method (LoRA / QLoRA / full) -> optkit.patch -> gradient
 checkpointing -> optimizer -> warm-up steps (untimed; compile happens here) -> timed windows ->
-(bench.count_syncs) one untimed step counting syncs -> one untimed step naming the attention kernels
-(bench/point_facts.py) -> (bench.profile) one untimed step under torch.profiler, last because a profiler
-session slows every later launch in the process.
+(bench.count_syncs) one untimed step counting syncs -> (bench.profile) one untimed step under
+torch.profiler, after every timed step because a profiler session slows every later launch in the process ->
+one untimed step naming the attention kernels it runs (bench/point_facts.py: op names, no timing).
 """
 
 from __future__ import annotations
@@ -217,9 +217,10 @@ def _untimed_extras(cfg, model, optimizer, batch, device, sampler, trace) -> Dic
     fields: Dict[str, Any] = {}
     if cfg.bench.count_syncs and device.type == "cuda":
         fields["device_syncs_per_step"] = _count_syncs(model, optimizer, batch)
-    fields.update(attention_backend(lambda: _one_step(model, optimizer, batch)))  # which kernels ran
     if trace is not None:
         fields.update(_profiled_step(model, optimizer, batch, device, sampler, trace))
+    # which attention kernels ran: op names only, so it may follow the profiled step (whose timing it would skew)
+    fields.update(attention_backend(lambda: _one_step(model, optimizer, batch)))
     return fields
 
 
