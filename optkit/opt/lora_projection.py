@@ -86,6 +86,11 @@ def _undo_cpu_inference_packing(base: nn.Module):
 
     weight = base.weight
     weight.data, quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    if not quant_state.nested:
+        # bitsandbytes 0.50's inverse leaves the block scales as its repack stored them, (in / blocksize, out) in
+        # bf16, so a layer with in_features > blocksize gets the wrong scale per block; NF4 keeps them in block
+        # order in fp32 (values exact where the weights were bf16, whose absmax is a bf16 number).
+        quant_state.absmax = quant_state.absmax.t().reshape(-1).float()
     weight.quant_state = quant_state
     if getattr(base, "quant_state", None) is not None:
         base.quant_state = quant_state

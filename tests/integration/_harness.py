@@ -63,6 +63,7 @@ def add_lora(model: torch.nn.Module, dropout: float = 0.0, seed: int = 1, **conf
     lora = LoraConfig(
         r=8, lora_alpha=16, lora_dropout=dropout, target_modules=LORA_TARGETS, task_type="CAUSAL_LM", **config
     )
+    torch.manual_seed(seed)  # peft draws A from the global generator
     model = get_peft_model(model, lora)
     randomize_lora_b(model, seed)
     return model
@@ -132,10 +133,12 @@ class FusedLossSpy:
             module.fused_linear_cross_entropy = real
 
 
-def hand_loop(model, steps: int = STEPS, autocast: Optional[torch.dtype] = None, accelerator=None) -> List[float]:
+def hand_loop(
+    model, steps: int = STEPS, autocast: Optional[torch.dtype] = None, accelerator=None, lr: float = LR
+) -> List[float]:
     """Plain AdamW steps on ``batches``; under ``torch.autocast`` when asked, through an Accelerator when given."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR)
+    optimizer = torch.optim.AdamW(params, lr=lr)
     if accelerator is not None:
         model, optimizer = accelerator.prepare(model, optimizer)
     losses = []

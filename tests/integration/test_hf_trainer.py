@@ -28,11 +28,11 @@ from tests.integration._harness import (
 
 def _train(model, out_dir, **switches):
     accumulation = switches.get("gradient_accumulation_steps", 1)
+    switches.setdefault("learning_rate", LR)
     args = TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=BATCH,
         max_steps=STEPS,
-        learning_rate=LR,
         logging_steps=1,
         save_strategy="no",
         report_to=[],
