@@ -129,10 +129,9 @@ def setting_lines(points: Sequence[Point], baseline_opt: str) -> List[str]:
         )
     lines.append("")
     if strongest is not None:
-        lines.append(f"Strongest peer by tokens/s: `{strongest.head.get('opt')}`.")
-        lines.append("")
-        lines += [f"- {verdict(p, strongest)}" for p in points if is_optkit(p) and p.ok]
-        lines.append("")
+        lines += [f"Strongest peer by tokens/s: `{strongest.head.get('opt')}`.", ""]
+        verdicts = [f"- {verdict(p, strongest)}" for p in points if is_optkit(p) and p.ok]
+        lines += verdicts + ([""] if verdicts else [])
     return lines
 
 
