@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from optkit.config.schema import OptConfig
-from optkit.opt.edits import add_forward_pre_hook, hf_model_of, is_moe, note_once, override_attr
+from optkit.opt.edits import add_forward_pre_hook, hf_model_of, is_moe, logger, note_once, override_attr
 
 
 def shifted_targets(labels: torch.Tensor, ignore_index: int = -100, shift_labels=None) -> torch.Tensor:
@@ -74,11 +74,12 @@ def _fused_loss_forward(hf: nn.Module, note: Callable[[str], None]) -> Callable:
     """
     cls_forward = type(hf).forward
     positional = _positional_names(cls_forward)
-    before = hf.__dict__.get("forward")  # someone (accelerate hooks, TRL) replaced it on the instance first
-    fallback = before if before is not None else types.MethodType(cls_forward, hf)
 
     @functools.wraps(cls_forward)
     def forward(self, *args, **kwargs):
+        # looked up on self, not closed over: a deepcopy of the model calls its own modules
+        before = self.__dict__.get("_optkit_forward_before_fused_loss")  # another tool's instance forward
+        fallback = before if before is not None else types.MethodType(cls_forward, self)
         if len(args) > len(positional):
             raise TypeError(f"{type(self).__name__}.forward takes at most {len(positional)} positional arguments")
         for name, value in zip(positional, args):  # model(input_ids, attention_mask, ...) as HF allows
@@ -157,11 +158,15 @@ def apply_fused_linear_cross_entropy(model: nn.Module, opt_cfg: OptConfig) -> Li
     lm_head = getattr(hf, "lm_head", None)
     if type(lm_head) is not nn.Linear:  # peft-wrapped or quantized heads have no plain weight to fuse
         kind = type(lm_head).__name__ if lm_head is not None else "no lm_head"
-        return [f"fused_linear_cross_entropy: skipped (lm_head is {kind}, not a plain nn.Linear)"]
+        line = f"fused_linear_cross_entropy: skipped (lm_head is {kind}, not a plain nn.Linear)"
+        if hasattr(lm_head, "lora_A"):  # a user's choice that costs the fused loss: say which switch it is
+            line = line[:-1] + "; leave lm_head out of LoraConfig(target_modules) to fuse the loss)"
+            logger.warning("optkit: %s", line)
+        return [line]
     note = note_once(model, "fused_linear_cross_entropy")
     forward = _fused_loss_forward(hf, note)
     previous = hf.__dict__.get("forward")
-    if previous is not None:
+    if previous is not None:  # someone (accelerate hooks, TRL) replaced it on the instance first
         override_attr(model, hf, "_optkit_forward_before_fused_loss", previous, by="fused_linear_cross_entropy")
     override_attr(model, hf, "forward", forward, by="fused_linear_cross_entropy")
 

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import importlib
 import importlib.util
+import inspect
 
 import pytest
 import torch
@@ -278,6 +279,58 @@ def test_fused_loss_returns_no_logits_in_training_and_logits_when_asked():
     assert model(input_ids=ids).logits is not None
     as_tuple = model.train()(input_ids=ids, labels=ids, return_dict=False)
     assert torch.allclose(as_tuple[0], fused.loss)
+
+
+def test_fused_loss_forward_keeps_the_hf_signature_and_takes_positional_arguments():
+    # HF's Trainer keeps the dataset columns the forward's signature names (remove_unused_columns) and passes
+    # num_items_in_batch only to a forward taking **kwargs
+    model = _tiny().train()
+    hf_signature = inspect.signature(type(model).forward)
+    patch(model, {"kernels": {"fused_linear_cross_entropy": True}})
+    assert "forward" in model.__dict__
+    assert list(inspect.signature(model.forward).parameters) == list(hf_signature.parameters)[1:]
+    ids = _ids(model)
+    mask = torch.ones_like(ids)
+    by_name = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    assert torch.equal(model(ids, mask, labels=ids).loss, by_name)
+    with pytest.raises(TypeError, match="multiple values for argument 'input_ids'"):
+        model(ids, input_ids=ids, labels=ids)
+
+
+def test_a_deepcopy_of_the_fused_loss_forward_runs_the_copy():
+    model = patch(_tiny().train(), {"kernels": {"fused_linear_cross_entropy": True}})
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.lm_head.weight.mul_(2)
+    ids = _ids(model)
+    assert not torch.allclose(clone(input_ids=ids, labels=ids).loss, model(input_ids=ids, labels=ids).loss)
+    assert not torch.allclose(clone.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+def test_fused_lm_head_calls_go_to_the_foreign_head_and_say_so_once():
+    # TRL's SFTTrainer installs its own forward (model(..., fused_lm_head=True) returns its per-token outputs):
+    # before optkit's (optkit patched after the trainer) or over it (optkit patched first)
+    ids = _ids(_tiny())
+    line = "fused_linear_cross_entropy: not used for calls with fused_lm_head=True"
+    for order in ("head first", "optkit first"):
+        model = _tiny().train()
+        if order == "head first":
+            model.forward = _foreign_head(model, model.forward)
+            patch(model, {"kernels": {"fused_linear_cross_entropy": True}})
+        else:
+            patch(model, {"kernels": {"fused_linear_cross_entropy": True}})
+            model.forward = _foreign_head(model, model.forward)
+        assert model(input_ids=ids, labels=ids, fused_lm_head=True) == "foreign head"
+        assert model(input_ids=ids, labels=ids, fused_lm_head=True) == "foreign head"
+        assert sum(entry.startswith(line) for entry in patch_log(model)) == 1, (order, patch_log(model))
+        assert model(input_ids=ids, labels=ids).logits is None  # calls without it: optkit's fused loss
+
+
+def _foreign_head(model, underneath):
+    def forward(*args, fused_lm_head=False, **kwargs):
+        return "foreign head" if fused_lm_head else underneath(*args, **kwargs)
+
+    return forward
 
 
 def test_fused_loss_keeps_the_moe_auxiliary_loss():
