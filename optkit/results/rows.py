@@ -21,6 +21,11 @@ this is the one place that says what each version changed:
        point's ``setting_key`` gains ``card-<name>`` when one is emulated (keys without a card are unchanged).
      - ``fit_search``, ``fit_probe``: a fit suite's probe (which search, its index in the search).
      - opt switches added in v4 (``tiled_mlp``...) leave ``point_key`` unchanged while at their defaults.
+     - ``alloc_conf``, ``lora_adapter_dtype``, ``attention_backend``, ``unsloth_patched_layers``,
+       ``unsloth_load_s``: the allocator config every point runs under, the LoRA adapters' precision, the
+       attention kernels a step ran, and the Unsloth peer's own report (``opt.unsloth``). ``compile_s`` is also
+       set for opt.unsloth rows (its first step compiles); their forward_ms / backward_ms / optimizer_ms are
+       None (its loss computes the LM head's gradient in forward: whole steps only).
      - ``distributed``, ``world_size``, ``dist_backend``, ``tokens_per_s_per_gpu``, the ``*_per_rank`` lists,
        ``comm_share``, ``comm_exposed_share``: points on several processes (train.distributed, bench.gpus).
        In such a row the throughput fields are global (every rank's tokens), memory fields are the max over
@@ -96,7 +101,8 @@ ROW_FIELDS: Dict[str, str] = {
     "step_times_ms": "every timed step's time (for CIs and regress)",
     "timer": "cuda_events | host_clock",
     "loss_in_forward": "True when a fused loss computes gradients in forward (backward work in forward_ms)",
-    "compile_s": "wall time of the first (compiling) step when torch.compile is on, else None",
+    "compile_s": "wall time of the first (compiling) step when torch.compile is on (opt.compile; opt.unsloth, "
+                 "which compiles its loss in its first steps), else None",
     "first_step_s": "wall time of the first warm-up step (compilation, autotuning, allocator growth)",
     "warmup_s": "wall time of all warm-up steps",
     # throughput and efficiency
@@ -188,6 +194,18 @@ ROW_FIELDS: Dict[str, str] = {
                   "running; None when the profiler cannot tell (no bench.profile, no CUDA, one process)",
     "comm_exposed_share": "share of that step with communication running and no compute kernel beside it "
                           "(the part of comm_share the step waits on)",
+    # peers and precision (optkit/opt/peers.py, optkit/opt/unsloth_peer.py, optkit/bench/point_facts.py)
+    "alloc_conf": "PYTORCH_ALLOC_CONF the point's process ran under (bench.alloc_conf, set for every point)",
+    "lora_adapter_dtype": "dtype of the trainable LoRA adapter weights (opt.adapter_dtype; unsloth: as it made "
+                          "them); None without adapters",
+    "attention_backend": "attention kernels one extra untimed step after the timed windows ran, from the op names "
+                         "torch's profiler saw: sdpa_flash | sdpa_efficient | sdpa_cudnn | sdpa_math | "
+                         "sdpa_flash_cpu | flash_attn | xformers | flex, '+'-joined when several, 'unfused' "
+                         "when none (eager matmul attention); on the process's last window's row",
+    "unsloth_patched_layers": "{qkv, o, mlp}: decoder layers Unsloth says it patched with its fused LoRA (parsed "
+                              "from its own message); None outside opt.unsloth or when it printed no count",
+    "unsloth_load_s": "wall time of FastLanguageModel.from_pretrained + get_peft_model (checkpoint load, 4-bit "
+                      "quantization, its patching at load)",
     # fit search (suite.kind=fit; optkit/bench/fit.py)
     "fit_search": "seq_len | batch_size: the fit search this probe belongs to (None outside a fit suite)",
     "fit_probe": "index of the probe within its search (0 = first)",
@@ -258,7 +276,13 @@ def setting_key(config: Dict[str, Any]) -> str:
 
 # Opt switches added after opt-sets had keys, with their defaults: at the default they stay out of the
 # digest, so every opt-set that existed before them keeps its point_key (regress matches old runs).
-LATER_SWITCH_DEFAULTS = {"tiled_mlp": False, "tiled_mlp_chunk_tokens": 4096}
+LATER_SWITCH_DEFAULTS = {
+    "tiled_mlp": False,
+    "tiled_mlp_chunk_tokens": 4096,
+    "compile_scope": "model",  # what opt.compile did before the switch existed
+    "adapter_dtype": "float32",
+    "unsloth": False,
+}
 
 
 def opt_key(config: Dict[str, Any]) -> str:
