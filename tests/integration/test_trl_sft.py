@@ -21,6 +21,7 @@ from optkit.train.packing import packing_state
 from tests.integration._harness import (
     BATCH,
     LR,
+    OPTIM,
     STEPS,
     FusedLossSpy,
     add_lora,
@@ -50,6 +51,7 @@ def _sft(model, out_dir, patch_after=None, **config):
         per_device_train_batch_size=BATCH,
         max_steps=STEPS,
         learning_rate=LR,
+        optim=OPTIM,
         logging_steps=1,
         save_strategy="no",
         report_to=[],
