@@ -70,8 +70,9 @@ class _FusedProjectionsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: ProjectionGroup, cache: bool, *lora_params: Tensor):
         ctx.x_dtype = x.dtype
+        dtype = autocast_dtype(x)  # asked before autocast_off: inside it autocast reads as off
         with autocast_off(x.device.type):
-            x = x.to(autocast_dtype(x))
+            x = x.to(dtype)
             x2d = x.reshape(-1, x.shape[-1])
             outputs, xa = project(x2d, group.projections, group.operands.get(x.dtype, cache))
         ctx.group = group
@@ -160,8 +161,9 @@ class _FusedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: MLPGroup, cache: bool, *lora_params: Tensor):
         ctx.x_dtype = x.dtype
+        dtype = autocast_dtype(x)  # asked before autocast_off: inside it autocast reads as off
         with autocast_off(x.device.type):
-            x = x.to(autocast_dtype(x))
+            x = x.to(dtype)
             x2d = x.reshape(-1, x.shape[-1])
             (gate, up), xa_gate_up = project(x2d, group.gate_up, group.gate_up_operands.get(x.dtype, cache))
             h = group.act.forward(gate, up)  # (N, I), not saved: recomputed in backward from gate and up

@@ -1,6 +1,6 @@
 """optkit.patch in hand-written loops: accelerate's Accelerator.prepare + accelerator.backward (no mixed
 precision, and bf16, which wraps the model's forward in autocast), and a plain loop under torch.autocast in
-bf16 and fp16 (fp16 autocast over optkit's functions is only reachable this way without a GPU).
+bf16 and fp16 over fp32 and bf16 weights (fp16 autocast is only reachable this way without a GPU).
 """
 
 from __future__ import annotations
@@ -52,12 +52,29 @@ def test_accelerator_prepare_and_backward(mixed_precision):
     assert_same_curve(patched, reference, dtype, truth)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_hand_loop_under_autocast(dtype):
-    truth = hand_loop(add_lora(tiny_hf()))
-    reference = hand_loop(add_lora(tiny_hf()), autocast=dtype)
+@pytest.mark.parametrize(
+    "dtype, weights",
+    [(torch.bfloat16, "float32"), (torch.float16, "float32"), (torch.float16, "bfloat16")],
+    ids=["bf16-over-fp32", "fp16-over-fp32", "fp16-over-bf16"],
+)
+def test_hand_loop_under_autocast(dtype, weights):
+    truth = hand_loop(add_lora(tiny_hf(weights).float()))
+    reference = hand_loop(add_lora(tiny_hf(weights)), autocast=dtype)
+    model = optkit.patch(add_lora(tiny_hf(weights)), "full")
+    layer = model.get_base_model().model.layers[0]
+    seen = {}  # fused LoRA's outputs come in the autocast dtype, as an autocast linear's would
+
+    def record(name):
+        def hook(module, args, output):
+            seen.setdefault(name, output.dtype)
+
+        return hook
+
+    layer.self_attn.q_proj.register_forward_hook(record("q_proj"))
+    layer.mlp.register_forward_hook(record("mlp"))
     spy = FusedLossSpy()
     with spy.watching():
-        patched = hand_loop(optkit.patch(add_lora(tiny_hf()), "full"), autocast=dtype)
+        patched = hand_loop(model, autocast=dtype)
+    assert seen == {"q_proj": dtype, "mlp": dtype}, seen
     assert spy.calls == STEPS
     assert_same_curve(patched, reference, dtype, truth)
