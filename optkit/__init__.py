@@ -1,8 +1,11 @@
 """optkit: measure and ship LLM fine-tuning kernels and training optimizations.
 
 import optkit
-model = optkit.patch(model, "full")   # before an HF Trainer / TRL SFTTrainer / a hand loop
+model = optkit.patch(model, "full")   # after get_peft_model, before an HF Trainer / TRL SFTTrainer / a hand loop
+print("\n".join(optkit.patch_log(model)))  # what changed, what was left alone and why
 optkit.unpatch(model)                 # back to the exact original modules
+
+examples/hf_trainer.py and examples/trl_sft.py are scripts to copy.
 """
 
 from importlib import import_module
