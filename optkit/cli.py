@@ -22,7 +22,7 @@ USAGE = """optkit <command> [args] [--debug]
                                e.g. optkit bench suite=e2e model=llama3_8b opt=baseline train.batch_size=4
                                optkit bench --help [GROUP]: every group, key, type, default and meaning
   report RUN_DIR [RUN_DIR ...] tables (md, csv, tex) and plots under reports/<gpu>/<suite>/
-  regress --baseline DIR --candidate DIR   noise-aware regression gate (exit 1 on a regression)
+  regress --baseline DIR --candidate DIR   noise-aware regression gate (exit 1: a regression or gate failure)
   env                          print the environment fingerprint (GPU, driver, versions, git SHA)
   list                         models, optimizations and suites
 

@@ -33,6 +33,9 @@ _DISTRIBUTIONS = {
     "peft": ("peft",),
     "bitsandbytes": ("bitsandbytes",),
     "liger_kernel": ("liger-kernel", "liger_kernel"),
+    "unsloth": ("unsloth",),
+    "accelerate": ("accelerate",),
+    "trl": ("trl",),
     "hydra": ("hydra-core",),
     "nvidia_ml_py": ("nvidia-ml-py",),
 }
