@@ -95,6 +95,9 @@ class OptConfig:
     name: str = setting("baseline", "opt-set name: labels the rows")
     kernels: KernelsConfig = setting(meaning="optkit's Triton kernels", factory=KernelsConfig)
     fused_lora: bool = setting(False, "fused LoRA autograd functions (MLP, QKV, O)")
+    recompute_skips_mlp_down: bool = setting(
+        False, "fused LoRA under checkpointing: a layer's recompute skips the MLP down_proj whose output it discards"
+    )
     packed_metadata_cache: bool = setting(False, "packed sequences: boundary metadata built once per batch")
     moe_sorted_routing: bool = setting(False, "MoE: one sort + grouped GEMM instead of a per-expert loop")
     compile: bool = setting(False, "torch.compile the model (peer; composes with optkit's kernels)")

@@ -159,7 +159,7 @@ class MLPGroup:
 
 class _FusedMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, group: MLPGroup, cache: bool, *lora_params: Tensor):
+    def forward(ctx, x: Tensor, group: MLPGroup, cache: bool, skip_down: bool, *lora_params: Tensor):
         ctx.x_dtype = x.dtype
         dtype = autocast_dtype(x)  # asked before autocast_off: inside it autocast reads as off
         with autocast_off(x.device.type):
@@ -167,7 +167,12 @@ class _FusedMLPFunction(torch.autograd.Function):
             x2d = x.reshape(-1, x.shape[-1])
             (gate, up), xa_gate_up = project(x2d, group.gate_up, group.gate_up_operands.get(x.dtype, cache))
             h = group.act.forward(gate, up)  # (N, I), not saved: recomputed in backward from gate and up
-            (y,), xa_down = project(h, group.down, group.down_operands.get(h.dtype, cache))
+            if skip_down:  # nobody reads y (FusedMLPForward.skip_down_when): only h A^T, which down's dB needs
+                operands = group.down_operands.get(h.dtype, cache)
+                xa_down = h @ operands.A.t() if operands.A is not None else None
+                y = h.new_empty(h.shape[0], group.down[0].base.out_features)
+            else:
+                (y,), xa_down = project(h, group.down, group.down_operands.get(h.dtype, cache))
         ctx.group = group
         ctx.save_for_backward(x, gate, up, xa_gate_up, xa_down)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -194,7 +199,7 @@ class _FusedMLPFunction(torch.autograd.Function):
             )
         group.down_operands.drop()
         group.gate_up_operands.drop()
-        return (dx.view_as(x).to(ctx.x_dtype) if dx is not None else None, None, None, *d_gate_up, *d_down)
+        return (dx.view_as(x).to(ctx.x_dtype) if dx is not None else None, None, None, None, *d_gate_up, *d_down)
 
 
 # ----------------------------------------------------------------------------- installing
@@ -243,9 +248,13 @@ class _SharedOutputs:
 class FusedMLPForward(_FusedForward):
     def __init__(self, group: MLPGroup):
         self.group = group
+        # Set by opt.recompute_skips_mlp_down (optkit/opt/recompute_skip.py): True when this call's output is
+        # never read, and then down_proj's base and B GEMMs are skipped. Never asked in a compiled graph.
+        self.skip_down_when: Optional[Callable[[], bool]] = None
 
     def __call__(self, x: Tensor) -> Tensor:
-        return _FusedMLPFunction.apply(x, self.group, _records_graph(), *self.group.lora_parameters())
+        skip = self.skip_down_when is not None and not torch.compiler.is_compiling() and self.skip_down_when()
+        return _FusedMLPFunction.apply(x, self.group, _records_graph(), skip, *self.group.lora_parameters())
 
 
 def _projections(module: nn.Module, names: Sequence[str]):

@@ -25,6 +25,7 @@ from optkit.opt import (
     moe_sorted_routing,
     packed_metadata_cache,
     peers,
+    recompute_skip,
     rms_norm,
     rope,
     tiled_mlp,
@@ -103,6 +104,15 @@ _ALL = (
         ("lora",),
         None,
         fused_lora.apply_fused_lora,
+    ),
+    Optimization(  # after fused_lora: it sets up the fused MLPs that one installs
+        "recompute_skips_mlp_down",
+        "recompute_skips_mlp_down",
+        "checkpoint recompute of a layer skips the fused MLP's down_proj GEMMs (its output is discarded)",
+        ("lora",),
+        families_with(mlp_output_only_in_residual=True),
+        recompute_skip.apply_recompute_skip,
+        recompute_skip.remove_recompute_skip,
     ),
     Optimization(
         "packed_metadata_cache",

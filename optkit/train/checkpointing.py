@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from optkit.train.method import decoder_layers
+from optkit.train.recompute import layer_recompute
 
 MODES = ("none", "standard", "offload", "offload_double_buffer")  # train.checkpointing
 
@@ -273,7 +274,9 @@ class _OffloadedLayer(torch.autograd.Function):
         offloader, device = ctx.offloader, ctx.like["device"]
         need_hidden = ctx.needs_input_grad[3]
         hidden = offloader.reload(ctx.index, ctx.like).detach().requires_grad_(need_hidden)
-        with torch.random.fork_rng(devices=ctx.rng.devices), torch.enable_grad():
+        # The rerun's output is only the root of autograd.grad below (its value is never read): marked as a
+        # layer recompute, so optimizations may skip what only that value needs (optkit/train/recompute.py).
+        with torch.random.fork_rng(devices=ctx.rng.devices), torch.enable_grad(), layer_recompute():
             ctx.rng.restore()
             out = ctx.run(hidden)
         params = ctx.saved_params

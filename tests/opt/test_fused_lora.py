@@ -109,7 +109,7 @@ def test_mlp_matches_float64(activation, dtype):
             _projection(wd, None, ad, bd, scale),
             act,
         )
-        return _FusedMLPFunction.apply(x, group, True, ag, bg, au, bu, ad, bd)
+        return _FusedMLPFunction.apply(x, group, True, False, ag, bg, au, bu, ad, bd)
 
     def reference(x, wg, wu, wd, ag, bg, au, bu, ad, bd):
         h = torch_act(
