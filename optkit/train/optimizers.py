@@ -1,4 +1,5 @@
-"""Optimizers by name (train.optimizer): adamw | adamw_fused (torch) | adamw_8bit | paged_adamw_8bit (bitsandbytes).
+"""Optimizers by name (train.optimizer): adamw | adamw_fused (torch) | adamw_8bit | paged_adamw_8bit (bitsandbytes)
+| adamw_8bit_fused (optkit).
 
 - ``adamw``: torch AdamW with the multi-tensor (foreach) implementation, torch's default on GPU.
 - ``adamw_fused``: torch AdamW with ``fused=True`` (one kernel per parameter group and dtype).
@@ -7,6 +8,9 @@
 - ``paged_adamw_8bit``: as adamw_8bit with the state in CUDA unified (managed) memory that pages to host
   under pressure. The torch allocator never sees that memory: read its cost from NVML, not from
   ``torch.cuda.max_memory_allocated``. On CPU bitsandbytes falls back to non-paged state.
+- ``adamw_8bit_fused``: optkit's blockwise 8-bit AdamW (optkit/kernels/adamw_8bit.py): the same kind of
+  state as adamw_8bit (8-bit m and v, one fp32 absmax per 256 elements; small tensors 8-bit too), updated
+  for every parameter by one Triton launch per dtype instead of one kernel and host round per tensor.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 import torch
+
+from optkit.kernels.adamw_8bit import FusedAdamW8bit
 
 
 def _torch_adamw(fused: bool) -> Callable:
@@ -44,6 +50,7 @@ BUILDERS: Dict[str, Callable] = {
     "adamw_fused": _torch_adamw(fused=True),
     "adamw_8bit": _bnb("adamw_8bit"),
     "paged_adamw_8bit": _bnb("paged_adamw_8bit"),
+    "adamw_8bit_fused": FusedAdamW8bit,
 }
 
 
