@@ -40,14 +40,16 @@ from optkit.train.recompute import checkpoint_contexts, in_layer_recompute, with
 NAME = "recompute_skips_mlp_down"
 
 
-def _output_unread(mlp: nn.Module) -> Callable[[], bool]:
-    """FusedMLPForward.skip_down_when for ``mlp`` of an allowlisted layer."""
-    global_hooks = nn.modules.module._global_forward_hooks
+class OutputUnread:
+    """FusedMLPForward.skip_down_when of the MLP of an allowlisted decoder layer (an object, not a closure:
+    a deep copy of the model then asks about its own MLP's hooks)."""
 
-    def skip_down_when() -> bool:
-        return in_layer_recompute() and torch.is_grad_enabled() and not mlp._forward_hooks and not global_hooks
+    def __init__(self, mlp: nn.Module):
+        self.mlp = mlp
 
-    return skip_down_when
+    def __call__(self) -> bool:
+        hooked = self.mlp._forward_hooks or nn.modules.module._global_forward_hooks
+        return in_layer_recompute() and torch.is_grad_enabled() and not hooked
 
 
 def _marking_hf_recomputes(note: Callable[[str], None]):
@@ -88,7 +90,7 @@ def apply_recompute_skip(model: nn.Module, opt_cfg: OptConfig) -> List[str]:
         elif type(layer) is not allowed:
             left.setdefault(f"{type(layer).__name__} is not {allowed.__name__}", []).append(index)
         else:
-            forward.skip_down_when = _output_unread(mlp)
+            forward.skip_down_when = OutputUnread(mlp)
             if state_of(model) is not None:
                 add_forward_pre_hook(model, layer, hook)
             else:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from typing import Callable, Iterator, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch.utils.checkpoint
 
@@ -31,18 +31,21 @@ def in_layer_recompute() -> bool:
     return getattr(_state, "depth", 0) > 0
 
 
-@contextlib.contextmanager
-def layer_recompute() -> Iterator[None]:
-    """Marks a decoder layer's recompute; cleared on every exit, including the exception with which
-    non-reentrant checkpoint stops a recompute early once it has every saved tensor."""
-    _state.depth = getattr(_state, "depth", 0) + 1
-    try:
-        yield
-    finally:
+class layer_recompute:
+    """Marks a decoder layer's recompute while entered. Cleared on every exit, including the exception with
+    which non-reentrant checkpoint stops a recompute early once it has every saved tensor. Re-enterable:
+    checkpoint makes it in forward and enters it once per recompute (a graph backwarded twice with
+    retain_graph=True recomputes twice)."""
+
+    def __enter__(self) -> None:
+        _state.depth = getattr(_state, "depth", 0) + 1
+
+    def __exit__(self, *exc_info) -> bool:
         _state.depth -= 1
+        return False  # never swallows the exception
 
 
-def checkpoint_contexts() -> Tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+def checkpoint_contexts() -> Tuple[contextlib.AbstractContextManager, layer_recompute]:
     """``context_fn`` of ``torch.utils.checkpoint``: (forward context, recompute context)."""
     return contextlib.nullcontext(), layer_recompute()
 
@@ -52,7 +55,7 @@ def with_recompute_mark(func: Optional[Callable]) -> Union[Callable, str]:
     ``checkpoint_contexts`` added, ``func`` itself when it has it, or why it cannot carry it."""
     checkpoint = torch.utils.checkpoint.checkpoint
     if not isinstance(func, functools.partial) or func.func is not checkpoint or func.args:
-        return f"the layer's checkpoint function is not HF's torch.utils.checkpoint partial ({func!r})"
+        return "HF's checkpoint function is not a plain torch.utils.checkpoint (offloaded or replaced)"
     kwargs = func.keywords
     if kwargs.get("context_fn") is checkpoint_contexts:
         return func
