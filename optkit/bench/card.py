@@ -50,8 +50,9 @@ class Card:
         return self.total_mib * MIB
 
 
-# nvidia-smi "Total" of each card (MiB), as published in its spec sheets and nvidia-smi listings;
-# gpu_8gb stands for the 8 GB laptop / entry cards.
+# nvidia-smi "Total" of each card (MiB), each read off public nvidia-smi listings of that card (the
+# driver's figure is a little under the marketed size: an RTX 4060 Ti 16 GB shows 16380, an A10G 23028);
+# gpu_8gb stands for the 8 GB laptop / entry cards, whose listings vary (7.8-8 GiB): 8192 is the upper end.
 CARDS: Dict[str, Card] = {
     c.name: c
     for c in (
