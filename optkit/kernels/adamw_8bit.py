@@ -1,10 +1,11 @@
 """Blockwise 8-bit AdamW with one Triton launch per step (per parameter dtype), and its float64 reference.
 
 What is fused: bitsandbytes' AdamW8bit updates each parameter tensor with its own kernel and its own host
-work; a Llama-3-8B LoRA has ~900 adapter tensors, and its step took 28-48 ms on an H100 against 1.6 ms
-for torch's foreach AdamW. Here one kernel walks a table of every tensor's 256-element blocks: it reads
-each gradient and parameter at their own addresses (no gather into a flat buffer, no scatter back), the
-two 8-bit moments and their per-block scales from flat state buffers, and writes all of them back.
+work; a Llama-3-8B LoRA on all seven projections has 448 adapter tensors, and that step took 28-48 ms on an
+H100 against 1.6 ms for torch's foreach AdamW. Here one kernel walks a table of every tensor's 256-element
+blocks: it reads each gradient and parameter at their own addresses (no gather into a flat buffer, no
+scatter back), the two 8-bit moments and their per-block scales from flat state buffers, and writes all
+of them back.
 
 The update (decoupled weight decay as torch.optim.AdamW), per element in fp32 at the tensor's step t:
     m = b1 m' + (1 - b1) g        v = b2 v' + (1 - b2) g^2        (m', v': the dequantized stored moments)
@@ -22,7 +23,8 @@ even steps; all-zero bits = 0.
 - v, unsigned: E = 0..7 with n_E = 2^(7-E).
 Error bound: a stored moment is within half a map step of the fp32 one, step = A x 0.9 x 10^-E / n_E in
 band E; relative to the element at most 4.5 / n_E (m: 7% at the bottom of the top band, 0.7% at its top;
-v: 3.5% / 0.35%). An element below half the smallest entry (m: 5e-7 A, v: 5e-8 A) is stored as 0.
+v: 3.5% / 0.35%). An element under half its sign's smallest nonzero entry is stored as 0 (m: 5e-7 A above
+zero, 5e-8 A below; v: 5e-8 A).
 
 Layout (chosen once, at construction, by ``FusedAdamW8bit``):
 - Blocks never straddle tensors: each tensor's state starts at a block boundary (at most 255 padding bytes
