@@ -323,7 +323,12 @@ def _throughput_fields(cfg, model, batches, fields, device) -> Dict[str, Any]:
     hf_config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
     lora_params = fields["trainable_params"] if cfg.train.method in ADAPTER_METHODS else 0
     flops = training_flops(
-        hf_config, cfg.data.seq_len, cfg.train.method, cfg.train.checkpointing != "none", lora_params=lora_params
+        hf_config,
+        cfg.data.seq_len,
+        cfg.train.method,
+        cfg.train.checkpointing != "none",
+        lora_params=lora_params,
+        recompute_skipped_params=recompute_skipped_params(model),
     )
     peak = cfg.bench.peak_tflops
     if peak is None and device.type == "cuda":
@@ -339,6 +344,20 @@ def _throughput_fields(cfg, model, batches, fields, device) -> Dict[str, Any]:
         "mfu": mfu(tokens_per_s, flops["model_flops_per_token"], peak) if tokens_per_s else None,
         "hfu": mfu(tokens_per_s, flops["hardware_flops_per_token"], peak) if tokens_per_s else None,
     }
+
+
+def recompute_skipped_params(model) -> int:
+    """Matmul parameters per token that checkpoint recomputes leave out: each fused MLP that skips its
+    down projection there (opt.recompute_skips_mlp_down) skips the base weight and the LoRA B."""
+    from optkit.opt.fused_lora import FusedMLPForward
+
+    skipped = 0
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, FusedMLPForward) and forward.skip_down_when is not None:
+            (down,) = forward.group.down
+            skipped += down.base.out_features * (down.base.in_features + down.rank)
+    return skipped
 
 
 def _count_syncs(model, optimizer, batch) -> Optional[int]:

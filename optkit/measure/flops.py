@@ -36,6 +36,8 @@ first layer's q/k/v (nothing before them needs a gradient), an overcount below 1
 Hardware FLOPs (HFU) add what activation checkpointing recomputes: one more forward of the
 decoder layers (not of the LM head): R = 2*N_layers + A (+ 2*P for LoRA adapters inside them).
 FlashAttention's own recomputation of QK^T in its backward is not counted (kernel-internal).
+A recompute that skips matmuls whose output it would discard (opt.recompute_skips_mlp_down skips
+down_proj and its LoRA B) executes R - 2*K, with K the skipped matmul parameters per token.
 """
 
 from __future__ import annotations
@@ -155,12 +157,14 @@ def training_flops(
     method: str,
     checkpointing: bool,
     lora_params: int = 0,
+    recompute_skipped_params: int = 0,
 ) -> dict:
     """Model and hardware FLOPs per trained token, with the formula that produced them.
 
     ``lora_params``: LoRA parameters acting on each token (``lora_params_per_token``); ignored
     for ``method="full"``. All adapters are assumed to sit inside the decoder layers unless they
     target lm_head, which checkpointing does not recompute -- a negligible difference.
+    ``recompute_skipped_params``: matmul parameters per token the recompute leaves out (K above).
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} unknown; choose one of: {', '.join(METHODS)}")
@@ -181,6 +185,10 @@ def training_flops(
         model_formula = f"model = 4N + 6P + 3A ({method}: frozen weights get no weight gradient)"
         recompute = 2 * n_layers + 2 * p + attn
         recompute_formula = "R = 2*N_layers + 2P + A"
+    skipped = int(recompute_skipped_params) if checkpointing else 0
+    if skipped:
+        recompute -= 2 * skipped
+        recompute_formula += f" - 2K (K={skipped} matmul params the recompute skips)"
     hardware = model + (recompute if checkpointing else 0)
     formula = (
         f"{model_formula}; hardware = model{' + R, ' + recompute_formula if checkpointing else ''}; "

@@ -144,3 +144,16 @@ def test_moe_count_agrees_with_a_real_hf_qwen3_moe():
     experts = sum(p.numel() for n, p in named if p.ndim == 3)  # (E, out, in) fused expert weights
     assert experts > 0, "expected fused 3-D expert weights; the reference needs updating"
     assert matmul_params(cfg)["total"] == dense + experts * MOE["num_experts_per_tok"] // MOE["num_experts"]
+
+
+def test_a_recompute_that_skips_matmuls_counts_them_out_of_hardware_flops_only():
+    skipped = 2 * 64 * 128  # the down projection of both layers
+    plain = training_flops(LLAMA, seq_len=S, method="lora", checkpointing=True, lora_params=0)
+    out = training_flops(LLAMA, seq_len=S, method="lora", checkpointing=True, recompute_skipped_params=skipped)
+    assert out["model_flops_per_token"] == plain["model_flops_per_token"]
+    assert plain["hardware_flops_per_token"] - out["hardware_flops_per_token"] == 2 * skipped
+    assert f"K={skipped}" in out["formula"]
+    no_recompute = training_flops(
+        LLAMA, seq_len=S, method="lora", checkpointing=False, recompute_skipped_params=skipped
+    )
+    assert no_recompute["hardware_flops_per_token"] == no_recompute["model_flops_per_token"]

@@ -322,3 +322,14 @@ def test_llama3_8b_two_layers_bf16_gpu(mode, method):
     assert (off_reads, on_reads) == (READS_WITHOUT_SKIP, READS_WITH_SKIP)
     torch.testing.assert_close(on_loss, off_loss, rtol=0, atol=0)
     assert max_relative_error(on_grads, off_grads) < 1e-2
+
+
+def test_the_row_counts_the_skipped_down_projections_out_of_hardware_flops():
+    from optkit.bench.point import recompute_skipped_params
+
+    net, _ = tiny_model("tiny_llama", "lora")
+    assert recompute_skipped_params(patch(copy.deepcopy(net), _opt(False))) == 0
+    patched = patch(net, _opt(True))
+    downs = [layer.mlp.forward.group.down[0] for layer in decoder_layers(patched)]
+    expected = sum(d.base.out_features * d.base.in_features + d.base.out_features * d.rank for d in downs)
+    assert expected > 0 and recompute_skipped_params(patched) == expected
