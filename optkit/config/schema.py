@@ -95,6 +95,7 @@ class OptConfig:
     name: str = setting("baseline", "opt-set name: labels the rows")
     kernels: KernelsConfig = setting(meaning="optkit's Triton kernels", factory=KernelsConfig)
     fused_lora: bool = setting(False, "fused LoRA autograd functions (MLP, QKV, O)")
+    fused_lora_grouped_gemm: bool = setting(False, "fused LoRA: Q/K/V and gate/up base GEMMs as one each (QLoRA too)")
     recompute_skips_mlp_down: bool = setting(
         False, "fused LoRA under checkpointing: a layer's recompute skips the MLP down_proj whose output it discards"
     )

@@ -23,6 +23,9 @@ is compiled with ``enable_fp_fusion=False``; nothing else in it could contract.
 Limits: NF4 only (FP4 raises), quant_storage of any dtype (viewed as bytes), blocksizes that are even
 powers of two (bitsandbytes allows 32..4096). There is no backward: the quantized weight is frozen.
 
+``NF4GroupDequantizer``: the weights of projections that read one input (Q, K, V; gate, up) into one
+buffer by one launch of the same per-block code (``_dequantize_blocks``), for one GEMM over the group.
+
 ``nf4_quantize`` (beside the reference) writes the same layout without bitsandbytes, for weights optkit
 quantizes itself (expert QLoRA): the dequantizers here read its ``NF4State`` as they read a QuantState.
 """
@@ -139,7 +142,8 @@ def nf4_quantize(weight: torch.Tensor, blocksize: int = 64) -> Tuple[torch.Tenso
 # fp32 nested scale per NESTED_BLOCKSIZE blocks; writes n weights: ~n * (0.5 + out_bytes) bytes moved.
 # A program owns BLOCK_ROWS whole quantization blocks: each scale is loaded once and broadcast.
 @triton.jit
-def _nf4_dequantize_kernel(
+def _dequantize_blocks(
+    program,
     packed_ptr,
     absmax_ptr,
     nested_absmax_ptr,
@@ -156,7 +160,7 @@ def _nf4_dequantize_kernel(
     OUT_BF16: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCKSIZE // 2  # bytes per quantization block
-    row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # quantization block ids
+    row = program.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # quantization block ids
     byte = row[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (BLOCK_ROWS, HALF)
     packed = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0).to(tl.int32)
     row_mask = row * HALF < n_bytes
@@ -181,8 +185,103 @@ def _nf4_dequantize_kernel(
         tl.store(out_ptr + out, values.to(out_ptr.dtype.element_ty), mask=out < n_out)
 
 
+@triton.jit
+def _nf4_dequantize_kernel(
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    code_ptr,
+    out_ptr,
+    n_bytes,
+    n_out,
+    BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    HAS_NESTED: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+):
+    _dequantize_blocks(
+        tl.program_id(0),
+        packed_ptr,
+        absmax_ptr,
+        nested_absmax_ptr,
+        nested_code_ptr,
+        offset_ptr,
+        code_ptr,
+        out_ptr,
+        n_bytes,
+        n_out,
+        BLOCKSIZE,
+        NESTED_BLOCKSIZE,
+        BLOCK_ROWS,
+        HAS_NESTED,
+        OUT_BF16,
+    )
+
+
+# Up to three weights in one launch (Q, K, V; gate, up), each read and written as by the kernel above:
+# programs [0, programs_a) do weight a, the next programs_b weight b, the rest weight c. Each weight has
+# its own pointers (its bytes, scales and output rows); a group of two passes b's arguments again as c's
+# (the grid never reaches them). The byte count is the sum of the weights'.
+@triton.jit
+def _nf4_dequantize_group_kernel(
+    packed_a, absmax_a, nested_absmax_a, nested_code_a, offset_a, code_a, out_a, n_bytes_a, n_out_a, programs_a,
+    packed_b, absmax_b, nested_absmax_b, nested_code_b, offset_b, code_b, out_b, n_bytes_b, n_out_b, programs_b,
+    packed_c, absmax_c, nested_absmax_c, nested_code_c, offset_c, code_c, out_c, n_bytes_c, n_out_c,
+    BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    HAS_NESTED: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+):  # fmt: skip
+    program = tl.program_id(0)
+    if program < programs_a:
+        _dequantize_blocks(
+            program, packed_a, absmax_a, nested_absmax_a, nested_code_a, offset_a, code_a, out_a, n_bytes_a,
+            n_out_a, BLOCKSIZE, NESTED_BLOCKSIZE, BLOCK_ROWS, HAS_NESTED, OUT_BF16,
+        )  # fmt: skip
+    elif program < programs_a + programs_b:
+        _dequantize_blocks(
+            program - programs_a, packed_b, absmax_b, nested_absmax_b, nested_code_b, offset_b, code_b, out_b,
+            n_bytes_b, n_out_b, BLOCKSIZE, NESTED_BLOCKSIZE, BLOCK_ROWS, HAS_NESTED, OUT_BF16,
+        )  # fmt: skip
+    else:
+        _dequantize_blocks(
+            program - programs_a - programs_b, packed_c, absmax_c, nested_absmax_c, nested_code_c, offset_c,
+            code_c, out_c, n_bytes_c, n_out_c, BLOCKSIZE, NESTED_BLOCKSIZE, BLOCK_ROWS, HAS_NESTED, OUT_BF16,
+        )  # fmt: skip
+
+
 def _use_triton(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _weight_args(packed, absmax, nested_absmax, nested_code, offset, code, out, n_out) -> tuple:
+    """One weight's kernel arguments, packed bytes to element count; without nesting, tensors the kernel never
+    reads stand in for the nested ones (a pointer argument cannot be None)."""
+    nested = nested_absmax is not None
+    return (
+        packed,
+        absmax,
+        nested_absmax if nested else absmax,
+        nested_code if nested else code,
+        offset if nested else absmax,
+        code,
+        out.view(torch.int16) if out.dtype == torch.bfloat16 else out,
+        packed.numel(),
+        n_out,
+    )
+
+
+def _tiling(blocksize: int, n_out: int) -> Tuple[int, int]:
+    """(quantization blocks per program, warps): ~4K output elements per program (the elementwise tile of
+    _launch), in whole quantization blocks."""
+    if blocksize < 2 or blocksize & (blocksize - 1):
+        raise ValueError(f"nf4_dequantize needs a power-of-two blocksize >= 2, got {blocksize}")
+    tile_elements, num_warps = flat_tile_config(n_out)
+    return max(1, tile_elements // blocksize), num_warps
 
 
 def _launch(
@@ -197,29 +296,41 @@ def _launch(
     n_out: int,
     out: torch.Tensor,
 ) -> None:
-    if blocksize < 2 or blocksize & (blocksize - 1):
-        raise ValueError(f"nf4_dequantize needs a power-of-two blocksize >= 2, got {blocksize}")
-    # ~4K output elements per program (the elementwise tile of _launch), in whole quantization blocks.
-    tile_elements, num_warps = flat_tile_config(n_out)
-    block_rows = max(1, tile_elements // blocksize)
+    block_rows, num_warps = _tiling(blocksize, n_out)
     grid = (triton.cdiv(triton.cdiv(n_out, blocksize), block_rows),)
     has_nested = nested_absmax is not None
-    out_bf16 = out.dtype == torch.bfloat16
     _nf4_dequantize_kernel[grid](
-        packed,
-        absmax,
-        nested_absmax if has_nested else absmax,
-        nested_code if has_nested else code,
-        offset if has_nested else absmax,
-        code,
-        out.view(torch.int16) if out_bf16 else out,
-        packed.numel(),
-        n_out,
+        *_weight_args(packed, absmax, nested_absmax, nested_code, offset, code, out, n_out),
         BLOCKSIZE=blocksize,
         NESTED_BLOCKSIZE=nested_blocksize if has_nested else 1,
         BLOCK_ROWS=block_rows,
         HAS_NESTED=has_nested,
-        OUT_BF16=out_bf16,
+        OUT_BF16=out.dtype == torch.bfloat16,
+        num_warps=num_warps,
+        enable_fp_fusion=False,
+    )
+
+
+def _launch_group(parts: Sequence[tuple], n_outs: Sequence[int], outs: Sequence[torch.Tensor]) -> None:
+    """Two or three weights of one quantization layout (``NF4Dequantizer.args`` each) in one launch, weight i
+    into ``outs[i]`` (contiguous, one dtype)."""
+    blocksize, nested_blocksize = parts[0][6], parts[0][7]
+    has_nested = parts[0][2] is not None
+    block_rows, num_warps = _tiling(blocksize, max(n_outs))
+    programs = [triton.cdiv(triton.cdiv(n, blocksize), block_rows) for n in n_outs]
+    weights = [_weight_args(*part[:6], out, n) for part, out, n in zip(parts, outs, n_outs)]
+    third = weights[2] if len(weights) == 3 else weights[1]  # never reached with two: the grid ends before it
+    _nf4_dequantize_group_kernel[(sum(programs),)](
+        *weights[0],
+        programs[0],
+        *weights[1],
+        programs[1],
+        *third,
+        BLOCKSIZE=blocksize,
+        NESTED_BLOCKSIZE=nested_blocksize if has_nested else 1,
+        BLOCK_ROWS=block_rows,
+        HAS_NESTED=has_nested,
+        OUT_BF16=outs[0].dtype == torch.bfloat16,
         num_warps=num_warps,
         enable_fp_fusion=False,
     )
@@ -308,6 +419,45 @@ class NF4Dequantizer:
         if out is None:
             out = torch.empty(self.shape, dtype=dtype, device=self.packed.device)
         _launch(*self.args, self.n_out, out)
+        return out
+
+
+class NF4GroupDequantizer:
+    """Several NF4 weights of one width dequantized into one ``(sum of rows, width)`` buffer, each weight's rows
+    after the previous one's, by ONE kernel launch (up to three weights per launch: Q, K, V or gate, up).
+
+    For projections that read one input (optkit.opt.grouped_base_gemm): their base GEMM then runs once over
+    the buffer. Each weight keeps its own packed bytes and scales (nothing is concatenated or copied); the
+    launch takes every weight's pointers. Its values equal each weight's ``NF4Dequantizer`` bit for bit (the
+    same per-block code in the same order). Weights of different quantization layouts (blocksize, nesting),
+    more than three weights, a CPU without the Triton interpreter and torch.compile go weight by weight into
+    the same buffer instead (``NF4Dequantizer(out=)``: same values, one launch per weight).
+    """
+
+    def __init__(self, weights: Sequence[Tuple[torch.Tensor, object]]):
+        self.parts = [NF4Dequantizer(packed, quant_state) for packed, quant_state in weights]
+        widths = {part.shape[1:] for part in self.parts}
+        if any(len(part.shape) != 2 for part in self.parts) or len(widths) != 1:
+            shapes = [part.shape for part in self.parts]
+            raise ValueError(f"NF4GroupDequantizer stacks 2-D weights of one width, got shapes {shapes}")
+        self.rows = [part.shape[0] for part in self.parts]
+        self.shape = (sum(self.rows), self.parts[0].shape[1])
+        layouts = {(part.args[6], part.args[7], part.args[2] is not None) for part in self.parts}
+        self.one_launch = len(layouts) == 1 and 2 <= len(self.parts) <= 3 and self.parts[0].triton
+
+    def is_for(self, weights: Sequence[Tuple[torch.Tensor, object]]) -> bool:
+        return len(weights) == len(self.parts) and all(
+            part.is_for(packed, quant_state) for part, (packed, quant_state) in zip(self.parts, weights)
+        )
+
+    def __call__(self, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=dtype, device=self.parts[0].packed.device)
+        slices = out.split(self.rows)  # row blocks of a contiguous buffer: each contiguous
+        if self.one_launch and not torch.compiler.is_compiling():
+            _launch_group([part.args for part in self.parts], [part.n_out for part in self.parts], slices)
+        else:
+            for part, rows in zip(self.parts, slices):
+                part(dtype, out=rows)
         return out
 
 

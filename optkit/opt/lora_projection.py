@@ -6,7 +6,8 @@
   per step (why and when it is invalidated: its docstring).
 - ``project`` / ``project_backward``: forward and backward of projections sharing an input: one GEMM for
   every x A^T, one for every dA, LoRA scales in the GEMM epilogue. No autograd inside: the callers are
-  autograd.Functions (optkit.opt.fused_lora), which save what backward needs.
+  autograd.Functions (optkit.opt.fused_lora), which save what backward needs. Projections grouped by
+  opt.fused_lora_grouped_gemm run their base GEMM as one (optkit.opt.grouped_base_gemm.GroupedBase).
 - ``autocast_dtype`` / ``autocast_off``: under ``torch.autocast`` those Functions cast their input to the
   autocast dtype and run this math with autocast off, like ``torch.amp.custom_fwd(cast_inputs=...)``.
 """
@@ -34,6 +35,9 @@ class LoRAProjection:
     adapter_B: Union[Tensor, nn.Module, None]  # (out, r)
     scale: float
     _dequantizer: object = field(default=None, repr=False)  # NF4Dequantizer, prepared on first use
+    # The GroupedBase (optkit.opt.grouped_base_gemm) running this projection's base GEMM together with the
+    # others that read its input, when opt.fused_lora_grouped_gemm grouped it; None: its own GEMM.
+    grouped: object = field(default=None, repr=False, compare=False)
 
     @property
     def lora_A(self) -> Optional[Tensor]:
@@ -51,27 +55,36 @@ class LoRAProjection:
     def rank(self) -> int:
         return self.lora_A.shape[0] if self.has_lora else 0
 
-    def weight(self, dtype: torch.dtype) -> Tensor:
-        """The base weight (out, in) in ``dtype``; a 4-bit weight is dequantized afresh on every call."""
+    def quantized(self) -> Optional[tuple]:
+        """(packed weight, QuantState) of a bitsandbytes 4-bit base, None for a plain weight."""
         weight = self.base.weight
         # FSDP2 hands a Linear4bit its gathered packed bytes as a plain tensor (no Params4bit, no quant_state):
         # the module's own quant_state, which bitsandbytes keeps for exactly that case, says it is 4-bit.
-        if getattr(weight, "bnb_quantized", False) or getattr(self.base, "quant_state", None) is not None:
-            quant_state = getattr(weight, "quant_state", None) or self.base.quant_state
-            if getattr(quant_state, "packing_format_for_cpu", False):
-                weight, quant_state = _undo_cpu_inference_packing(self.base)
-            if quant_state.quant_type == "nf4":
-                from optkit.kernels.nf4_dequantize import NF4Dequantizer, nf4_dequantize
+        if not (getattr(weight, "bnb_quantized", False) or getattr(self.base, "quant_state", None) is not None):
+            return None
+        quant_state = getattr(weight, "quant_state", None) or self.base.quant_state
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            weight, quant_state = _undo_cpu_inference_packing(self.base)
+        return weight, quant_state
 
-                if torch.compiler.is_compiling():  # Dynamo cannot check a kept dequantizer (data_ptr)
-                    return nf4_dequantize(weight, quant_state, dtype)
-                if self._dequantizer is None or not self._dequantizer.is_for(weight, quant_state):
-                    self._dequantizer = NF4Dequantizer(weight, quant_state)
-                return self._dequantizer(dtype)
-            from bitsandbytes.functional import dequantize_4bit
+    def weight(self, dtype: torch.dtype) -> Tensor:
+        """The base weight (out, in) in ``dtype``; a 4-bit weight is dequantized afresh on every call."""
+        quantized = self.quantized()
+        if quantized is None:
+            weight = self.base.weight
+            return weight if weight.dtype == dtype else weight.to(dtype)
+        weight, quant_state = quantized
+        if quant_state.quant_type == "nf4":
+            from optkit.kernels.nf4_dequantize import NF4Dequantizer, nf4_dequantize
 
-            return dequantize_4bit(weight, quant_state).to(dtype)
-        return weight if weight.dtype == dtype else weight.to(dtype)
+            if torch.compiler.is_compiling():  # Dynamo cannot check a kept dequantizer (data_ptr)
+                return nf4_dequantize(weight, quant_state, dtype)
+            if self._dequantizer is None or not self._dequantizer.is_for(weight, quant_state):
+                self._dequantizer = NF4Dequantizer(weight, quant_state)
+            return self._dequantizer(dtype)
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(weight, quant_state).to(dtype)
 
     def bias(self, dtype: torch.dtype) -> Optional[Tensor]:
         bias = self.base.bias
@@ -214,20 +227,41 @@ def _scaled_mm(a: Tensor, b: Tensor, scale: float, out: Optional[Tensor] = None)
     return torch.addmm(zero, a, b, beta=0, alpha=scale, out=out)
 
 
+def _grouped_base(projections: Sequence[LoRAProjection]):
+    """The GroupedBase running exactly these projections' base GEMM as one, or None."""
+    group = projections[0].grouped
+    return group if group is not None and group.serves(projections) else None
+
+
 def project(
     x: Tensor, projections: Sequence[LoRAProjection], operands: LoRAOperands
 ) -> Tuple[List[Tensor], Optional[Tensor]]:
-    """Forward of projections sharing the input ``x`` (N, in): outputs and x A^T (N, sum r) for backward."""
+    """Forward of projections sharing the input ``x`` (N, in): outputs and x A^T (N, sum r) for backward.
+    Grouped projections get their base outputs from one GEMM (views of its output, see GroupedBase)."""
     xa = x @ operands.A.t() if operands.A is not None else None
+    group = _grouped_base(projections)
+    bases = group.forward(x) if group is not None else None
     outputs, col, lora_index = [], 0, 0
-    for p in projections:
-        y = F.linear(x, p.weight(x.dtype), p.bias(x.dtype))
+    for i, p in enumerate(projections):
+        y = bases[i] if bases is not None else F.linear(x, p.weight(x.dtype), p.bias(x.dtype))
         if p.has_lora:
             y.addmm_(xa[:, col : col + p.rank], operands.Bs[lora_index].t(), alpha=p.scale)
             col += p.rank
             lora_index += 1
         outputs.append(y)
     return outputs, xa
+
+
+def _base_input_grad(grads: Sequence[Tensor], projections: Sequence[LoRAProjection]) -> Tensor:
+    """sum_i dy_i W_i: one GEMM for grouped projections, else one per projection accumulated."""
+    group = _grouped_base(projections)
+    dx = group.input_grad(grads) if group is not None else None
+    if dx is None:
+        for p, dy in zip(projections, grads):
+            weight = p.weight(dy.dtype)
+            dx = dy @ weight if dx is None else dx.addmm_(dy, weight)
+            del weight  # a dequantized weight is freed before the next one is made
+    return dx
 
 
 def project_backward(
@@ -239,7 +273,8 @@ def project_backward(
     need_dx: bool,
 ):
     """(dx or None, [dA, dB, ...] in the order of ``lora_parameters``) for ``project``."""
-    dx, dBs, col, lora_index = None, [], 0, 0
+    dx = _base_input_grad(grads, projections) if need_dx else None
+    dBs, col, lora_index = [], 0, 0
     # s * dy B for every adapter, side by side in one (N, sum r) buffer: the dA of all of them is then one
     # GEMM. Eager writes each into its columns; a compiled graph concatenates (Dynamo refuses out= slices).
     compiling = torch.compiler.is_compiling()
@@ -247,10 +282,6 @@ def project_backward(
     if operands.A is not None:
         dyB = [] if compiling else x.new_empty(x.shape[0], operands.A.shape[0], dtype=grads[0].dtype)
     for p, dy in zip(projections, grads):
-        if need_dx:
-            weight = p.weight(dy.dtype)
-            dx = dy @ weight if dx is None else dx.addmm_(dy, weight)
-            del weight  # a dequantized weight is freed before the next one is made
         if p.has_lora:
             dBs.append(_scaled_mm(dy.t(), xa[:, col : col + p.rank], p.scale))  # (out, r)
             if compiling:

@@ -21,6 +21,7 @@ from optkit.families import families_with
 from optkit.opt import (
     fused_lora,
     gated_mlp,
+    grouped_base_gemm,
     loss,
     moe_sorted_routing,
     packed_metadata_cache,
@@ -104,6 +105,15 @@ _ALL = (
         ("lora",),
         None,
         fused_lora.apply_fused_lora,
+    ),
+    Optimization(  # after fused_lora: it groups the projections that one installs
+        "fused_lora_grouped_gemm",
+        "fused_lora_grouped_gemm",
+        "fused LoRA: the Q/K/V and gate/up base GEMMs run as one GEMM each (QLoRA: one NF4 dequantize launch)",
+        ("lora",),
+        None,
+        grouped_base_gemm.apply_grouped_base_gemm,
+        grouped_base_gemm.ungroup_base_gemms,
     ),
     Optimization(  # after fused_lora: it sets up the fused MLPs that one installs
         "recompute_skips_mlp_down",
