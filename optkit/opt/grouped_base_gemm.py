@@ -236,6 +236,8 @@ def _why_not(projections: Sequence[LoRAProjection]) -> Optional[str]:
     if any(s is not None for s in sources):
         if any(s is None or s[1].quant_type != "nf4" for s in sources):
             return "not all base weights are NF4 (the grouped dequantize is NF4's; FP4 and mixed groups are not)"
+        if len({tuple(s[1].shape[1:]) for s in sources}) != 1:
+            return "base weights of different widths"
         return None
     weights = [p.base.weight for p in projections]
     if len({(w.dtype, w.device, w.dim(), w.shape[-1]) for w in weights}) != 1:

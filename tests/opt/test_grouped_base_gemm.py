@@ -182,6 +182,34 @@ def test_a_group_runs_one_base_gemm_and_one_dequantize_launch_per_pass(outs, ran
     assert launches == ([len(outs), len(outs)] if quantized else [])
 
 
+def test_under_torch_compile_a_group_traces_fullgraph_and_takes_the_per_projection_path():
+    """Dynamo does not trace the buffer checks (data pointers): compiled graphs run one GEMM per projection."""
+    outs, ranks, scales = (40, 12, 12), (3, 0, 5), (2.0, 0.5, 1.5)
+    bases, x, lora = _case(outs, ranks, torch.float32, quantized=False)
+    params = [t for pair in lora for t in pair if t is not None]
+    projections = [LoRAProjection(b, A, B, s) for b, (A, B), s in zip(bases, lora, scales)]
+    GroupedBase(["q", "k", "v"], projections, note=pytest.fail).attach()
+    group = ProjectionGroup(("q", "k", "v"), projections)
+
+    def loss(x, *params):
+        return sum((y * y).sum() for y in _FusedProjectionsFunction.apply(x, group, True, *params))
+
+    eager = torch.autograd.grad(loss(x, *params), [x, *params])
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm.print_readable(print_output=False))
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    grads = torch.autograd.grad(
+        torch.compile(loss, backend=recording_backend, fullgraph=True)(x, *params), [x, *params]
+    )
+    assert "".join(graphs).count("torch._C._nn.linear(x2d") == len(outs)  # the forward's base GEMMs
+    for g, e in zip(grads, eager):
+        _assert_matches_ungrouped(g, e, "compiled grad")
+
+
 def test_the_rule_concatenates_qkv_grads_and_accumulates_gate_up_at_llama3_8b_widths():
     def group(outs, d_in):
         bases = [SimpleNamespace(weight=torch.empty(o, d_in, device="meta"), bias=None) for o in outs]
