@@ -257,6 +257,25 @@ def test_group_kernel_equals_each_weights_kernel_bit_for_bit(rows, width, blocks
     assert torch.equal(out.view(bits), expected.view(bits))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [(4096, 1024, 1024), (14336, 14336)], ids=["qkv", "gate_up"])
+def test_group_kernel_equals_each_weights_kernel_bit_for_bit_gpu(rows, dtype):
+    """Llama-3-8B's Q/K/V and gate/up (width 4096), bitsandbytes double-quantized on the GPU, compiled kernels."""
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    gen = torch.Generator("cuda").manual_seed(0)
+    weights = [
+        bnb_functional.quantize_4bit(
+            (torch.randn(r, 4096, generator=gen, device="cuda") * 0.02).to(dtype), compress_statistics=True
+        )
+        for r in rows
+    ]
+    group = nf4.NF4GroupDequantizer(weights)
+    assert group.one_launch
+    expected = torch.cat([bnb_functional.dequantize_4bit(*w) for w in weights])
+    assert torch.equal(group(dtype).view(torch.int16), expected.view(torch.int16))
+
+
 def test_mixed_layouts_go_weight_by_weight_into_one_buffer():
     weights = [_optkit_nf4((8, 64), torch.bfloat16, 0, 32), _optkit_nf4((4, 64), torch.bfloat16, 1, 64)]
     group = nf4.NF4GroupDequantizer(weights)
