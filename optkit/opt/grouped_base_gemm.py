@@ -6,21 +6,21 @@ The weights, one (sum out, in) operand per group:
   kernel launch (each weight's packed bytes read where they are), in forward and again in backward. The
   group's dequantized weights then live together for one GEMM: Llama-3-8B gate/up is 235 MB at once where
   the per-projection path held 117 MB at a time (peak memory +117 MB, for one GEMM instead of two).
-- bf16/fp32 weights are re-homed once, at patch time, as consecutive row blocks of one buffer (each
-  parameter keeps its object, name and values; the old storages are freed: no extra memory), so the group's
-  operand is a view. Concatenating per call instead would copy sum(out) x in per pass (Llama-3-8B QKV in
-  bf16: 50 MB read and written per layer, three passes a step), which costs as much as the GEMM's own
-  reads of the weights; re-homing costs nothing per call. What re-homing means elsewhere:
-  ``model.state_dict()`` has the same keys and values (views; torch.save stores the shared storage once);
-  peft's ``save_pretrained`` writes adapters only (untouched); HF ``save_pretrained`` works: transformers
-  clones tensors that share a storage without overlapping before safetensors writes them, so the file is
-  right but the save holds a copy of every grouped weight at once (~9 GB for Llama-3-8B in bf16: unpatch
-  first where memory is short); ``unpatch`` gives every weight its own storage back; a model moved after
-  patching (``.to``, ``.cuda``, ``.half``: each parameter copied on its own) is re-homed on its first
-  grouped call (the same parameter objects, held by weak reference); FSDP2 shards each parameter into its
-  own DTensor and gathers each into its own buffer, so there a bf16 group runs one GEMM per projection and
-  says so once in a warning (NF4 groups keep one dequantize and one GEMM). Under torch.compile every
-  group takes the per-projection path (the buffer checks read data pointers, which Dynamo does not trace).
+- bf16/fp32 weights are re-homed once, at patch time, as consecutive row blocks of one buffer (each parameter keeps
+  its object, name and values; the old storages are freed: no extra memory), so the group's operand is a view.
+  Concatenating per call instead would copy sum(out) x in per pass (Llama-3-8B QKV in bf16: 50 MB read and written
+  per layer, three passes a step), which costs as much as the GEMM's own reads of the weights; re-homing costs
+  nothing per call. What re-homing means elsewhere: ``model.state_dict()`` has the same keys and values (views;
+  torch.save stores the shared storage once); peft's ``save_pretrained`` writes adapters only (untouched); HF
+  ``save_pretrained`` works: transformers clones tensors that share a storage without overlapping before safetensors
+  writes them, so the file is right but the save holds a copy of every grouped weight at once (~9 GB for Llama-3-8B
+  in bf16: unpatch first where memory is short), and safetensors' own ``save_file`` (0.8) takes such disjoint views
+  as they are; ``unpatch`` gives every weight its own storage back; a model moved after patching (``.to``,
+  ``.cuda``, ``.half``: each parameter copied on its own) is re-homed on its first grouped call (the same parameter
+  objects, held by weak reference); FSDP2 shards each parameter into its own DTensor and gathers each into its own
+  buffer, so there a bf16 group runs one GEMM per projection and says so once in a warning (NF4 groups keep one
+  dequantize and one GEMM). Under torch.compile every group takes the per-projection path (the buffer checks read
+  data pointers, which Dynamo does not trace).
 
 Forward: groups of unequal widths (GQA's Q vs K/V) run one 2-D GEMM (N, sum out); each output is a column
 slice of it (row stride sum out), handed out as a tensor of its own over that memory rather than an
