@@ -248,13 +248,18 @@ def start_card(bench_cfg, optimizer: str, device) -> Optional[Emulation]:
     nvml_total = query_once(index, lambda nv, handle: read_memory(nv, handle)[2])
     if nvml_total is None:
         raise SkipPoint("bench.card needs NVML to size the ballast and check the card: pip install nvidia-ml-py")
-    free, total = torch.cuda.mem_get_info(device)
+    free, total = torch.cuda.mem_get_info(index)
     try:
         chosen = plan(card.total_bytes, bench_cfg.card_mode, nvml_total, total, free, bench_cfg.card_reserve_mib * MIB)
     except ValueError as exc:
         raise SkipPoint(f"bench.card={card.name}: {exc}") from None
     ballast = _Ballast(chosen.ballast_bytes)
-    if chosen.allocator_fraction is not None:
-        torch.cuda.set_per_process_memory_fraction(chosen.allocator_fraction, device)
-    notes = fidelity_notes(chosen.mode, optimizer, torch.cuda.get_device_name(device))
+    try:  # the ballast lives outside the allocator: nothing else would give it back if the rest failed
+        if chosen.allocator_fraction is not None:
+            # an index, not the device: torch refuses "cuda" without one here
+            torch.cuda.set_per_process_memory_fraction(chosen.allocator_fraction, index)
+        notes = fidelity_notes(chosen.mode, optimizer, torch.cuda.get_device_name(index))
+    except BaseException:
+        ballast.release()
+        raise
     return Emulation(card, chosen, notes, ballast)

@@ -110,8 +110,12 @@ def _fmt(value: Any) -> str:
 
 
 def ablation_opt_overrides(model_name: Optional[str], family_of_model=None) -> List[List[str]]:
-    """baseline, full, each optimization alone on (only_<name>) and alone off (full_minus_<name>)."""
+    """baseline, full, each optimization alone on (only_<name>) and alone off (full_minus_<name>); one that
+    opt=full leaves off (measured slower, or for long sequences only) is added to full instead (full_plus_<name>)."""
+    from optkit.config.compose import compose
     from optkit.opt.registry import REGISTRY
+
+    full = compose(["opt=full"]).opt
 
     family = family_of_model(model_name) if (family_of_model and model_name) else None
     names = [
@@ -127,8 +131,17 @@ def ablation_opt_overrides(model_name: Optional[str], family_of_model=None) -> L
         sets.append(["opt=baseline", f"opt.name=only_{name}", f"opt.{key}=true"])
     for name in names:
         key = REGISTRY[name].config_key
-        sets.append(["opt=full", f"opt.name=full_minus_{name}", f"opt.{key}=false"])
+        if _setting(full, key):
+            sets.append(["opt=full", f"opt.name=full_minus_{name}", f"opt.{key}=false"])
+        else:
+            sets.append(["opt=full", f"opt.name=full_plus_{name}", f"opt.{key}=true"])
     return sets
+
+
+def _setting(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def _applies_to_family(opt, family: Optional[str]) -> bool:

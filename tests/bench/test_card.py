@@ -132,6 +132,54 @@ def test_start_card_skips_on_cpu_and_does_nothing_without_a_card():
         card_mod.start_card(compose(["bench.card=t4"]).bench, "adamw", torch.device("cpu"))
 
 
+class _FakeBallast:
+    released = 0
+
+    def __init__(self, nbytes):
+        self.nbytes = nbytes
+
+    def release(self):
+        _FakeBallast.released += 1
+
+
+def _fake_cuda(monkeypatch, fraction_calls, fail_after_ballast=False):
+    """start_card on a CPU machine: CUDA, NVML and the driver ballast replaced by fakes of an 80 GiB card."""
+    import optkit.measure.nvml as nvml
+
+    monkeypatch.setattr(nvml, "query_once", lambda index, fn: 80 * GIB)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (79 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(card_mod, "_Ballast", _FakeBallast)
+
+    def set_fraction(fraction, index):
+        if not isinstance(index, int):  # what torch itself refuses for a device without an index
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{index}")
+        if fail_after_ballast:
+            raise RuntimeError("the allocator refused")
+        fraction_calls.append((fraction, index))
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+
+
+def test_start_card_on_a_device_without_an_index_caps_the_current_one(monkeypatch):
+    calls = []
+    _fake_cuda(monkeypatch, calls)
+    bench = SimpleNamespace(card=None, card_gib=12, card_mode="cap_and_ballast", card_reserve_mib=256)
+    emulation = card_mod.start_card(bench, "adamw", torch.device("cuda"))
+    assert emulation.ballast.nbytes > 0
+    assert len(calls) == 1 and calls[0][1] == 0 and 0 < calls[0][0] < 1
+
+
+def test_start_card_gives_the_ballast_back_when_the_rest_fails(monkeypatch):
+    _fake_cuda(monkeypatch, [], fail_after_ballast=True)
+    bench = SimpleNamespace(card=None, card_gib=12, card_mode="cap_and_ballast", card_reserve_mib=256)
+    before = _FakeBallast.released
+    with pytest.raises(RuntimeError, match="refused"):
+        card_mod.start_card(bench, "adamw", torch.device("cuda"))
+    assert _FakeBallast.released == before + 1
+
+
 def _config(overrides):
     from omegaconf import OmegaConf
 
@@ -171,6 +219,6 @@ def test_on_a_gpu_the_card_is_what_cuda_reports_free_and_the_allocator_stops_at_
         kept = torch.empty(cap - 64 * MIB, dtype=torch.uint8, device=device)
         del kept
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
         emulation.ballast.release()
         torch.cuda.empty_cache()

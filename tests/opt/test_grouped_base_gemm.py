@@ -266,7 +266,9 @@ def test_group_kernel_equals_each_weights_kernel_bit_for_bit_gpu(rows, dtype):
     gen = torch.Generator("cuda").manual_seed(0)
     weights = [
         bnb_functional.quantize_4bit(
-            (torch.randn(r, 4096, generator=gen, device="cuda") * 0.02).to(dtype), compress_statistics=True
+            (torch.randn(r, 4096, generator=gen, device="cuda") * 0.02).to(dtype),
+            compress_statistics=True,
+            quant_type="nf4",  # bitsandbytes' default is fp4
         )
         for r in rows
     ]
