@@ -53,8 +53,9 @@ def enable_checkpointing(model: nn.Module, mode: str) -> Dict[str, Any]:
     if mode == "none":
         return {"checkpointing": "none"}
     if mode == "standard":
-        # Non-reentrant checkpointing needs no input that requires grad (enable_input_require_grads is
-        # only for the reentrant variant), so the step is the same as without checkpointing otherwise.
+        # Non-reentrant checkpointing needs no input that requires grad, but HF turns on
+        # enable_input_require_grads for every input_ids model anyway (as it does for users' Trainer runs), so the
+        # first layer's input gradient is computed too: ~0.1% of a Llama-3-8B step, the same for every opt-set.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return {"checkpointing": "standard"}
     if mode not in MODES:
