@@ -6,9 +6,18 @@
 # .git or a stale one, and rows must name the commit that ran.
 # Wheels: .whl/ from ../shared/tools/gpu-wheels.sh; when the carried tree nears the device tool's 64 MiB,
 # carry .whl-slim/ from scripts/slim_wheels.sh instead and link it as .whl in the unpacked tree.
+# With .snap/ from scripts/gpu_snapshot.sh carried, the steps run in that packed commit, unpacked under /tmp,
+# and rows name it. At most 8 files come back from $OUT: everything returns as results.tgz and logs.tgz.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT/logs"
+if [ -f .snap/code.tgz ] && [ -f .snap/SHA ]; then
+  mkdir -p /tmp/optkit-snap && tar xzf .snap/code.tgz -C /tmp/optkit-snap
+  [ -d .whl ] && ln -sfn "$PWD/.whl" /tmp/optkit-snap/.whl
+  export OPTKIT_GIT_SHA=$(cat .snap/SHA) OPTKIT_GIT_DIRTY=0
+  cd /tmp/optkit-snap
+  echo "running the packed commit ${OPTKIT_GIT_SHA:0:7}"
+fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >"$OUT/logs/pip.log" 2>&1 || echo "wheel install failed (see pip.log)"
