@@ -58,3 +58,25 @@ def _release_gpu_memory_after_gpu_tests(request):
 
         gc.collect()
         torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
+        _fail_on_memory_outside_the_allocator(request.node.nodeid)
+
+
+_OUTSIDE_ALLOCATOR = {}  # device memory in use but not PyTorch's cache, first seen after a gpu test
+LEAK_BYTES = 1024**3
+
+
+def _fail_on_memory_outside_the_allocator(test: str) -> None:
+    """A gpu test that leaves device memory taken outside PyTorch's allocator (card emulation's ballast goes
+    through the driver) starves every later test into OOMs: fail the test that did it, by name, instead."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    outside = total - free - torch.cuda.memory_reserved()
+    first = _OUTSIDE_ALLOCATOR.setdefault("first", outside)  # the CUDA context, cuBLAS workspaces, NCCL, ...
+    if outside - first > LEAK_BYTES:
+        _OUTSIDE_ALLOCATOR["first"] = outside  # said once: later tests are judged from here
+        pytest.fail(
+            f"{test} left {(outside - first) / 1024**3:.1f} GiB of device memory outside PyTorch's allocator",
+            pytrace=False,
+        )
