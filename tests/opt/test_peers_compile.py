@@ -126,10 +126,19 @@ def test_layer_scope_trains_like_eager(monkeypatch):
 # --------------------------------------------------------------------------- GPU: inductor at real widths
 
 GPU_8B = ["model=llama3_8b", "model.num_layers=2", "model.dtype=bfloat16", "train.batch_size=2", "data.seq_len=2048"]
-# bf16 at Llama-3-8B widths: eager vs another kernel order differs by ~3e-3 in loss (liger, full and
-# full_compile stayed within 0.005 of baseline on the H100 over 8 steps); the whole-model compile's 0.227 gap
-# at step 4 is the failure this guards against.
-GPU_LOSS_ATOL = 0.02
+# bf16 at Llama-3-8B widths. Before any update (step 0, the same weights) another kernel order moves the loss
+# by rounding only: within 3e-3. After updates the bf16 trajectories drift apart and back: per-layer inductor
+# vs eager on the H100 (f488e55) 5.7e-6, 6.8e-5, 5.3e-4, 2.0e-4, 0.021, 0.013, 0.009, 0.007 over 8 steps (liger,
+# full and full_compile stayed within 0.005 in an earlier pass). The failure this guards against is the
+# whole-model compile's 0.227 at step 4: the curve bound sits at a quarter of it.
+GPU_FIRST_STEP_ATOL, GPU_CURVE_ATOL = 3e-3, 0.05
+
+
+def _assert_curves_agree(reference, other, label):
+    gaps = [abs(a - b) for a, b in zip(reference, other)]
+    detail = f"eager {reference}\n{label} {other}"
+    assert gaps[0] <= GPU_FIRST_STEP_ATOL, detail
+    assert max(gaps) <= GPU_CURVE_ATOL, detail
 
 
 def _gpu_curve(overrides):
@@ -149,8 +158,7 @@ def _gpu_curve(overrides):
 @pytest.mark.gpu
 def test_layer_scope_inductor_trains_like_eager_gpu():
     eager, compiled = _gpu_curve(["opt=baseline"]), _gpu_curve(["opt=compile"])
-    gaps = [abs(a - b) for a, b in zip(eager, compiled)]
-    assert max(gaps) <= GPU_LOSS_ATOL, f"eager {eager}\ncompile per layer {compiled}"
+    _assert_curves_agree(eager, compiled, "compile per layer")
 
 
 @pytest.mark.gpu
@@ -164,5 +172,4 @@ def test_materialized_causal_mask_trains_like_is_causal_gpu(monkeypatch):
     for name in ("_ignore_causal_mask_sdpa",):
         monkeypatch.setattr(masking, name, lambda *args, **kwargs: False)
     masked = _gpu_curve(["opt=baseline"])
-    gaps = [abs(a - b) for a, b in zip(eager, masked)]
-    assert max(gaps) <= GPU_LOSS_ATOL, f"is_causal {eager}\nmaterialized mask {masked}"
+    _assert_curves_agree(eager, masked, "materialized mask")
