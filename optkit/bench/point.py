@@ -63,6 +63,7 @@ def run_point(
 
     ``run_dir`` is where bench.profile writes its trace (``traces/`` below it); rows name it relative."""
     started = time.time()
+    before_point_s = _process_start_s()
     config = dataclasses.asdict(cfg)
     base = empty_row()
     base.update(identity_fields(config, overrides, run_id, repeats[0]))
@@ -94,6 +95,7 @@ def run_point(
         shared.update(card.fields(nvml_report))
     shared.update(env_fields())
     shared["duration_s"] = round(time.time() - started, 3)
+    shared["process_start_s"] = before_point_s
     shared["timestamp"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     rows = []
     for i, repeat in enumerate(repeats):
@@ -160,12 +162,14 @@ def _train_and_measure(
     from optkit.models import count_parameters
 
     _inject_fault(cfg)
-    model, optimizer, batches, ckpt_info = build_training(cfg, device)
+    setup_times: Dict[str, float] = {}
+    model, optimizer, batches, ckpt_info = build_training(cfg, device, setup_times)
     _release_setup_cache(device)
 
     losses: List[torch.Tensor] = []
     warm = _warmup(model, optimizer, batches, cfg.train.warmup_steps, device, losses)
     shared: Dict[str, Any] = dict(warm)
+    shared["setup_s"] = setup_times
     shared["compile_s"] = warm["first_step_s"] if cfg.opt.compile else None
     shared["patch_log"] = patcher.patch_log(unwrap(model))
     shared["requested_optimizations"] = enabled_names(cfg.opt)
@@ -358,6 +362,17 @@ def recompute_skipped_params(model) -> int:
             (down,) = forward.group.down
             skipped += down.base.out_features * (down.base.in_features + down.rank)
     return skipped
+
+
+def _process_start_s() -> Optional[float]:
+    """Seconds from this process's start to now (at a point's start: its interpreter and imports), from /proc:
+    Linux only, None elsewhere."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return round(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 2)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _count_syncs(model, optimizer, batch) -> Optional[int]:

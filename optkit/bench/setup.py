@@ -5,6 +5,9 @@ the batches the loop cycles through.
 
 from __future__ import annotations
 
+import time
+from typing import Dict, Optional
+
 import torch
 
 from optkit.config.schema import OptkitConfig
@@ -25,9 +28,12 @@ class SkipPoint(RuntimeError):
     """The point cannot run here (missing GPU, library, unsupported model); recorded as `skipped`."""
 
 
-def build_training(cfg: OptkitConfig, device: torch.device):
+def build_training(cfg: OptkitConfig, device: torch.device, times: Optional[Dict[str, float]] = None):
     """Model -> training method -> optkit.patch -> checkpointing -> optimizer -> batches, exactly as a
-    measured point builds them (diagnosis scripts reuse it). Returns (model, optimizer, batches, ckpt_info)."""
+    measured point builds them (diagnosis scripts reuse it). Returns (model, optimizer, batches, ckpt_info).
+    ``times``, when given, gets the seconds each part took ("model": built, adapted, patched, checkpointed;
+    "distribute", "optimizer", "batches"), a synchronized wall clock on a GPU."""
+    clock = _SetupClock(device, times)
     missing = missing_requirements(cfg.opt, device=device)
     unsupported = unsupported_reason(cfg.train)  # a distributed mode this launch or torch cannot run
     if missing or unsupported:
@@ -35,16 +41,38 @@ def build_training(cfg: OptkitConfig, device: torch.device):
     torch.manual_seed(cfg.train.seed)
     built_on = build_device(cfg.train, device)  # the meta device under train.sharded_init
     model, ckpt_info = build_unsloth(cfg, device) if cfg.opt.unsloth else build_patched_model(cfg, built_on)
+    clock.mark("model")
     vocab_size = model.config.vocab_size
     # DDP / FSDP2 wrap the patched, checkpointed model; the optimizer then gets FSDP2's sharded parameters
     model = distribute(model, cfg.train, device)
+    clock.mark("distribute")
     optimizer = build_optimizer(model.parameters(), cfg.train)
+    clock.mark("optimizer")
     batches = [  # this rank's rows of each global batch (all of them on one process)
         b.to(device)
         for b in local_batches(cfg.data, cfg.train.batch_size, vocab_size, N_DISTINCT_BATCHES, cfg.train.seed)
     ]
+    clock.mark("batches")
     model.train()
     return model, optimizer, batches, ckpt_info
+
+
+class _SetupClock:
+    """Seconds between marks into ``times`` (nothing kept without it); the device is synchronized at each mark
+    so a part's queued kernels count in that part."""
+
+    def __init__(self, device: torch.device, times: Optional[Dict[str, float]]):
+        self.device, self.times = device, times
+        self.last = time.perf_counter()
+
+    def mark(self, part: str) -> None:
+        if self.times is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times[part] = round(now - self.last, 3)
+        self.last = now
 
 
 def build_patched_model(cfg: OptkitConfig, device: torch.device):

@@ -31,6 +31,8 @@ this is the one place that says what each version changed:
        In such a row the throughput fields are global (every rank's tokens), memory fields are the max over
        ranks (each rank in the lists), energy fields the sum over ranks, timing fields rank 0's; mfu / hfu use
        tokens_per_s_per_gpu. ``setting_key`` gains ``<mode>-x<gpus>`` when train.distributed is not none.
+     - ``process_start_s``, ``setup_s``: where a point's process spends its time before the first step (its
+       interpreter and imports; then model, distribute, optimizer and batches, each synchronized).
 """
 from __future__ import annotations
 
@@ -169,6 +171,9 @@ ROW_FIELDS: Dict[str, str] = {
     "checkpointing_info": "what enable_checkpointing reported (e.g. extra buffer bytes)",
     "loss_last": "loss of the last timed step", "loss_curve": "loss per step (warm-up and earlier windows of the process included)",
     "duration_s": "wall time of the whole point's process incl. model build",
+    "process_start_s": "seconds from the point's process start to the point's own start (interpreter, imports)",
+    "setup_s": "seconds of each setup part before the first step: model (built, adapted, patched, checkpointed), "
+               "distribute, optimizer, batches",
     # card emulation (bench.card / bench.card_gib; optkit/bench/card.py), None without one
     "card": "emulated card (bench.card name or '<n>gib'); memory only: tokens/s are the physical GPU's",
     "card_bytes": "the emulated card's memory (nvidia-smi total)",

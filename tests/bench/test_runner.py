@@ -129,6 +129,11 @@ def test_row_schema(tmp_path, monkeypatch):
     assert row["device"] == "cpu" and row["gpu_slug"] == "cpu"
     assert row["config"]["model"]["name"] == "tiny_llama" and len(row["config_hash"]) == 16
     assert run_dir.parts[-3:-1] == ("cpu", "smoke")
+    # where the process's time went before the first step: each part, and the imports before the point
+    assert set(row["setup_s"]) == {"model", "distribute", "optimizer", "batches"}
+    assert all(t >= 0 for t in row["setup_s"].values()) and row["setup_s"]["model"] > 0
+    assert sum(row["setup_s"].values()) < row["duration_s"]
+    assert 0 < row["process_start_s"] < 600, "a point process starts within its own lifetime"
 
 
 def test_a_gpu_requirement_on_cpu_is_one_config_error_before_any_point(tmp_path, monkeypatch):
