@@ -320,6 +320,7 @@ def _timing_fields(step_records: List[Dict[str, float]], device) -> Dict[str, An
 def _throughput_fields(cfg, model, batches, fields, device) -> Dict[str, Any]:
     from optkit.measure.flops import mfu, training_flops
     from optkit.measure.gpu_specs import peak_tflops
+    from optkit.opt.recompute_skip import skipped_params_per_token
 
     real_tokens = sum(b.real_tokens for b in batches) / len(batches)
     padded_tokens = batches[0].padded_tokens
@@ -332,7 +333,7 @@ def _throughput_fields(cfg, model, batches, fields, device) -> Dict[str, Any]:
         cfg.train.method,
         cfg.train.checkpointing != "none",
         lora_params=lora_params,
-        recompute_skipped_params=recompute_skipped_params(model),
+        recompute_skipped_params=skipped_params_per_token(model),
     )
     peak = cfg.bench.peak_tflops
     if peak is None and device.type == "cuda":
@@ -348,20 +349,6 @@ def _throughput_fields(cfg, model, batches, fields, device) -> Dict[str, Any]:
         "mfu": mfu(tokens_per_s, flops["model_flops_per_token"], peak) if tokens_per_s else None,
         "hfu": mfu(tokens_per_s, flops["hardware_flops_per_token"], peak) if tokens_per_s else None,
     }
-
-
-def recompute_skipped_params(model) -> int:
-    """Matmul parameters per token that checkpoint recomputes leave out: each fused MLP that skips its
-    down projection there (opt.recompute_skips_mlp_down) skips the base weight and the LoRA B."""
-    from optkit.opt.fused_lora import FusedMLPForward
-
-    skipped = 0
-    for module in model.modules():
-        forward = module.__dict__.get("forward")
-        if isinstance(forward, FusedMLPForward) and forward.skip_down_when is not None:
-            (down,) = forward.group.down
-            skipped += down.base.out_features * (down.base.in_features + down.rank)
-    return skipped
 
 
 def _process_start_s() -> Optional[float]:

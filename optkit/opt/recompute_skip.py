@@ -117,3 +117,15 @@ def remove_recompute_skip(model: nn.Module) -> None:
         if getattr(func, "keywords", {}).get("context_fn") is checkpoint_contexts:
             kwargs = {k: v for k, v in func.keywords.items() if k != "context_fn"}
             layer._gradient_checkpointing_func = type(func)(func.func, **kwargs)
+
+
+def skipped_params_per_token(model: nn.Module) -> int:
+    """Matmul parameters per token that checkpoint recomputes leave out (for hardware FLOPs): each fused MLP that
+    skips its down projection there skips the base weight and the LoRA B."""
+    skipped = 0
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, FusedMLPForward) and forward.skip_down_when is not None:
+            (down,) = forward.group.down
+            skipped += down.base.out_features * (down.base.in_features + down.rank)
+    return skipped

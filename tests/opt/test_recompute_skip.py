@@ -24,7 +24,7 @@ from optkit.families import get_family
 from optkit.opt import recompute_skip
 from optkit.opt.fused_lora import LoRAProjection, MLPGroup, _FusedMLPFunction, gated_activation
 from optkit.opt.patcher import patch, patch_log, unpatch
-from optkit.opt.recompute_skip import NAME
+from optkit.opt.recompute_skip import NAME, skipped_params_per_token
 from optkit.train.checkpointing import disable_checkpointing, enable_checkpointing
 from optkit.train.method import decoder_layers
 from optkit.train.recompute import checkpoint_contexts, in_layer_recompute, layer_recompute
@@ -325,11 +325,9 @@ def test_llama3_8b_two_layers_bf16_gpu(mode, method):
 
 
 def test_the_row_counts_the_skipped_down_projections_out_of_hardware_flops():
-    from optkit.bench.point import recompute_skipped_params
-
     net, _ = tiny_model("tiny_llama", "lora")
-    assert recompute_skipped_params(patch(copy.deepcopy(net), _opt(False))) == 0
+    assert skipped_params_per_token(patch(copy.deepcopy(net), _opt(False))) == 0
     patched = patch(net, _opt(True))
     downs = [layer.mlp.forward.group.down[0] for layer in decoder_layers(patched)]
     expected = sum(d.base.out_features * d.base.in_features + d.base.out_features * d.rank for d in downs)
-    assert expected > 0 and recompute_skipped_params(patched) == expected
+    assert expected > 0 and skipped_params_per_token(patched) == expected
