@@ -37,6 +37,7 @@ from optkit.bench.ranks import finish_ranks, rank_suffix
 from optkit.bench.setup import SkipPoint, build_training
 from optkit.config.compose import typed_config
 from optkit.config.schema import OptkitConfig
+from optkit.measure.device_timing import synchronize
 from optkit.opt import patcher
 from optkit.opt.registry import enabled_names
 from optkit.results.rows import empty_row, finite, identity_fields, json_default
@@ -237,7 +238,7 @@ def _profiled_step(model, optimizer, batch, device, sampler, trace: Tuple[Path, 
     def step():
         marks.append(_now_ms(sampler))
         _one_step(model, optimizer, batch)
-        _sync(device)
+        synchronize(device)
         marks.append(_now_ms(sampler))
 
     path, relative = trace
@@ -270,11 +271,6 @@ def _one_step(model, optimizer, batch, timer=None) -> torch.Tensor:
     return loss.detach()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _warmup(model, optimizer, batches, n_steps: int, device, losses) -> Dict[str, Any]:
     """Untimed warm-up: compilation, autotuning, allocator growth. Its wall time is reported."""
     first_step_s = None
@@ -282,7 +278,7 @@ def _warmup(model, optimizer, batches, n_steps: int, device, losses) -> Dict[str
     for i in range(n_steps):
         t0 = time.perf_counter()
         losses.append(_one_step(model, optimizer, batches[i % len(batches)]))
-        _sync(device)
+        synchronize(device)
         if i == 0:
             first_step_s = time.perf_counter() - t0
     return {"warmup_s": round(time.perf_counter() - started, 3), "first_step_s": first_step_s}

@@ -113,7 +113,7 @@ def ablation_opt_overrides(model_name: Optional[str], family_of_model=None) -> L
     """baseline, full, each optimization alone on (only_<name>) and alone off (full_minus_<name>); one that
     opt=full leaves off (measured slower, or for long sequences only) is added to full instead (full_plus_<name>)."""
     from optkit.config.compose import compose
-    from optkit.opt.registry import REGISTRY
+    from optkit.opt.registry import REGISTRY, switch_value
 
     full = compose(["opt=full"]).opt
 
@@ -131,17 +131,11 @@ def ablation_opt_overrides(model_name: Optional[str], family_of_model=None) -> L
         sets.append(["opt=baseline", f"opt.name=only_{name}", f"opt.{key}=true"])
     for name in names:
         key = REGISTRY[name].config_key
-        if _setting(full, key):
+        if switch_value(full, key):
             sets.append(["opt=full", f"opt.name=full_minus_{name}", f"opt.{key}=false"])
         else:
             sets.append(["opt=full", f"opt.name=full_plus_{name}", f"opt.{key}=true"])
     return sets
-
-
-def _setting(cfg, dotted: str):
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
 
 
 def _applies_to_family(opt, family: Optional[str]) -> bool:

@@ -11,6 +11,7 @@ from typing import Dict, Optional
 import torch
 
 from optkit.config.schema import OptkitConfig
+from optkit.measure.device_timing import synchronize
 from optkit.models import build_model, build_model_layerwise, torch_dtype
 from optkit.opt import patcher
 from optkit.opt.registry import missing_requirements
@@ -68,8 +69,7 @@ class _SetupClock:
     def mark(self, part: str) -> None:
         if self.times is None:
             return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         now = time.perf_counter()
         self.times[part] = round(now - self.last, 3)
         self.last = now
