@@ -139,6 +139,19 @@ def test_one_step_matches_reference(dtype, weight_decay):
     _step_and_compare(opt, params, _grads(params, seed=2), dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernel_on_llama_lora_adapter_shapes_gpu(dtype):
+    """The compiled kernel (the tests above run it on CUDA too, but a `-m gpu` pass selects only this one):
+    Llama-3-8B r=16 adapter shapes, A (16, in) and B (out, 16), three steps, each against the reference."""
+    shapes = [(16, 4096), (4096, 16), (16, 4096), (1024, 16), (16, 14336), (14336, 16), (16, 4096), (4096, 16)]
+    params = _params(dtype, seed=11, shapes=shapes)
+    assert params[0].is_cuda
+    opt = FusedAdamW8bit(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.01)
+    for step in range(3):
+        _step_and_compare(opt, params, _grads(params, seed=20 + step, scale=1e-3), dtype)
+
+
 def test_several_steps_with_a_schedule_zero_and_missing_grads_and_two_groups():
     """Every step checked from the state the kernel left: lr changes between steps, one tensor gets an
     all-zero gradient, one none at all; a weight-decay group and a no-decay group share the launch."""
